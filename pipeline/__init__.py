@@ -1,0 +1,1 @@
+"""The system around the method: config, storage, data, training, tuning, evaluation (Ray)."""
