@@ -1,0 +1,384 @@
+"""Typed configuration: the single source of truth for a run.
+
+One tree of dataclasses, filled from a YAML file plus ``key=value`` overrides. The same tree is what
+``cacr train --help`` lists, what Ray Tune samples over (dotted keys) and what a checkpoint records.
+Unknown keys, wrong types and impossible values raise :class:`ConfigError` with the dotted key in the
+message, before Ray starts.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Union
+
+import yaml
+
+from cacr.augment import AugmentConfig
+
+
+class ConfigError(ValueError):
+    """A user mistake in a config file or override; the message names the key."""
+
+
+def _choice(default: str, choices: tuple[str, ...], help: str) -> Any:
+    return field(default=default, metadata={"choices": choices, "help": help})
+
+
+def _f(default: Any, help: str) -> Any:
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class StorageConfig:
+    """How to reach object storage. Credentials are NOT config: they come from the standard AWS
+    variables, shared config/credentials files, or the instance profile, and are never logged."""
+
+    endpoint_url: str | None = _f(None, "S3 endpoint for MinIO-style stores (else AWS_ENDPOINT_URL / AWS)")
+    region: str | None = _f(None, "S3 region (else AWS_REGION / AWS_DEFAULT_REGION / profile)")
+    profile: str | None = _f(None, "named AWS profile from ~/.aws/config")
+    anonymous: bool = _f(False, "unsigned requests, for public buckets")
+
+
+@dataclass
+class DataConfig:
+    url: str = _f("./data/digits", "shard set written by `cacr prepare` (local dir or s3://bucket/prefix)")
+    source: str | None = _f(
+        "digits", "if `url` holds no shards yet, `cacr train` prepares them from this source first "
+        "(digits | image folder | cifar10:PATH); null to require existing shards")
+    image_size: int = _f(32, "decoded image size (square, uint8) handed to the train workers")
+    val_split: str = _f("val", "split used for kNN monitoring; '' to disable")
+    knn_k: int = _f(20, "neighbours for the per-epoch kNN monitor")
+    decode_num_cpus: float = _f(0.25, "logical CPUs per Ray Data decode task")
+    data_resource: str | None = _f(
+        None, "custom Ray resource that decode tasks require (pin decoding to CPU-only data nodes)")
+
+
+@dataclass
+class ModelConfig:
+    arch: str = _choice("narrow_resnet", ("narrow_resnet", "resnet18", "resnet34", "resnet50"),
+                        "encoder architecture")
+    small_images: bool = _f(True, "small-image stem: 3x3 stride-1 conv, no max-pool")
+    width: int = _f(16, "base width of narrow_resnet")
+    norm: str = _choice("batch", ("batch", "group", "none"), "normalisation layers of the encoder")
+    head_hidden: int = _f(512, "hidden width of the projection head")
+    head_out: int = _f(128, "embedding dimension D")
+    head_layers: int = _f(2, "layers of the projection head (1 = linear)")
+    sync_batchnorm: bool = _f(False, "SyncBatchNorm across workers")
+
+
+@dataclass
+class LossConfig:
+    name: str = _choice("cacr", ("cacr", "infonce"), "loss: CACR or the InfoNCE baseline")
+    num_positives: int = _f(4, "K, positive views per query; V = K + 1 views per image")
+    alpha: float = _f(1.0, "weight of contrastive attraction")
+    beta: float = _f(1.0, "weight of contrastive repulsion")
+    tau_pos: float = _f(1.0, "attraction sharpness tau+ (multiplies the distance)")
+    tau_neg: float = _f(0.9, "repulsion sharpness tau- (0.9 CIFAR-10-like, 2.0 CIFAR-100 / STL-10)")
+    detach_weights: bool = _f(False, "stop gradients through the attraction/repulsion weights")
+    same_view_negatives: bool = _f(False, "also use same-view views of other images as negatives")
+    temperature: float = _f(0.2, "InfoNCE temperature (loss.name=infonce)")
+
+
+@dataclass
+class OptimConfig:
+    name: str = _choice("sgd", ("sgd", "lars", "adamw"), "optimiser")
+    base_lr: float = _f(0.12, "learning rate per 256 images of global batch (lr = base_lr * N / 256)")
+    momentum: float = _f(0.9, "SGD/LARS momentum")
+    weight_decay: float = _f(1e-4, "weight decay")
+    warmup_epochs: float = _f(1.0, "linear warm-up length, then cosine decay by step")
+    min_lr_ratio: float = _f(0.0, "final lr as a fraction of the peak")
+
+
+@dataclass
+class Config:
+    """A training run. Dotted keys (``optim.base_lr``) address nested fields."""
+
+    name: str | None = _f(None, "run name; re-running with the same name resumes it (default: timestamped)")
+    storage_path: str = _f("./runs", "where runs live: checkpoints, TensorBoard, exports (local or s3://)")
+    epochs: int = _f(12, "passes over the training shards")
+    batch_size: int = _f(128, "images per worker per step (global batch N = batch_size * num_workers)")
+    num_workers: int = _f(2, "Ray Train workers (data-parallel)")
+    use_gpu: bool = _f(False, "one GPU per worker (bf16 autocast, nccl)")
+    cpus_per_worker: float = _f(1.0, "logical CPUs reserved by each train worker")
+    torch_threads: int = _f(0, "intra-op threads per worker (0: cores / workers)")
+    seed: int = _f(0, "seed for shard order, augmentation and initialisation")
+    channels_last: bool = _f(True, "channels_last memory format")
+    keep_checkpoints: int = _f(2, "checkpoints kept (newest)")
+    max_failures: int = _f(2, "worker-group restarts from the last checkpoint before the run fails")
+    log_every_steps: int = _f(10, "TensorBoard scalar interval (steps)")
+    fail_at_step: int | None = _f(None, "debug: raise in worker rank 1 (or 0) at this global step, once")
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    storage: StorageConfig = field(default_factory=StorageConfig)
+
+    def validate(self) -> "Config":
+        _check_tree(self, "")
+        checks = [
+            ("epochs", self.epochs >= 1, "must be >= 1"),
+            ("batch_size", self.batch_size >= 2, "must be >= 2 (negatives need other images)"),
+            ("num_workers", self.num_workers >= 1, "must be >= 1"),
+            ("cpus_per_worker", self.cpus_per_worker > 0, "must be > 0"),
+            ("keep_checkpoints", self.keep_checkpoints >= 1, "must be >= 1"),
+            ("max_failures", self.max_failures >= 0, "must be >= 0"),
+            ("log_every_steps", self.log_every_steps >= 1, "must be >= 1"),
+            ("torch_threads", self.torch_threads >= 0, "must be >= 0"),
+            ("data.image_size", self.data.image_size >= 8, "must be >= 8"),
+            ("data.knn_k", self.data.knn_k >= 1, "must be >= 1"),
+            ("data.decode_num_cpus", self.data.decode_num_cpus > 0, "must be > 0"),
+            ("model.width", self.model.width >= 4, "must be >= 4"),
+            ("model.head_out", self.model.head_out >= 2, "must be >= 2"),
+            ("model.head_hidden", self.model.head_hidden >= 1, "must be >= 1"),
+            ("model.head_layers", self.model.head_layers >= 1, "must be >= 1"),
+            ("loss.num_positives", self.loss.num_positives >= 1, "must be >= 1 (V = K + 1 >= 2 views)"),
+            ("loss.alpha", self.loss.alpha >= 0, "must be >= 0"),
+            ("loss.beta", self.loss.beta >= 0, "must be >= 0"),
+            ("loss.tau_pos", self.loss.tau_pos >= 0, "must be >= 0"),
+            ("loss.tau_neg", self.loss.tau_neg >= 0, "must be >= 0"),
+            ("loss.temperature", self.loss.temperature > 0, "must be > 0"),
+            ("optim.base_lr", self.optim.base_lr > 0, "must be > 0"),
+            ("optim.momentum", 0 <= self.optim.momentum < 1, "must be in [0, 1)"),
+            ("optim.weight_decay", self.optim.weight_decay >= 0, "must be >= 0"),
+            ("optim.warmup_epochs", 0 <= self.optim.warmup_epochs <= self.epochs,
+             "must be in [0, epochs]"),
+            ("optim.min_lr_ratio", 0 <= self.optim.min_lr_ratio <= 1, "must be in [0, 1]"),
+        ]
+        for key, ok, msg in checks:
+            if not ok:
+                raise ConfigError(f"config key '{key}' = {get_key(self, key)!r}: {msg}")
+        if self.augment.crop_size > self.data.image_size:
+            raise ConfigError(f"config key 'augment.crop_size' = {self.augment.crop_size}: must be <= "
+                              f"data.image_size ({self.data.image_size})")
+        try:
+            self.augment.validate()
+        except ValueError as e:
+            raise ConfigError(f"config key 'augment': {e}") from None
+        if self.fail_at_step is not None and self.fail_at_step < 1:
+            raise ConfigError(f"config key 'fail_at_step' = {self.fail_at_step}: must be >= 1 or null")
+        return self
+
+    @property
+    def num_views(self) -> int:
+        return self.loss.num_positives + 1
+
+    @property
+    def global_batch(self) -> int:
+        return self.batch_size * self.num_workers
+
+
+# ---------------------------------------------------------------------------------------------
+# Typed (de)serialisation
+
+def _field_types(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _is_dataclass_type(tp: Any) -> bool:
+    return isinstance(tp, type) and dataclasses.is_dataclass(tp)
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check/convert one leaf value against its annotated type; raise ConfigError naming key."""
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(value, a, key)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if errors else f"config key '{key}': bad value {value!r}")
+    if origin in (tuple, list):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"config key '{key}' = {value!r}: expected a list like [a, b]")
+        args = typing.get_args(tp)
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            if len(value) != len(args):
+                raise ConfigError(f"config key '{key}' = {value!r}: expected {len(args)} values")
+            return tuple(_coerce(v, a, key) for v, a in zip(value, args))
+        inner = args[0] if args else Any
+        out = [_coerce(v, inner, key) for v in value]
+        return tuple(out) if origin is tuple else out
+    if tp is Any:
+        return value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"config key '{key}' = {value!r}: expected true or false")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise ConfigError(f"config key '{key}' = {value!r}: expected an integer")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"config key '{key}' = {value!r}: expected a number")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"config key '{key}' = {value!r}: expected a string")
+    raise ConfigError(f"config key '{key}': unsupported type {tp}")
+
+
+def _unknown(key: str, known: list[str]) -> ConfigError:
+    close = difflib.get_close_matches(key.rsplit(".", 1)[-1], known, n=1)
+    hint = f" (did you mean '{close[0]}'?)" if close else ""
+    return ConfigError(f"unknown config key '{key}'{hint}; `cacr train --help` lists the keys")
+
+
+def from_dict(cls: type, data: dict[str, Any] | None, prefix: str = "") -> Any:
+    """Build dataclass ``cls`` from a nested dict, checking every key and type."""
+    data = data or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config key '{prefix.rstrip('.') or '<root>'}': expected a mapping, got {data!r}")
+    hints = _field_types(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for k, v in data.items():
+        if k not in hints or k not in names:
+            raise _unknown(prefix + str(k), names)
+        tp = hints[k]
+        if _is_dataclass_type(tp):
+            kwargs[k] = from_dict(tp, v, prefix + k + ".")
+        else:
+            kwargs[k] = _coerce(v, tp, prefix + k)
+    return cls(**kwargs)
+
+
+def to_dict(obj: Any) -> dict[str, Any]:
+    """Plain nested dict (tuples as lists) — YAML/JSON friendly and round-trips via from_dict."""
+    def conv(v: Any) -> Any:
+        if dataclasses.is_dataclass(v):
+            return {f.name: conv(getattr(v, f.name)) for f in dataclasses.fields(v)}
+        if isinstance(v, (list, tuple)):
+            return [conv(x) for x in v]
+        return v
+    return conv(obj)
+
+
+def _check_tree(obj: Any, prefix: str) -> None:
+    """Re-check types of a tree built in code (e.g. by Tune sampling) and check choices."""
+    hints = _field_types(type(obj))
+    for f in dataclasses.fields(obj):
+        key = prefix + f.name
+        v = getattr(obj, f.name)
+        if dataclasses.is_dataclass(v):
+            _check_tree(v, key + ".")
+            continue
+        setattr(obj, f.name, _coerce(v, hints[f.name], key))
+        choices = f.metadata.get("choices")
+        if choices and v not in choices:
+            raise ConfigError(f"config key '{key}' = {v!r}: must be one of {', '.join(choices)}")
+
+
+def get_key(cfg: Any, key: str) -> Any:
+    obj = cfg
+    for part in key.split("."):
+        if not dataclasses.is_dataclass(obj) or part not in {f.name for f in dataclasses.fields(obj)}:
+            raise _unknown(key, [f.name for f in dataclasses.fields(obj)] if dataclasses.is_dataclass(obj) else [])
+        obj = getattr(obj, part)
+    return obj
+
+
+def set_key(cfg: Any, key: str, value: Any) -> None:
+    """Set a dotted key with type checking (the value may be a YAML-ish string or a Python value)."""
+    parts = key.split(".")
+    obj = cfg
+    for i, part in enumerate(parts):
+        names = [f.name for f in dataclasses.fields(obj)]
+        if part not in names:
+            raise _unknown(key, names)
+        if i == len(parts) - 1:
+            tp = _field_types(type(obj))[part]
+            if _is_dataclass_type(tp):
+                if not isinstance(value, dict):
+                    raise ConfigError(f"config key '{key}' is a section; set its fields ('{key}.<field>')")
+                setattr(obj, part, from_dict(tp, {**to_dict(getattr(obj, part)), **value}, key + "."))
+            else:
+                setattr(obj, part, _coerce(value, tp, key))
+        else:
+            obj = getattr(obj, part)
+            if not dataclasses.is_dataclass(obj):
+                raise ConfigError(f"config key '{'.'.join(parts[:i + 1])}' is not a section")
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``a.b=value`` -> (key, value parsed as YAML: numbers, true/false, null, [lists])."""
+    if "=" not in text:
+        raise ConfigError(f"override '{text}' is not of the form key=value")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise ConfigError(f"override '{text}' has an empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key, value
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file '{path}' does not exist")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file '{path}' is not valid YAML: {str(e).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file '{path}' must hold a mapping of keys")
+    return data
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (),
+                cls: type = None) -> Config:
+    """YAML file (optional) + ``key=value`` overrides -> validated :class:`Config`."""
+    cls = cls or Config
+    cfg = from_dict(cls, load_yaml(path) if path else {})
+    for ov in overrides:
+        k, v = parse_override(ov)
+        set_key(cfg, k, v)
+    return cfg.validate()
+
+
+def apply_flat(cfg: Config, flat: dict[str, Any]) -> Config:
+    """Copy of ``cfg`` with dotted keys set (Tune's sampled values), validated."""
+    new = from_dict(type(cfg), to_dict(cfg))
+    for k, v in flat.items():
+        set_key(new, k, v)
+    return new.validate()
+
+
+def describe_keys(cls: type = Config, prefix: str = "") -> list[tuple[str, str, str]]:
+    """(dotted key, default, help) for every leaf, for ``--help``."""
+    rows = []
+    inst = cls()
+    for f in dataclasses.fields(cls):
+        v = getattr(inst, f.name)
+        if dataclasses.is_dataclass(v):
+            rows.extend(describe_keys(type(v), prefix + f.name + "."))
+        else:
+            help_ = f.metadata.get("help", "")
+            if f.metadata.get("choices"):
+                help_ += f" [{' | '.join(f.metadata['choices'])}]"
+            shown = list(v) if isinstance(v, tuple) else v
+            rows.append((prefix + f.name, yaml.safe_dump(shown, default_flow_style=True).strip()
+                         .removesuffix("...").strip(), help_))
+    return rows
