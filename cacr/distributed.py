@@ -93,8 +93,12 @@ def _all_gather_single(out: torch.Tensor, inp: torch.Tensor, group) -> None:
     fn(out, inp, group=group)
 
 
+def _reduce_scatter_fn():
+    return getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
+
 def _reduce_scatter_sum(out: torch.Tensor, inp: torch.Tensor, group) -> None:
-    fn = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+    fn = _reduce_scatter_fn()
     try:
         fn(out, inp, op=dist.ReduceOp.SUM, group=group)
     except RuntimeError:
@@ -102,7 +106,7 @@ def _reduce_scatter_sum(out: torch.Tensor, inp: torch.Tensor, group) -> None:
         # Deterministic failure, so every rank takes this branch together.
         full = inp.clone()
         dist.all_reduce(full, op=dist.ReduceOp.SUM, group=group)
-        out.copy_(full[dist.get_rank(group)])
+        out.copy_(full.view((-1,) + tuple(out.shape))[dist.get_rank(group)])
 
 
 class _GatherWithGrad(torch.autograd.Function):
@@ -118,8 +122,10 @@ class _GatherWithGrad(torch.autograd.Function):
         world = dist.get_world_size(group)
         ctx.dim, ctx.group, ctx.world = dim, group, world
         x = x.contiguous()
-        stacked = x.new_empty((world,) + tuple(x.shape))  # rank-major: (W, *x.shape)
-        _all_gather_single(stacked, x, group)
+        # Concatenated form (W·x0, ...): the one every backend accepts; viewed rank-major below.
+        flat = x.new_empty((world * x.shape[0],) + tuple(x.shape[1:]))
+        _all_gather_single(flat, x, group)
+        stacked = flat.view((world,) + tuple(x.shape))
         if dim == 0:
             return stacked.reshape((world * x.shape[0],) + tuple(x.shape[1:]))
         # (W, ..., n, ...) -> (..., W, n, ...) -> merge W and n: global index r·n + i.
@@ -136,7 +142,7 @@ class _GatherWithGrad(torch.autograd.Function):
         split = shape[:dim] + [world, n] + shape[dim + 1:]
         stacked = grad.reshape(split).movedim(dim, 0).contiguous()  # (W, *local_shape)
         out = grad.new_empty(stacked.shape[1:])
-        _reduce_scatter_sum(out, stacked, group)
+        _reduce_scatter_sum(out, stacked.view((-1,) + tuple(stacked.shape[2:])), group)
         return out, None, None
 
 

@@ -1,0 +1,295 @@
+"""URL -> filesystem: the ONE place that knows about local paths and ``s3://``.
+
+Everything else in the project calls :func:`fsspec_fs` (listing, small files, writing shards) or
+:func:`arrow_fs` (Ray Data reads) and never builds a filesystem itself.
+
+S3 goes through s3fs (botocore underneath), so the standard AWS configuration applies: credentials
+from ``AWS_ACCESS_KEY_ID``/``AWS_SECRET_ACCESS_KEY``/``AWS_SESSION_TOKEN``, ``AWS_PROFILE``, the shared
+config/credentials files or the instance profile; the endpoint from ``AWS_ENDPOINT_URL_S3`` /
+``AWS_ENDPOINT_URL`` (or ``endpoint_url`` in the profile, which botocore reads itself); the region from
+``AWS_REGION`` / ``AWS_DEFAULT_REGION`` / the profile. :class:`~pipeline.config.StorageConfig` values win
+over the environment. Credentials are never read, stored or printed by this module: only botocore sees
+them, so the filesystem objects pickle without secrets and re-resolve credentials in each Ray worker
+(workers inherit the driver's environment on a local cluster; on a real cluster each node needs its
+own credentials - instance profile, IRSA or the same variables in the container).
+"""
+from __future__ import annotations
+
+import concurrent.futures
+import os
+import re
+import time
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+from pipeline.config import StorageConfig
+
+__all__ = [
+    "StorageError", "Location", "parse_url", "is_s3", "join_url", "resolve_endpoint",
+    "describe_endpoint", "s3fs_options", "fsspec_fs", "arrow_fs", "check_location", "list_files",
+]
+
+# Timeouts: the data path retries patiently; the up-front check must answer within ~30 s.
+_DATA_CONFIG = {"connect_timeout": 10, "read_timeout": 60,
+                "retries": {"max_attempts": 5, "mode": "standard"}}
+_CHECK_CONFIG = {"connect_timeout": 3, "read_timeout": 8,
+                 "retries": {"max_attempts": 2, "mode": "standard"}}
+CHECK_TIMEOUT_S = 25.0
+
+
+class StorageError(ValueError):
+    """Storage cannot be reached or used (endpoint down, bucket missing, access denied).
+
+    The message is one line naming the URL and what to do; it never contains credentials."""
+
+
+@dataclass(frozen=True)
+class Location:
+    url: str          # as given (normalised: no trailing slash)
+    scheme: str       # "file" or "s3"
+    path: str         # absolute local path, or "bucket/prefix" (no leading/trailing slash)
+
+    @property
+    def bucket(self) -> str:
+        return self.path.split("/", 1)[0] if self.scheme == "s3" else ""
+
+    @property
+    def key(self) -> str:
+        return self.path.split("/", 1)[1] if self.scheme == "s3" and "/" in self.path else ""
+
+
+def parse_url(url: str) -> Location:
+    """``s3://bucket/prefix``, ``file:///abs`` or a plain (relative) path."""
+    if not isinstance(url, str) or not url.strip():
+        raise StorageError(f"empty storage URL {url!r}: give a local directory or s3://bucket/prefix")
+    url = url.strip()
+    if url.startswith(("s3://", "s3a://")):
+        rest = url.split("://", 1)[1].strip("/")
+        if not rest or rest.startswith("/"):
+            raise StorageError(f"URL '{url}' names no bucket: use s3://bucket/prefix")
+        if "@" in rest.split("/", 1)[0]:
+            raise StorageError(f"URL '{_redact(url)}' embeds credentials: put them in the AWS "
+                               "variables or a profile, never in the URL")
+        return Location(f"s3://{rest}", "s3", rest)
+    if re.match(r"^[a-zA-Z][a-zA-Z0-9+.-]*://", url) and not url.startswith("file://"):
+        raise StorageError(f"unsupported URL scheme in '{_redact(url)}': use a local path or s3://bucket/prefix")
+    path = url[len("file://"):] if url.startswith("file://") else url
+    path = os.path.abspath(os.path.expanduser(path))
+    return Location(path, "file", path)
+
+
+def is_s3(url: str) -> bool:
+    return parse_url(url).scheme == "s3"
+
+
+def join_url(url: str, *names: str) -> str:
+    loc = parse_url(url)
+    if loc.scheme == "s3":
+        return "s3://" + "/".join([loc.path, *[n.strip("/") for n in names]])
+    return os.path.join(loc.path, *names)
+
+
+def _redact(url: str | None) -> str:
+    """Drop any user:password@ part of a URL before it goes into a message."""
+    if not url:
+        return str(url)
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "<unparseable URL>"
+    if parts.username or parts.password:
+        host = parts.hostname or ""
+        if parts.port:
+            host += f":{parts.port}"
+        return urlunsplit((parts.scheme, host, parts.path, parts.query, parts.fragment))
+    return url
+
+
+def resolve_endpoint(storage: StorageConfig | None = None) -> str | None:
+    """Explicit config, else the standard AWS variables; ``None`` = botocore's default (AWS or the
+    profile's ``endpoint_url``)."""
+    storage = storage or StorageConfig()
+    return (storage.endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3")
+            or os.environ.get("AWS_ENDPOINT_URL") or None)
+
+
+def _resolve_region(storage: StorageConfig) -> str | None:
+    return storage.region or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or None
+
+
+def describe_endpoint(storage: StorageConfig | None = None) -> str:
+    ep = resolve_endpoint(storage)
+    return f"endpoint {_redact(ep)}" if ep else "the default AWS endpoint"
+
+
+def s3fs_options(storage: StorageConfig | None = None, *, check: bool = False) -> dict[str, Any]:
+    """Keyword arguments for ``s3fs.S3FileSystem`` (no secrets: botocore resolves credentials)."""
+    storage = storage or StorageConfig()
+    opts: dict[str, Any] = {
+        "anon": bool(storage.anonymous),
+        "use_listings_cache": False,  # other processes (Ray tasks) write shards: never trust stale listings
+        "config_kwargs": dict(_CHECK_CONFIG if check else _DATA_CONFIG),
+    }
+    if check:
+        opts["skip_instance_cache"] = True
+    ep = resolve_endpoint(storage)
+    if ep:
+        opts["endpoint_url"] = ep
+    region = _resolve_region(storage)
+    if region:
+        opts["client_kwargs"] = {"region_name": region}
+    if storage.profile:
+        opts["profile"] = storage.profile
+    return opts
+
+
+def fsspec_fs(url: str, storage: StorageConfig | None = None, *, check: bool = False):
+    """(fsspec filesystem, path) for ``url``. Picklable: safe to ship into Ray tasks."""
+    loc = parse_url(url)
+    if loc.scheme == "file":
+        import fsspec
+        return fsspec.filesystem("file"), loc.path
+    import s3fs
+    return s3fs.S3FileSystem(**s3fs_options(storage, check=check)), loc.path
+
+
+def arrow_fs(url: str, storage: StorageConfig | None = None):
+    """(pyarrow filesystem, path) for Ray Data: local, or s3fs wrapped as ``PyFileSystem(FSSpecHandler)``.
+
+    s3fs rather than pyarrow's own S3 client so that one configuration (profile, endpoint, timeouts)
+    serves both paths; the wrapper pickles by re-creating s3fs in the worker."""
+    import pyarrow.fs as pafs
+    loc = parse_url(url)
+    if loc.scheme == "file":
+        return pafs.LocalFileSystem(), loc.path
+    fs, path = fsspec_fs(url, storage)
+    return pafs.PyFileSystem(pafs.FSSpecHandler(fs)), path
+
+
+# ---------------------------------------------------------------------------------------------
+# Up-front check: one clear error, fast
+
+_DENIED_CODES = ("AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken",
+                 "InvalidToken", "AllAccessDisabled", "Forbidden", "403", "InvalidClientTokenId",
+                 "UnrecognizedClientException")
+_UNREACHABLE = ("EndpointConnectionError", "ConnectTimeout", "ConnectionError", "Connection refused",
+                "Could not connect", "timed out", "Timeout", "Name or service not known",
+                "nodename nor servname", "Cannot connect to host", "ClientConnectorError",
+                "Temporary failure in name resolution")
+
+
+def _error_text(exc: BaseException) -> str:
+    """Type names and messages of an exception chain (for classification only, never printed)."""
+    parts = []
+    seen = 0
+    while exc is not None and seen < 6:
+        parts.append(type(exc).__name__)
+        parts.append(str(exc))
+        resp = getattr(exc, "response", None)
+        if isinstance(resp, dict):
+            parts.append(str(resp.get("Error", {}).get("Code", "")))
+        exc = exc.__cause__ or exc.__context__
+        seen += 1
+    return " ".join(parts)
+
+
+def classify_s3_error(exc: BaseException, url: str, storage: StorageConfig | None = None) -> StorageError:
+    """Turn any exception from an S3 call into a one-line :class:`StorageError`."""
+    loc = parse_url(url)
+    text = _error_text(exc)
+    where = describe_endpoint(storage)
+    if any(c in text for c in ("NoCredentialsError", "Unable to locate credentials", "PartialCredentialsError")):
+        return StorageError(
+            f"no AWS credentials found for '{loc.url}' at {where}: set AWS_ACCESS_KEY_ID/"
+            "AWS_SECRET_ACCESS_KEY or AWS_PROFILE, or storage.anonymous=true for a public bucket")
+    if "ProfileNotFound" in text or "could not be found" in text and "profile" in text:
+        return StorageError(f"AWS profile '{storage.profile if storage else ''}' not found for '{loc.url}': "
+                            "check storage.profile / AWS_PROFILE and ~/.aws/config")
+    if isinstance(exc, (PermissionError,)) or any(c in text for c in _DENIED_CODES):
+        how = "anonymous (unsigned) requests" if (storage and storage.anonymous) else "the configured credentials"
+        return StorageError(
+            f"access to '{loc.url}' at {where} denied for {how}: check AWS_ACCESS_KEY_ID/"
+            "AWS_SECRET_ACCESS_KEY, AWS_PROFILE (storage.profile) or the bucket policy")
+    if "NoSuchBucket" in text or "bucket does not exist" in text.lower():
+        return StorageError(f"bucket '{loc.bucket}' of '{loc.url}' does not exist at {where}: "
+                            "create it or fix the URL")
+    if any(c in text for c in _UNREACHABLE) or isinstance(exc, (TimeoutError, ConnectionError)):
+        return StorageError(f"cannot reach S3 {where} for '{loc.url}' (connection failed or timed out): "
+                            "check AWS_ENDPOINT_URL / storage.endpoint_url and that the server is up")
+    if isinstance(exc, FileNotFoundError):
+        return StorageError(f"'{loc.url}' not found at {where}: check the bucket and prefix")
+    return StorageError(f"S3 request for '{loc.url}' at {where} failed ({type(exc).__name__}): "
+                        "check the endpoint, credentials and URL")
+
+
+def _with_deadline(fn, timeout: float):
+    ex = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="storage-check")
+    fut = ex.submit(fn)
+    try:
+        return fut.result(timeout=timeout)
+    finally:
+        ex.shutdown(wait=False, cancel_futures=True)
+
+
+def check_location(url: str, storage: StorageConfig | None = None, *, must_exist: bool = True,
+                   timeout: float = CHECK_TIMEOUT_S) -> bool:
+    """Fail fast with a :class:`StorageError` if ``url`` cannot be used.
+
+    S3: the endpoint answers, the credentials are accepted and the bucket exists (one
+    ``ListObjectsV2`` with short timeouts). Returns whether anything exists under the prefix; with
+    ``must_exist`` an empty/missing prefix raises too. Local: the directory exists (``must_exist``)."""
+    loc = parse_url(url)
+    if loc.scheme == "file":
+        exists = os.path.isdir(loc.path)
+        if must_exist and not exists:
+            if os.path.exists(loc.path):
+                raise StorageError(f"'{loc.url}' is a file, not a directory of shards")
+            raise StorageError(f"directory '{loc.url}' does not exist: run `cacr prepare SOURCE {url}` first "
+                               "or fix the path")
+        return exists and bool(os.listdir(loc.path))
+    fs, _ = fsspec_fs(url, storage, check=True)
+    prefix = loc.key.rstrip("/")
+
+    def probe():
+        kw = {"Bucket": loc.bucket, "MaxKeys": 1}
+        if prefix:
+            kw["Prefix"] = prefix + "/"
+        return fs.call_s3("list_objects_v2", **kw)
+
+    t0 = time.monotonic()
+    try:
+        resp = _with_deadline(probe, timeout)
+    except concurrent.futures.TimeoutError:
+        raise StorageError(f"cannot reach S3 {describe_endpoint(storage)} for '{loc.url}': no answer in "
+                           f"{time.monotonic() - t0:.0f} s; check AWS_ENDPOINT_URL / storage.endpoint_url "
+                           "and the network") from None
+    except Exception as e:  # noqa: BLE001 - every failure becomes one clear message
+        raise classify_s3_error(e, url, storage) from None
+    found = bool(resp.get("KeyCount", len(resp.get("Contents", []) or [])))
+    if must_exist and not found:
+        raise StorageError(f"nothing under '{loc.url}' at {describe_endpoint(storage)}: the prefix is "
+                           f"missing or empty; run `cacr prepare SOURCE {loc.url}` or fix the URL")
+    return found
+
+
+def list_files(url: str, storage: StorageConfig | None = None, suffix: str = "") -> dict[str, int]:
+    """``{name: size}`` of the files directly under ``url`` (names relative to it)."""
+    loc = parse_url(url)
+    fs, path = fsspec_fs(url, storage)
+    try:
+        entries = fs.ls(path, detail=True)
+    except FileNotFoundError:
+        return {}
+    except Exception as e:  # noqa: BLE001
+        if loc.scheme == "s3":
+            raise classify_s3_error(e, url, storage) from None
+        raise
+    out = {}
+    for e in entries:
+        if e.get("type") != "file":
+            continue
+        name = e["name"].rstrip("/").rsplit("/", 1)[-1]
+        if name.endswith(suffix):
+            out[name] = int(e.get("size") or 0)
+    return out
