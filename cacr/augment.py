@@ -322,52 +322,69 @@ def sample_params(
 
 
 # ----------------------------------------------------------------------------------------------
-# colour kernels: in place on x of shape (n, 3, h, w) in [0, 1]; factors of shape (n,)
+# Colour kernels: in place on a contiguous x of shape (n, 3, h, w) with values in [0, 1], with
+# per-sample factors of shape (n,). `ws` is a float scratch buffer of shape (>= 8, >= n, h, w):
+# on CPU, fresh image-sized allocations and boolean masks cost more than the arithmetic, so the
+# kernels write into scratch planes and select with float 0/1 masks through `lerp_` (exact at
+# weights 0 and 1).
 # ----------------------------------------------------------------------------------------------
 
-def _gray(x: torch.Tensor) -> torch.Tensor:
-    """(n, 3, h, w) -> (n, 1, h, w) luma with torchvision's weights."""
+def _gray_into(x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """(n, 3, h, w) -> out (n, h, w): luma with torchvision's weights."""
     wr, wg, wb = _GRAY_WEIGHTS
-    return x[:, 0:1].mul(wr).add_(x[:, 1:2], alpha=wg).add_(x[:, 2:3], alpha=wb)
+    torch.mul(x[:, 0], wr, out=out)
+    out.add_(x[:, 1], alpha=wg)
+    return out.add_(x[:, 2], alpha=wb)
 
 
 def _brightness_(x: torch.Tensor, f: torch.Tensor) -> None:
-    x.mul_(f.view(-1, 1, 1, 1)).clamp_(0.0, 1.0)
+    # f >= 0 and x >= 0: only the upper clamp can act
+    x.mul_(f.view(-1, 1, 1, 1)).clamp_max_(1.0)
 
 
-def _contrast_(x: torch.Tensor, f: torch.Tensor) -> None:
-    # mean of the grayscale image = grayscale of the per-channel means (linear)
-    w = x.new_tensor(_GRAY_WEIGHTS)
-    m = x.mean(dim=(-2, -1)).matmul(w)  # (n,)
-    f = f.view(-1, 1, 1, 1)
-    x.mul_(f).add_((1.0 - f) * m.view(-1, 1, 1, 1)).clamp_(0.0, 1.0)
+def _contrast_(x: torch.Tensor, f: torch.Tensor, gray_w: torch.Tensor) -> None:
+    # the mean of the grayscale image is the grayscale of the per-channel means (linear)
+    m = x.mean(dim=(-2, -1)).matmul(gray_w)  # (n,)
+    x.mul_(f.view(-1, 1, 1, 1)).add_(((1.0 - f) * m).view(-1, 1, 1, 1)).clamp_(0.0, 1.0)
 
 
-def _saturation_(x: torch.Tensor, f: torch.Tensor) -> None:
-    f = f.view(-1, 1, 1, 1)
-    g = _gray(x).mul_(1.0 - f)
-    x.mul_(f).add_(g).clamp_(0.0, 1.0)
+def _saturation_(x: torch.Tensor, f: torch.Tensor, ws: torch.Tensor) -> None:
+    g = _gray_into(x, ws[0, : x.shape[0]]).mul_((1.0 - f).view(-1, 1, 1))
+    x.mul_(f.view(-1, 1, 1, 1)).add_(g.unsqueeze(1)).clamp_(0.0, 1.0)
 
 
-def _hue_(x: torch.Tensor, shift: torch.Tensor, offsets: torch.Tensor) -> None:
-    """Exact HSV hue rotation by `shift` (fraction of a turn), without building HSV.
+def _hue_(x: torch.Tensor, shift: torch.Tensor, ws: torch.Tensor, centers: torch.Tensor) -> None:
+    """Exact HSV hue rotation by `shift` (a fraction of a turn) without building HSV.
 
-    With v = max, C = max - min and hue H6 in [0, 6) (sextants), RGB = v - C * clamp(min(k, 4 - k),
-    0, 1) with k = (H6 + n) mod 6 and n = 5, 3, 1 for R, G, B. Saturation and value are unchanged by
-    a hue rotation, so only H6 moves: H6' = (H6 + 6 * shift) mod 6.
+    With v = max, m = min, C = v - m and the hue H in sextants [0, 6), a hue rotation keeps v and
+    C and moves H to H' = (H + 6 * shift) mod 6; then
+        R = m + C * clamp(|H' - 3| - 1, 0, 1),  G = v - C * clamp(|H' - 2| - 1, 0, 1),
+        B = v - C * clamp(|H' - 4| - 1, 0, 1),
+    which is the piecewise-linear HSV -> RGB map (torchvision's adjust_hue up to float rounding).
     """
+    n = x.shape[0]
     r, g, b = x[:, 0], x[:, 1], x[:, 2]
-    minc, maxc = torch.aminmax(x, dim=1)
-    cr = maxc - minc
-    # hue numerator per the max channel (torchvision / PIL priority: r, then g, then b)
-    num = torch.where(maxc == g, (b - r).add_(cr, alpha=2.0), (r - g).add_(cr, alpha=4.0))
-    num = torch.where(maxc == r, g - b, num)
-    h6 = num.div_(torch.where(cr > 0, cr, torch.ones((), device=x.device)))
+    vmax, vmin, cr, h6, t1, t2, is_r, is_g = (ws[i, :n] for i in range(8))
+    torch.maximum(r, g, out=vmax).clamp_min_(b)  # clamp_min with a tensor is an elementwise max
+    torch.minimum(r, g, out=vmin).clamp_max_(b)
+    torch.sub(vmax, vmin, out=cr)
+    # hue numerator by the max channel (torchvision / PIL priority: r, then g, then b)
+    torch.eq(vmax, r, out=is_r)
+    torch.eq(vmax, g, out=is_g)
+    torch.sub(g, b, out=h6)
+    torch.sub(b, r, out=t1).add_(cr, alpha=2.0)
+    torch.sub(r, g, out=t2).add_(cr, alpha=4.0)
+    t2.lerp_(t1, is_g).lerp_(h6, is_r)
+    # cr == 0 means r == g == b, where the numerator is exactly 0: any positive divisor works
+    torch.div(t2, torch.clamp_min(cr, 1e-12, out=t1), out=h6)
     h6.add_(shift.view(-1, 1, 1), alpha=6.0)
-    # k = (h6 + n) mod 6 for n = (5, 3, 1), all three channels in one op
-    k = h6.unsqueeze(1).add(offsets).remainder_(6.0)
-    t = torch.minimum(k, 4.0 - k).clamp_(0.0, 1.0)
-    torch.addcmul(maxc.unsqueeze(1), cr.unsqueeze(1), t, value=-1.0, out=x)
+    torch.mul(h6, 1.0 / 6.0, out=t1).floor_()
+    h6.add_(t1, alpha=-6.0)  # h6 mod 6, in [0, 6)
+    # the three channels at once: s = clamp(|H' - c| - 1, 0, 1) = clamp(|H' - c|, 1, 2) - 1
+    torch.sub(h6.unsqueeze(1), centers, out=x)
+    x.abs_().clamp_(1.0, 2.0).mul_(cr.unsqueeze(1))  # C * (s + 1)
+    r.add_(torch.sub(vmin, cr, out=t1))  # R = (m - C) + C (s + 1)
+    x[:, 1:].neg_().add_(torch.add(vmax, cr, out=t1).unsqueeze(1))  # G, B = (v + C) - C (s + 1)
 
 
 def _gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, ksize: int) -> torch.Tensor:
@@ -376,8 +393,7 @@ def _gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, ksize: int) -> torch.Te
     half = (ksize - 1) * 0.5
     t = torch.linspace(-half, half, ksize, device=x.device, dtype=x.dtype)
     k = torch.exp(-0.5 * (t.view(1, -1) / sigma.view(-1, 1)) ** 2)
-    k = k / k.sum(dim=1, keepdim=True)  # (n, ksize)
-    k = k.repeat_interleave(c, dim=0)  # (n*c, ksize)
+    k = (k / k.sum(dim=1, keepdim=True)).repeat_interleave(c, dim=0)  # (n * c, ksize)
     pad = ksize // 2
     y = F.pad(x.reshape(1, n * c, h, w), (pad, pad, pad, pad), mode="reflect")
     y = F.conv2d(y, k.view(n * c, 1, 1, ksize), groups=n * c)
@@ -392,20 +408,34 @@ class MultiViewAugment:
     (B, H, W, C) (or (B, C, H, W) with layout="BCHW"), C in {1, 3}; returns float32
     (V, B, 3, crop, crop), contiguous (or with channels-last strides per view if asked: then
     `out[v]` and `out.flatten(0, 1)` are channels_last 4-D tensors).
+
+    `chunk_elements`: images are processed in chunks of about this many float view elements
+    (CPU: cache-sized by default; other devices: `device_chunk_elements`, bounding scratch
+    memory). Results do not depend on the chunking. An instance keeps no state between calls
+    and can be shared by threads.
     """
 
-    def __init__(self, cfg: AugmentConfig, num_views: int, *, chunk_elements: int = 1 << 20):
+    def __init__(
+        self,
+        cfg: AugmentConfig,
+        num_views: int,
+        *,
+        chunk_elements: int = 1 << 18,
+        device_chunk_elements: int = 1 << 26,
+    ):
         cfg.validate()
-        if not isinstance(num_views, int) or num_views < 1:
+        if not isinstance(num_views, int) or isinstance(num_views, bool) or num_views < 1:
             raise ValueError(f"num_views must be an int >= 1, got {num_views!r}")
         self.cfg = cfg
         self.num_views = num_views
-        self.chunk_elements = int(chunk_elements)
+        self.chunk_elements = max(1, int(chunk_elements))
+        self.device_chunk_elements = max(1, int(device_chunk_elements))
+        on = cfg.jitter_p > 0
         self._ops_active = (
-            cfg.jitter_p > 0 and cfg.brightness > 0,
-            cfg.jitter_p > 0 and cfg.contrast > 0,
-            cfg.jitter_p > 0 and cfg.saturation > 0,
-            cfg.jitter_p > 0 and cfg.hue > 0,
+            on and cfg.brightness > 0,
+            on and cfg.contrast > 0,
+            on and cfg.saturation > 0,
+            on and cfg.hue > 0,
         )
 
     def __repr__(self) -> str:
@@ -420,6 +450,7 @@ class MultiViewAugment:
         generator: torch.Generator | None = None,
         device: torch.device | str | None = None,
     ) -> AugmentParams:
+        """`sample_params(self.cfg, self.num_views, ...)`."""
         return sample_params(
             self.cfg, self.num_views, batch_size, image_size, generator=generator, device=device
         )
@@ -438,7 +469,6 @@ class MultiViewAugment:
         )
         return self.apply(images, params, layout=layout, channels_last=channels_last)
 
-    @torch.no_grad()
     def apply(
         self,
         images: torch.Tensor,
@@ -447,38 +477,29 @@ class MultiViewAugment:
         layout: str = "BHWC",
         channels_last: bool = False,
     ) -> torch.Tensor:
-        """Deterministic part: augment `images` with the given parameters."""
+        """Deterministic part: augment `images` with the given parameters (moved to its device)."""
         B, C, H, W = self._check(images, layout)
         V, c = self.num_views, self.cfg.crop_size
         if params.num_views != V or params.batch_size != B or tuple(params.image_size) != (H, W):
             raise ValueError(
-                f"params are for V={params.num_views}, B={params.batch_size}, size={params.image_size}; "
-                f"got V={V}, B={B}, size={(H, W)}"
+                f"params are for V={params.num_views}, B={params.batch_size}, "
+                f"size={tuple(params.image_size)}; got V={V}, B={B}, size={(H, W)}"
             )
         device = images.device
-        if params.top.device != device:
-            params = params.to(device)
-        if channels_last:
-            out = torch.empty((V, B, c, c, 3), device=device).permute(0, 1, 4, 2, 3)
-        else:
-            out = torch.empty((V, B, 3, c, c), device=device)
-        if B == 0:
-            return out
-
-        # images per chunk: all of them on accelerators, cache-sized chunks on CPU
-        if device.type == "cpu":
-            per_image = V * 3 * c * c + 3 * H * W
-            step = max(1, self.chunk_elements // per_image)
-        else:
-            step = B
-        prefilter = self._prefilter_factor(H, W)
-        offsets = torch.tensor([5.0, 3.0, 1.0], device=device).view(1, 3, 1, 1)
-        scale = torch.tensor([1.0 / s for s in self.cfg.std], device=device).view(1, 3, 1, 1)
-        shift = torch.tensor([-m / s for m, s in zip(self.cfg.mean, self.cfg.std)], device=device)
-        shift = shift.view(1, 3, 1, 1)
-        for b0 in range(0, B, step):
-            b1 = min(B, b0 + step)
-            self._chunk(images[b0:b1], layout, C, params, b0, b1, prefilter, offsets, scale, shift, out)
+        with torch.inference_mode():
+            if channels_last:
+                out = torch.empty((V, B, c, c, 3), device=device).permute(0, 1, 4, 2, 3)
+            else:
+                out = torch.empty((V, B, 3, c, c), device=device)
+            if B == 0:
+                return out
+            if params.top.device != device:
+                params = params.to(device)
+            budget = self.chunk_elements if device.type == "cpu" else self.device_chunk_elements
+            step = max(1, min(B, budget // (V * 3 * c * c)))
+            run = _Run(self, params, C, H, W, step, device)
+            for b0 in range(0, B, step):
+                run.chunk(images[b0 : min(B, b0 + step)], layout, b0, out)
         return out
 
     # -- internals -----------------------------------------------------------------------------
@@ -488,7 +509,8 @@ class MultiViewAugment:
         if layout not in ("BHWC", "BCHW"):
             raise ValueError(f"layout must be 'BHWC' or 'BCHW', got {layout!r}")
         if not isinstance(images, torch.Tensor) or images.dim() != 4:
-            raise ValueError(f"images must be a 4-D tensor ({layout}), got {getattr(images, 'shape', type(images))}")
+            shape = getattr(images, "shape", type(images))
+            raise ValueError(f"images must be a 4-D uint8 tensor ({layout}), got {shape}")
         if images.dtype != torch.uint8:
             raise ValueError(f"images must be uint8, got {images.dtype}")
         if layout == "BHWC":
@@ -497,131 +519,181 @@ class MultiViewAugment:
             B, C, H, W = images.shape
         if C not in (1, 3):
             raise ValueError(f"images must have 1 or 3 channels, got {C} (layout {layout})")
+        if H < 1 or W < 1:
+            raise ValueError(f"images must be non-empty, got {tuple(images.shape)}")
         return B, C, H, W
 
-    def _prefilter_factor(self, H: int, W: int) -> int:
-        """Integer area-averaging factor applied before bilinear sampling (1 = none)."""
+    def prefilter_size(self, H: int, W: int) -> tuple[int, int] | None:
+        """Size to which (H, W) inputs are area-reduced before bilinear sampling, or None.
+
+        Chosen so that the smallest crop `sample_params` can draw still spans >= crop_size pixels
+        of the reduced image; used only when that shrinks the image by >= 1.5x (antialias=True).
+        """
         cfg = self.cfg
         if not cfg.antialias:
-            return 1
-        # smallest crop side that sample_params can produce (candidates or the centre fallback)
+            return None
         area = H * W * cfg.scale[0]
         min_w = min(math.sqrt(area * cfg.ratio[0]), W)
         min_h = min(math.sqrt(area / cfg.ratio[1]), H)
-        k = int(min(min_w, min_h) // cfg.crop_size)
-        return max(1, min(k, H, W))
+        k = min(min_w, min_h) / cfg.crop_size
+        if k < 1.5:
+            return None
+        return max(1, math.ceil(H / k)), max(1, math.ceil(W / k))
 
-    def _chunk(self, imgs, layout, C, p, b0, b1, prefilter, offsets, scale, shift, out) -> None:
-        cfg = self.cfg
-        V, c = self.num_views, cfg.crop_size
-        Bc = b1 - b0
-        H, W = p.image_size
 
-        # 1. uint8 -> float in [0, 1], (Bc, C, H, W) contiguous, one pass
-        src = imgs.permute(0, 3, 1, 2) if layout == "BHWC" else imgs
-        x = torch.empty((Bc, C, H, W), device=imgs.device)
-        torch.mul(src, 1.0 / 255.0, out=x)
-        if prefilter > 1:
-            hp, wp = H // prefilter, W // prefilter
-            if H % prefilter == 0 and W % prefilter == 0:
-                x = F.avg_pool2d(x, prefilter)
-            else:
-                x = F.adaptive_avg_pool2d(x, (hp, wp))
-            sy, sx = H / hp, W / wp
-        else:
-            hp, wp, sy, sx = H, W, 1.0, 1.0
+def _axis_coords(start, length, c: int, s: float, size_p: int, flip) -> torch.Tensor:
+    """Normalised grid_sample coordinates along one axis: (...,) boxes -> (..., c).
 
-        # 2. geometry: all V views of an image stacked along the grid's height
-        top, left = p.top[:, b0:b1].T, p.left[:, b0:b1].T  # (Bc, V)
-        hh, ww = p.height[:, b0:b1].T, p.width[:, b0:b1].T
-        flip = p.flip[:, b0:b1].T
-        gx = self._axis_grid(left, ww, c, sx, wp, flip)  # (Bc, V, c)
-        gy = self._axis_grid(top, hh, c, sy, hp, None)  # (Bc, V, c)
-        grid = torch.stack(
-            (gx.unsqueeze(2).expand(Bc, V, c, c), gy.unsqueeze(3).expand(Bc, V, c, c)), dim=-1
-        ).view(Bc, V * c, c, 2)
-        y = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
-        y = y.view(Bc, -1, V, c, c)  # (Bc, C, V, c, c)
+    Output pixel o of the crop [start, start + length) samples the continuous source coordinate
+    start + (o + 0.5) * length / c (torchvision's resize, align_corners=False), clamped to the
+    centres of the crop's first and last pixels (torchvision crops, then resizes); `s` maps
+    source pixels to prefiltered ones.
+    """
+    o = torch.arange(c, device=start.device, dtype=torch.float32) + 0.5
+    start = start.float().unsqueeze(-1)
+    length = length.float().unsqueeze(-1)
+    if flip is not None:
+        o = torch.where(flip.unsqueeze(-1), c - o, o)
+    u = (start + o * (length / c)) / s - 0.5  # index coordinate in the (prefiltered) image
+    lo = (start + 0.5) / s - 0.5
+    hi = (start + length - 0.5) / s - 0.5
+    u = torch.minimum(torch.maximum(u, lo), hi)
+    return u.mul_(2.0 / size_p).add_(1.0 / size_p - 1.0)
 
-        # 3. order views (v, b) so that each jitter permutation is a contiguous slice
+
+class _Run:
+    """Per-call state: per-view tables for the whole batch, constants and scratch buffers."""
+
+    def __init__(self, aug: MultiViewAugment, p: AugmentParams, C, H, W, step, device):
+        cfg = aug.cfg
+        self.cfg, self.V, self.c, self.C, self.H, self.W = cfg, aug.num_views, cfg.crop_size, C, H, W
+        self.active = aug._ops_active
+        self.any_jitter = any(self.active)
+        self.random_order = cfg.jitter_random_order and self.any_jitter
+        V, c = self.V, self.c
+        self.device = device
+
+        # geometry, for the whole batch: (B, V, c) coordinates
+        self.size_p = aug.prefilter_size(H, W)
+        hp, wp = self.size_p if self.size_p is not None else (H, W)
+        self.hp, self.wp = hp, wp
+        self.gx = _axis_coords(p.left.T, p.width.T, c, W / wp, wp, p.flip.T)
+        self.gy = _axis_coords(p.top.T, p.height.T, c, H / hp, hp, None)
+
+        # per-view tables, natural order (v, b): float factors and int flags
+        self.factors = torch.stack((p.brightness, p.contrast, p.saturation, p.hue, p.blur_sigma), -1)
+        self.flags = torch.stack((p.grayscale, p.blur, p.solarize), -1)
+        self.order = p.jitter_order
+
+        # constants
+        self.gray_w = torch.tensor(_GRAY_WEIGHTS, device=device)
+        self.hue_centers = torch.tensor([3.0, 2.0, 4.0], device=device).view(1, 3, 1, 1)
+        self.arange4 = torch.arange(4, device=device)
+        self.scale = torch.tensor([1.0 / s for s in cfg.std], device=device).view(1, 3, 1, 1)
+        self.shift = torch.tensor([-m / s for m, s in zip(cfg.mean, cfg.std)], device=device)
+        self.shift = self.shift.view(1, 3, 1, 1)
+
+        # scratch, sized for a full chunk and reused by every chunk
+        nmax = V * step
+        self.grid = torch.empty((step, V, c, c, 2), device=device)
+        self.buf = torch.empty((2, nmax, 3, c, c), device=device)  # ping-pong view buffers
+        self.ws = torch.empty((8, nmax, c, c), device=device) if self.any_jitter else None
+        self.xin = torch.empty((step, C, hp, wp), device=device)
+
+    def chunk(self, imgs: torch.Tensor, layout: str, b0: int, out: torch.Tensor) -> None:
+        cfg, V, c, C, dev = self.cfg, self.V, self.c, self.C, self.device
+        Bc = imgs.shape[0]
         n = V * Bc
-        v_idx = torch.arange(V, device=y.device).repeat_interleave(Bc)
-        b_idx = torch.arange(Bc, device=y.device).repeat(V)
-        order = p.jitter_order[:, b0:b1].reshape(n, 4)
-        groups: list[tuple[int, int, tuple[int, ...]]]
-        if cfg.jitter_random_order and any(self._ops_active):
-            code = (order * order.new_tensor([64, 16, 4, 1])).sum(dim=1)
-            code, sort = torch.sort(code, stable=True)
-            v_idx, b_idx = v_idx[sort], b_idx[sort]
-            uniq, counts = torch.unique_consecutive(code, return_counts=True)
-            groups, start = [], 0
-            for u, k in zip(uniq.tolist(), counts.tolist()):
-                perm = (u // 64, (u // 16) % 4, (u // 4) % 4, u % 4)
-                groups.append((start, start + k, perm))
-                start += k
+        b1 = b0 + Bc
+
+        # 1. uint8 -> float in [0, 1], (Bc, C, hp, wp), with the optional area reduction (on CPU
+        #    on uint8 by the vectorised antialiased resize, before the float cast)
+        src = imgs.permute(0, 3, 1, 2) if layout == "BHWC" else imgs
+        x = self.xin[:Bc]
+        if self.size_p is None:
+            torch.mul(src, 1.0 / 255.0, out=x)
+        elif dev.type == "cpu":
+            small = F.interpolate(src.contiguous(memory_format=torch.channels_last), size=self.size_p,
+                                  mode="bilinear", antialias=True, align_corners=False)
+            torch.mul(small, 1.0 / 255.0, out=x)
         else:
-            sort = None
-            groups = [(0, n, (0, 1, 2, 3))]
-        xv = y[b_idx, :, v_idx]  # (n, C, c, c), copy
-        if C == 1:
-            xv = xv.expand(n, 3, c, c).contiguous()
+            x = F.interpolate(torch.mul(src, 1.0 / 255.0), size=self.size_p, mode="bilinear",
+                              antialias=True, align_corners=False)
 
-        def take(t: torch.Tensor) -> torch.Tensor:
-            t = t[:, b0:b1].reshape(n)
-            return t if sort is None else t[sort]
+        # 2. geometry: one grid_sample; the V grids of an image are stacked along the height
+        grid = self.grid[:Bc]
+        grid[..., 0] = self.gx[b0:b1].unsqueeze(2)
+        grid[..., 1] = self.gy[b0:b1].unsqueeze(3)
+        y = F.grid_sample(x, grid.view(Bc, V * c, c, 2), mode="bilinear", padding_mode="border",
+                          align_corners=False)
+        # to rows ordered (b, v) in buffer 0
+        ya = self.buf[0, :n]
+        if C == 3:
+            ya.view(Bc, V, 3, c, c).copy_(y.view(Bc, 3, V, c, c).transpose(1, 2))
+        else:
+            ya.view(Bc, V, 3, c, c).copy_(y.view(Bc, 1, V, c, c).transpose(1, 2).expand(-1, -1, 3, -1, -1))
 
-        # 4. colour jitter, per group, in place on contiguous slices
-        if any(self._ops_active):
-            factors = (take(p.brightness), take(p.contrast), take(p.saturation), take(p.hue))
-            for s0, s1, perm in groups:
-                xs = xv[s0:s1]
-                for op in perm:
-                    if not self._ops_active[op]:
-                        continue
-                    f = factors[op][s0:s1]
-                    if op == 0:
-                        _brightness_(xs, f)
-                    elif op == 1:
-                        _contrast_(xs, f)
-                    elif op == 2:
-                        _saturation_(xs, f)
-                    else:
-                        _hue_(xs, f, offsets)
+        # 3. row arrangement. rows[i] = natural index v * Bc + b of the view held in row i.
+        order = self.order[:, b0:b1].reshape(n, 4)
+        if self.random_order:
+            counts = (order.unsqueeze(-1) == self.arange4).sum(0).tolist()  # [step][op]
+            rows = torch.argsort(order[:, 0], stable=True)
+        else:
+            counts = [[n if op == t else 0 for op in range(4)] for t in range(4)]
+            rows = torch.arange(n, device=dev)
+        rv = torch.div(rows, Bc, rounding_mode="floor")
+        cur = 1
+        xv = self.buf[1, :n]
+        torch.index_select(ya.view(n, -1), 0, (rows - rv * Bc) * V + rv, out=xv.view(n, -1))
+        fac = self.factors[:, b0:b1].reshape(n, 5)[rows]
 
-        # 5. grayscale / blur / solarize on the selected views only
-        if cfg.grayscale_p > 0:
-            sel = take(p.grayscale).nonzero().squeeze(1)
-            if sel.numel():
-                xv[sel] = _gray(xv[sel]).expand(-1, 3, c, c)
-        if cfg.blur_p > 0:
-            sel = take(p.blur).nonzero().squeeze(1)
-            if sel.numel():
-                xv[sel] = _gaussian_blur(xv[sel], take(p.blur_sigma)[sel], cfg.kernel_size())
-        if cfg.solarize_p > 0:
-            sel = take(p.solarize).nonzero().squeeze(1)
-            if sel.numel():
-                xs = xv[sel]
-                xv[sel] = torch.where(xs >= cfg.solarize_threshold, 1.0 - xs, xs)
+        # 4. colour jitter: at each of the 4 steps rows are grouped by their op (stable sort),
+        #    so each op runs once per step, in place on a contiguous slice
+        if self.any_jitter:
+            for t in range(4):
+                if t > 0 and self.random_order:
+                    perm = torch.argsort(order[rows, t], stable=True)
+                    rows, fac = rows[perm], fac[perm]
+                    nxt = self.buf[1 - cur, :n]
+                    torch.index_select(xv.view(n, -1), 0, perm, out=nxt.view(n, -1))
+                    xv, cur = nxt, 1 - cur
+                s0 = 0
+                for op, cnt in enumerate(counts[t]):
+                    if cnt and self.active[op]:
+                        xs, f = xv[s0 : s0 + cnt], fac[s0 : s0 + cnt, op]
+                        if op == 0:
+                            _brightness_(xs, f)
+                        elif op == 1:
+                            _contrast_(xs, f, self.gray_w)
+                        elif op == 2:
+                            _saturation_(xs, f, self.ws)
+                        else:
+                            _hue_(xs, f, self.ws, self.hue_centers)
+                    s0 += cnt
 
-        # 6. normalise and scatter into out[v, b]
-        xv.mul_(scale).add_(shift)
-        out[v_idx, b_idx + b0] = xv
+        # 5. grayscale / blur / solarize, on the selected rows only
+        if cfg.grayscale_p > 0 or cfg.blur_p > 0 or cfg.solarize_p > 0:
+            flags = self.flags[:, b0:b1].reshape(n, 3)[rows]
+            flat = xv.view(n, -1)
+            if cfg.grayscale_p > 0:
+                sel = flags[:, 0].nonzero().squeeze(1)
+                if sel.numel():
+                    xs = xv.index_select(0, sel)
+                    g = _gray_into(xs, torch.empty((sel.numel(), c, c), device=dev))
+                    flat.index_copy_(0, sel, g.unsqueeze(1).expand(-1, 3, c, c).reshape(sel.numel(), -1))
+            if cfg.blur_p > 0:
+                sel = flags[:, 1].nonzero().squeeze(1)
+                if sel.numel():
+                    blurred = _gaussian_blur(xv.index_select(0, sel), fac[sel, 4], cfg.kernel_size())
+                    flat.index_copy_(0, sel, blurred.reshape(sel.numel(), -1))
+            if cfg.solarize_p > 0:
+                sel = flags[:, 2].nonzero().squeeze(1)
+                if sel.numel():
+                    xs = flat.index_select(0, sel)
+                    flat.index_copy_(0, sel, torch.where(xs >= cfg.solarize_threshold, 1.0 - xs, xs))
 
-    @staticmethod
-    def _axis_grid(start, length, c, s, size_p, flip):
-        """Normalised sampling coordinates along one axis, (Bc, V, c).
-
-        Output pixel o of a crop [start, start + length) samples the continuous source coordinate
-        start + (o + 0.5) * length / c (torchvision resize, align_corners=False), clamped to the
-        centres of the crop's first and last pixels; `s` maps source pixels to prefiltered ones.
-        """
-        o = torch.arange(c, device=start.device, dtype=torch.float32) + 0.5
-        start = start.float().unsqueeze(-1)
-        length = length.float().unsqueeze(-1)
-        if flip is not None:
-            o = torch.where(flip.unsqueeze(-1), c - o, o)
-        u = (start + o * (length / c)) / s - 0.5  # index coordinate in the prefiltered image
-        lo = start / s + 0.5 / s - 0.5
-        hi = (start + length) / s - 0.5 / s - 0.5
-        u = torch.minimum(torch.maximum(u, lo), hi)
-        return u.mul_(2.0 / size_p).add_(1.0 / size_p - 1.0)
+        # 6. normalise, then scatter row i to out[v, b0 + b]
+        xv.mul_(self.scale).add_(self.shift)
+        rv = torch.div(rows, Bc, rounding_mode="floor")
+        dest = rv * out.shape[1] + (rows - rv * Bc) + b0
+        out.flatten(0, 1).index_copy_(0, dest, xv)

@@ -91,12 +91,13 @@ def _offdiag_mask(V: int, device: torch.device) -> Tensor:
 
 
 @functools.lru_cache(maxsize=64)
-def _own_column_mask(n: int, N: int, offset: int, device: torch.device) -> Tensor:
-    """(n, 1, N) bool, True at column ``offset + i`` of local row ``i`` (the image itself)."""
+def _own_column_mask(n: int, N: int, offset: int, device: torch.device, copies: int = 1) -> Tensor:
+    """(n, 1, copies·N) bool, True at column ``c·N + offset + i`` of local row ``i`` (the image
+    itself, in each of ``copies`` concatenated column blocks)."""
     mask = torch.zeros(n, N, dtype=torch.bool, device=device)
     idx = torch.arange(n, device=device)
     mask[idx, offset + idx] = True
-    return mask.unsqueeze(1)
+    return mask.repeat(1, copies).unsqueeze(1)
 
 
 @functools.lru_cache(maxsize=64)
@@ -117,9 +118,11 @@ def _weighted_group_mean(logits: Tensor, cost: Tensor, detach: bool) -> tuple[Te
     Masked entries carry ``logits = −inf``: weight exactly 0, no gradient, and ``xlogy(0, 0) = 0``
     keeps the entropy finite.  ``detach`` stops the gradient through ``w`` (same forward value).
     """
-    w = torch.softmax(logits, dim=-1)
     if detach:
-        w = w.detach()
+        with torch.no_grad():                       # no graph node kept alive for a constant
+            w = torch.softmax(logits, dim=-1)
+    else:
+        w = torch.softmax(logits, dim=-1)
     row = (w * cost).sum(-1)
     with torch.no_grad():
         ent = -torch.special.xlogy(w, w).sum(-1)
@@ -160,17 +163,17 @@ def _cacr_from_gathered(q: Tensor, keys: Tensor, offset: int, *, alpha: float = 
         # c⁻ = −d = 2 z[v,i]·z[u,j] − 2;  w⁻ = softmax_{j≠i}(τ⁻ c⁻);  L_CR(v,u,i) = Σ_j w⁻ c⁻.
         # One GEMM per query view v against all views u > v at once (keys[v+1:] is a contiguous
         # view: no copy), so memory is O(P · n · N) for the P = V(V−1)/2 pairs, never O(V² N²).
-        own = _own_column_mask(n, N, offset, q.device)                      # (n, 1, N)
-        if same_view_negatives:
-            own = torch.cat([own, own], dim=-1)                             # (n, 1, 2N)
+        # (n, 1, N), or (n, 1, 2N) with the same-view block appended
+        own = _own_column_mask(n, N, offset, q.device, 2 if same_view_negatives else 1)
         cr_sum = q.new_zeros(())
         eff_neg_sum = q.new_zeros(())
         for v in range(V - 1):
             k = V - 1 - v
-            neg = 2.0 * (q[v] @ keys[v + 1:].reshape(k * N, D).T) - 2.0     # (n, k·N) = −d
+            # In place on the GEMM output (its backward needs only the inputs): no extra buffer.
+            neg = (q[v] @ keys[v + 1:].reshape(k * N, D).T).mul_(2.0).sub_(2.0)  # (n, k·N) = −d
             neg = neg.view(n, k, N)
             if same_view_negatives:
-                same = 2.0 * (q[v] @ keys[v].T) - 2.0                       # (n, N): z[v, j]
+                same = (q[v] @ keys[v].T).mul_(2.0).sub_(2.0)              # (n, N): z[v, j]
                 neg = torch.cat([neg, same.unsqueeze(1).expand(n, k, N)], dim=-1)
             logits_neg = (tau_neg * neg).masked_fill_(own, float("-inf"))
             cr_rows, eff = _weighted_group_mean(logits_neg, neg, detach_weights)  # (n, k)
@@ -253,8 +256,9 @@ def _infonce_from_gathered(q: Tensor, keys: Tensor, offset: int, *, temperature:
         inv_t = 1.0 / temperature
         self_mask, pos_mask = _infonce_masks(V, n, N, offset, q.device)
         # logits[v, i, u, j] = z[v,i]·Z[u,j] / T, one GEMM of (V·n) × (V·N).
+        # In place: neither the GEMM nor the scalar mul needs its output for backward.
         logits = (q.reshape(V * n, D) @ keys.reshape(V * N, D).T).mul_(inv_t).view(V, n, V, N)
-        logits = logits.masked_fill(self_mask, float("-inf"))
+        logits.masked_fill_(self_mask, float("-inf"))
         lse = torch.logsumexp(logits.flatten(2), dim=-1)                                # (V, n)
         # Positive logits from the local queries (the same numbers as the masked-in entries).
         pos = torch.einsum("vnd,und->vnu", q, q) * inv_t                                # (V, n, V)
@@ -267,9 +271,12 @@ def _infonce_from_gathered(q: Tensor, keys: Tensor, offset: int, *, temperature:
             # Effective numbers from the softmax restricted (renormalised) to each group.
             w_pos = torch.softmax(pos.masked_fill(~offdiag, float("-inf")), dim=-1)
             eff_pos = (-torch.special.xlogy(w_pos, w_pos).sum(-1)).exp().mean()
-            neg_logits = logits.masked_fill(pos_mask, float("-inf")).flatten(2)
-            w_neg = torch.softmax(neg_logits, dim=-1)
-            eff_neg = (-torch.special.xlogy(w_neg, w_neg).sum(-1)).exp().mean()
+            # One anchor view at a time: temporaries of V·n·N, not V²·n·N.
+            eff_neg = q.new_zeros(())
+            for v in range(V):
+                w_neg = torch.softmax(logits[v].masked_fill(pos_mask[v], float("-inf")).flatten(1), dim=-1)
+                eff_neg += (-torch.special.xlogy(w_neg, w_neg).sum(-1)).exp().sum()
+            eff_neg /= V * n
 
     return LossOutput(loss=attraction + repulsion, attraction=attraction, repulsion=repulsion,
                       eff_positives=eff_pos, eff_negatives=eff_neg)

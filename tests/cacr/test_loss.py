@@ -93,9 +93,13 @@ def _x(V, n, D, seed, dtype=DT):
     return torch.randn(V, n, D, generator=g, dtype=dtype)
 
 
+def _f(x) -> float:
+    return float(x.detach()) if isinstance(x, torch.Tensor) else float(x)
+
+
 def _compare(out: LossOutput, ref: dict, tol=1e-10):
     for k in ("loss", "attraction", "repulsion", "eff_positives", "eff_negatives"):
-        got, want = float(getattr(out, k)), float(ref[k])
+        got, want = _f(getattr(out, k)), _f(ref[k])
         assert got == pytest.approx(want, rel=tol, abs=tol), (k, got, want)
     assert torch.allclose(out.loss, out.attraction + out.repulsion, rtol=0, atol=1e-12)
 
@@ -229,7 +233,7 @@ def test_block_rows_average_to_whole_batch():
         torch.testing.assert_close(g_parts, g_whole, rtol=1e-10, atol=1e-12)
         # A wrong offset (mask on the wrong column) must change the value.
         wrong = fn(z[:, n:2 * n], z, 0, **kw).loss
-        assert abs(float(wrong - parts[1].loss)) > 1e-6
+        assert abs(float((wrong - parts[1].loss).detach())) > 1e-6
 
 
 def test_masks_cached():

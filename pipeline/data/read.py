@@ -1,0 +1,226 @@
+"""Reading shards with Ray Data: ONE function, :func:`build_dataset`, for training, kNN and inspect.
+
+    scan_shards (pre-scan, threads, no Ray)       -> which shards, rows per shard, shard-level skips
+    read_datasource(TarShardDatasource)           -> rows: key, id, image (encoded bytes), label, skip
+       shard order shuffled per execution          (FileShuffleConfig(seed): Ray re-seeds it with the
+                                                    dataset's execution index, i.e. once per epoch)
+    map_batches(decode, num_cpus, resources)      -> image uint8 (S, S, 3), label int64, skip int8, id
+    TorchTrainer(datasets={"train": ds})          -> streaming_split(equal=True) across the workers
+    worker: split_batch(batch)                    -> images, labels, {reason: count}
+
+Why a FileBasedDatasource subclass rather than ``ray.data.read_webdataset``: read_webdataset raises on
+the first damaged tar (stopping the whole dataset) and cannot stop a truncated shard at its last
+complete sample; this reader shares Ray's file listing, retries, per-epoch file shuffle and
+filesystem handling, reads the same webdataset layout (``<key>.<ext>`` members grouped by key), and
+never raises on shard content: damaged content becomes counted skip codes. It emits Arrow blocks
+directly (no pandas), and never decodes anything but images (PIL) and ASCII labels.
+
+Exactly once per epoch: Ray Train splits with ``equal=True``, which drops the remainder rows when
+the total does not divide by the number of workers. The reader therefore appends ``PAD`` rows
+(code 6, filtered by :func:`split_batch`, never counted) to one shard so that the row count divides
+by ``num_workers``; with that, every sample reaches exactly one worker once per epoch and every
+worker gets the same number of rows (hence the same number of batches).
+"""
+from __future__ import annotations
+
+import logging
+import os
+from collections import Counter
+from typing import Any, Iterator
+
+import numpy as np
+
+from pipeline.config import DataConfig, StorageConfig
+from pipeline.data.format import (BAD_LABEL, FIRST_DROPPED, IMAGE_EXTS, LABEL_EXT, MISSING_IMAGE,
+                                  MISSING_LABEL, NUM_CODES, OK, PAD, READ_ERROR, SKIP_REASONS,
+                                  UNDECODABLE_IMAGE, decode_image, parse_label)
+from pipeline.data.validate import ShardScan, iter_samples, scan_shards
+from pipeline.storage import arrow_fs
+
+log = logging.getLogger(__name__)
+
+# Custom-resource amount each decode task asks for when data.data_resource is set: tiny, so that
+# the CPUs (decode_num_cpus) bound concurrency and the resource only pins placement.
+DATA_RESOURCE_PER_TASK = 0.001
+
+
+def _block_rows(image_size: int) -> int:
+    """Rows per emitted block: ~8 MB of decoded pixels, between 16 and 512 rows."""
+    return int(max(16, min(512, (8 << 20) // (image_size * image_size * 3))))
+
+
+def _make_datasource_class():
+    from ray.data.datasource import FileBasedDatasource
+
+    class TarShardDatasource(FileBasedDatasource):
+        """Webdataset tar shards -> rows of undecoded samples with skip codes. Never raises on content."""
+
+        _FILE_EXTENSIONS = ["tar"]
+
+        def __init__(self, paths: list[str], *, plans: dict[str, tuple[int, int | None, int]],
+                     labeled: bool, block_rows: int, **kwargs):
+            super().__init__(paths, **kwargs)
+            self._plans = plans          # shard name -> (shard number, keep, pad rows)
+            self._labeled = labeled
+            self._block_rows = block_rows
+
+        def get_name(self) -> str:
+            return "TarShards"
+
+        def _read_stream(self, f, path: str) -> Iterator[Any]:
+            name = os.path.basename(path)
+            shard_no, keep, pad = self._plans.get(name, (0xFFFF, None, 0))
+            yield from _read_shard_blocks(f, name, shard_no, keep, pad, self._labeled, self._block_rows)
+
+    return TarShardDatasource
+
+
+def _read_shard_blocks(f, name: str, shard_no: int, keep: int | None, pad: int, labeled: bool,
+                       block_rows: int) -> Iterator[Any]:
+    import pyarrow as pa
+
+    cols: dict[str, list] = {"key": [], "id": [], "image": [], "label": [], "skip": []}
+
+    def add(key: str, ordinal: int, image: bytes, label: int, code: int):
+        cols["key"].append(key)
+        cols["id"].append((shard_no << 32) | ordinal)
+        cols["image"].append(image)
+        cols["label"].append(label)
+        cols["skip"].append(code)
+
+    def table():
+        t = pa.table({"key": pa.array(cols["key"], pa.string()), "id": pa.array(cols["id"], pa.int64()),
+                      "image": pa.array(cols["image"], pa.binary()),
+                      "label": pa.array(cols["label"], pa.int64()), "skip": pa.array(cols["skip"], pa.int8())})
+        for v in cols.values():
+            v.clear()
+        return t
+
+    n = 0
+    for key, members in iter_samples(f, keep):
+        if members is None:  # tar error the pre-scan did not foresee: counted, never raised
+            log.warning("shard %s: read error after %d samples (%s)", name, n, key)
+            add(f"{name}#read_error", n, b"", -1, READ_ERROR)
+            n += 1
+            break
+        image = next((members[e] for e in IMAGE_EXTS if e in members), None)
+        label, code = parse_label(members.get(LABEL_EXT))
+        if code == MISSING_LABEL and not labeled:
+            code = OK
+        if image is None:
+            code, image = MISSING_IMAGE, b""
+        add(key, n, image, label, code)
+        n += 1
+        if len(cols["key"]) >= block_rows:
+            yield table()
+    for i in range(pad):
+        add(f"{name}#pad{i}", n, b"", -1, PAD)
+        n += 1
+    if cols["key"]:
+        yield table()
+
+
+def _decode_batch(table, image_size: int, with_keys: bool) -> dict[str, np.ndarray]:
+    """Encoded rows -> fixed-size uint8 images. Runs in Ray Data CPU tasks."""
+    n = table.num_rows
+    skip = table.column("skip").to_numpy().astype(np.int8, copy=True)
+    images = np.zeros((n, image_size, image_size, 3), dtype=np.uint8)
+    raw = table.column("image").to_pylist()
+    for i in range(n):
+        if skip[i] < FIRST_DROPPED:
+            arr = decode_image(raw[i], image_size)
+            if arr is None:
+                skip[i] = UNDECODABLE_IMAGE
+            else:
+                images[i] = arr
+    out = {"image": images, "label": table.column("label").to_numpy().astype(np.int64),
+           "skip": skip, "id": table.column("id").to_numpy().astype(np.int64)}
+    if with_keys:
+        out["key"] = np.asarray(table.column("key").to_pylist(), dtype=object)
+    return out
+
+
+def build_dataset(url: str, split: str = "train", *, data: DataConfig | None = None,
+                  storage: StorageConfig | None = None, seed: int = 0, num_workers: int = 1,
+                  image_size: int | None = None, scan: ShardScan | None = None, shuffle: bool = True,
+                  with_keys: bool = False):
+    """The Ray Dataset of ``split`` under ``url``: columns ``image`` uint8 (N, S, S, 3), ``label``
+    int64 (-1 = none), ``skip`` int8 (:data:`~pipeline.data.format.SKIP_REASONS`), ``id`` int64
+    (shard number << 32 | position, stable across epochs) [+ ``key`` str with ``with_keys``].
+
+    * ``data``: decode size (``data.image_size``), ``decode_num_cpus`` and ``data_resource``; without
+      it images come out at the stored size and decode tasks take 0.25 CPU.
+    * ``seed``: shard order is shuffled from it, differently for every execution (= epoch) of the
+      same Dataset object; ``shuffle=False`` keeps index order.
+    * ``num_workers``: the number of Ray Train workers that will split it (PAD rows make the row count
+      divisible by it so that ``equal=True`` splitting drops nothing).
+    * ``scan``: a :func:`~pipeline.data.validate.scan_shards` result, to avoid scanning twice.
+
+    Requires Ray to be initialised (it starts a local instance otherwise)."""
+    import ray
+    from ray.data import FileShuffleConfig
+
+    data_given = data is not None
+    data = data or DataConfig(url=url)
+    if scan is None:
+        scan = scan_shards(url, split, storage)
+    size = int(image_size or (data.image_size if data_given else (scan.image_size or data.image_size)))
+    if num_workers < 1:
+        raise ValueError("num_workers must be >= 1")
+    readable = scan.readable
+    pad = (-scan.rows) % num_workers
+    plans = {}
+    for i, s in enumerate(scan.shards):
+        if s.readable:
+            plans[s.name] = (i, s.keep, 0)
+    first = readable[0].name
+    plans[first] = (plans[first][0], plans[first][1], pad)
+
+    remote: dict[str, Any] = {"num_cpus": data.decode_num_cpus}
+    if data.data_resource:
+        remote["resources"] = {data.data_resource: DATA_RESOURCE_PER_TASK}
+    fs, _ = arrow_fs(url, storage)
+    source = _make_datasource_class()(
+        [s.path for s in readable], filesystem=fs, plans=plans, labeled=scan.labeled,
+        block_rows=_block_rows(size), shuffle=FileShuffleConfig(seed=int(seed)) if shuffle else None)
+    ds = ray.data.read_datasource(source, override_num_blocks=len(readable), **remote)
+    ds = ds.map_batches(_decode_batch, fn_kwargs={"image_size": size, "with_keys": with_keys},
+                        batch_format="pyarrow", batch_size=None, zero_copy_batch=True, **remote)
+    return ds
+
+
+# ---------------------------------------------------------------------------------------------
+# Train-worker side
+
+
+def split_batch(batch: dict[str, Any]) -> tuple[Any, Any, dict[str, int]]:
+    """``(images, labels, skipped)`` from one batch of :func:`build_dataset` rows (torch tensors from
+    ``iter_torch_batches`` or numpy arrays from ``iter_batches``).
+
+    Rows with a dropping code (missing/undecodable image, read error, padding) are removed; rows
+    with a missing or bad label stay (label -1). ``skipped`` maps reason -> count for this batch
+    (non-zero only; padding never counted). No copy when nothing is dropped (the common case)."""
+    skip = batch["skip"]
+    images, labels = batch["image"], batch["label"]
+    if isinstance(skip, np.ndarray):
+        counts = np.bincount(skip.astype(np.int64), minlength=NUM_CODES).tolist()
+    else:
+        import torch
+        counts = torch.bincount(skip.to(torch.int64), minlength=NUM_CODES).tolist()
+    skipped = {SKIP_REASONS[c]: counts[c] for c in SKIP_REASONS if counts[c]}
+    if sum(counts[FIRST_DROPPED:]) == 0:
+        return images, labels, skipped
+    keep = skip < FIRST_DROPPED
+    return images[keep], labels[keep], skipped
+
+
+def merge_counts(*counts: dict[str, int]) -> dict[str, int]:
+    """Sum reason -> count dicts (pre-scan + per batch + across workers)."""
+    total: Counter = Counter()
+    for c in counts:
+        total.update({k: int(v) for k, v in (c or {}).items()})
+    return {k: v for k, v in sorted(total.items()) if v}
+
+
+__all__ = ["build_dataset", "split_batch", "merge_counts", "DATA_RESOURCE_PER_TASK",
+           "OK", "MISSING_LABEL", "BAD_LABEL", "MISSING_IMAGE", "UNDECODABLE_IMAGE", "READ_ERROR", "PAD"]

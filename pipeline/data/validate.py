@@ -1,0 +1,293 @@
+"""Shard pre-scan: which shards are usable, how many rows each will yield, what is broken.
+
+Cheap by default: one listing call; a shard whose size equals the size index.json recorded is
+trusted without reading it. Shards that differ (or all shards when there is no index, or with
+``deep=True``) are scanned in parallel threads by walking the tar headers (seeking over member
+data, never decoding or unpickling anything):
+
+* 0 bytes, or a valid tar with no members         -> ``empty_shard`` (excluded)
+* the first header is not a tar header             -> ``corrupt_shard`` (excluded)
+* a member's data runs past the end of the file,
+  a later header is garbage, or the end-of-archive
+  block is missing (cut on a member boundary)      -> ``truncated_shard``: every complete sample is
+  kept; the last sample before the cut may be partial and is dropped, unless index.json shows that
+  all samples and members are present (only the end-of-archive trailer was lost).
+* ``lost_samples`` = what index.json promised minus what the damaged shards can still deliver.
+
+The reader (:mod:`pipeline.data.read`) is handed, per shard, the number of samples to read, so a
+truncated shard is read up to its last complete sample and never raises.
+"""
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import logging
+import tarfile
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+from pipeline.config import StorageConfig
+from pipeline.data.format import (INDEX_NAME, SHARD_RE, DataError, load_index, split_key)
+from pipeline.storage import StorageError, check_location, classify_s3_error, fsspec_fs, join_url, \
+    list_files, parse_url
+
+log = logging.getLogger(__name__)
+
+_TAR_ERRORS = (tarfile.TarError, EOFError)
+
+
+@dataclass
+class TarScan:
+    status: str            # ok | empty | corrupt | truncated
+    groups: int = 0        # sample keys seen (the last may be partial when truncated)
+    members: int = 0       # regular files seen
+    detail: str = ""
+
+
+def scan_tar(fileobj, size: int) -> TarScan:
+    """Walk the headers of one tar (random access: data is skipped by seeking)."""
+    if size == 0:
+        return TarScan("empty", detail="0 bytes")
+    try:
+        tf = tarfile.open(fileobj=fileobj, mode="r:")
+    except _TAR_ERRORS as e:
+        return TarScan("corrupt", detail=f"not a tar file ({e})")
+    groups = members = 0
+    last_key = None
+    try:
+        while True:
+            ti = tf.next()
+            if ti is None:
+                break
+            tf.members = []  # headers only, keep memory flat on big shards
+            if not ti.isreg():
+                continue
+            key, ext = split_key(ti.name)
+            if key is None:
+                continue
+            members += 1
+            if key != last_key:
+                groups += 1
+                last_key = key
+    except _TAR_ERRORS as e:
+        return TarScan("truncated", groups, members, detail=f"cut mid-member ({e})")
+    # tarfile stops silently at EOF or at a garbage/short header after the first member: a complete
+    # archive has a zero end-of-archive block right after the last member.
+    end = tf.offset
+    fileobj.seek(end)
+    block = fileobj.read(512)
+    if len(block) == 512 and block == b"\0" * 512:
+        return TarScan("ok" if groups else "empty", groups, members,
+                       detail="" if groups else "tar has no members")
+    if groups == 0:
+        return TarScan("corrupt", detail="no valid tar members")
+    return TarScan("truncated", groups, members,
+                   detail="cut on a member boundary" if len(block) == 0 else "damaged tail")
+
+
+@dataclass
+class ShardInfo:
+    name: str
+    path: str                    # filesystem path (local abs path or bucket/key)
+    size: int | None             # bytes on storage (None: missing)
+    expected: int | None = None  # samples per index.json
+    status: str = "ok"           # ok | truncated | corrupt | empty | missing
+    rows: int = 0                # rows the reader will emit for this shard
+    keep: int | None = None      # read at most this many samples (None: all)
+    detail: str = ""
+
+    @property
+    def readable(self) -> bool:
+        return self.status in ("ok", "truncated") and self.rows > 0
+
+
+@dataclass
+class ShardScan:
+    """Result of :func:`scan_shards`: the plan for one split plus the pre-scan skip counts."""
+
+    url: str
+    split: str
+    shards: list[ShardInfo]
+    index: dict[str, Any] | None
+    skipped: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def readable(self) -> list[ShardInfo]:
+        return [s for s in self.shards if s.readable]
+
+    @property
+    def rows(self) -> int:
+        return sum(s.rows for s in self.readable)
+
+    @property
+    def labeled(self) -> bool:
+        if self.index is None:
+            return True
+        return bool(self.index.get("labeled", bool(self.index.get("classes"))))
+
+    @property
+    def classes(self) -> list[str]:
+        return list((self.index or {}).get("classes") or [])
+
+    @property
+    def image_size(self) -> int | None:
+        return (self.index or {}).get("image_size")
+
+    def summary(self) -> str:
+        bad = ", ".join(f"{k}={v}" for k, v in sorted(self.skipped.items()) if v)
+        return (f"{self.url} [{self.split}]: {len(self.readable)}/{len(self.shards)} shards readable, "
+                f"{self.rows} samples to read" + (f"; skipped: {bad}" if bad else ""))
+
+
+def read_index(url: str, storage: StorageConfig | None = None) -> dict[str, Any] | None:
+    """index.json under ``url`` (JSON), or None if absent. An unparsable index is logged and ignored."""
+    fs, path = fsspec_fs(join_url(url, INDEX_NAME), storage)
+    try:
+        with fs.open(path, "rb") as f:
+            raw = f.read()
+    except FileNotFoundError:
+        return None
+    except Exception as e:  # noqa: BLE001
+        if parse_url(url).scheme == "s3":
+            raise classify_s3_error(e, url, storage) from None
+        raise
+    try:
+        return load_index(raw)
+    except (ValueError, UnicodeDecodeError) as e:
+        log.warning("ignoring unreadable %s under %s (%s); listing shards instead", INDEX_NAME, url, e)
+        return None
+
+
+def _scan_one(url: str, storage: StorageConfig | None, info: ShardInfo) -> TarScan:
+    fs, _ = fsspec_fs(url, storage)
+    try:
+        with fs.open(info.path, "rb", block_size=1 << 20) as f:
+            return scan_tar(f, info.size or 0)
+    except FileNotFoundError:
+        return TarScan("missing", detail="vanished during the scan")
+    except _TAR_ERRORS as e:
+        return TarScan("corrupt", detail=str(e))
+
+
+def _index_entry_complete(scan: TarScan, entry: dict[str, Any] | None) -> bool:
+    return (entry is not None and scan.groups == entry.get("samples")
+            and scan.members == entry.get("members", -1))
+
+
+def scan_shards(url: str, split: str = "train", storage: StorageConfig | None = None, *,
+                deep: bool = False, threads: int = 8) -> ShardScan:
+    """List and pre-scan the shards of ``split`` under ``url``.
+
+    Raises :class:`~pipeline.storage.StorageError` (endpoint, bucket, credentials, missing prefix)
+    or :class:`DataError` (no shards for the split, none readable) with a one-line message, fast.
+    Works without Ray (threads), so the trainer can call it before starting anything."""
+    loc = parse_url(url)
+    check_location(url, storage, must_exist=True)
+    index = read_index(url, storage)
+    listing = {n: s for n, s in list_files(url, storage, suffix=".tar").items()
+               if not n.startswith((".", "_"))}
+    entries: dict[str, dict[str, Any]] = {}
+    if index is not None:
+        if split not in index["splits"]:
+            raise DataError(f"no split '{split}' in {loc.url}/{INDEX_NAME} (has: "
+                            f"{', '.join(sorted(index['splits'])) or 'none'}): pick --split / data.val_split")
+        entries = {e["name"]: e for e in index["splits"][split]["shards"]}
+        names = list(entries)
+    else:
+        names = sorted(n for n in listing if (m := SHARD_RE.match(n)) and m.group("split") == split)
+        if not names and split == "train":  # foreign shard sets: every .tar is training data
+            names = sorted(listing)
+    if not names:
+        raise DataError(f"no '{split}' shards under {loc.url}: run `cacr prepare SOURCE {loc.url}` "
+                        "or check the URL and split")
+
+    base = loc.path.rstrip("/")
+    shards = []
+    for n in names:
+        e = entries.get(n)
+        shards.append(ShardInfo(name=n, path=f"{base}/{n}", size=listing.get(n),
+                                expected=e["samples"] if e else None))
+    to_scan = []
+    for s in shards:
+        e = entries.get(s.name)
+        if s.size is None:
+            s.status, s.detail = "missing", "listed in index.json but absent"
+        elif e is not None and s.size == e["bytes"] and not deep:
+            s.rows = e["samples"]
+            if s.rows == 0:
+                s.status = "empty"
+        else:
+            to_scan.append(s)
+    if to_scan:
+        with concurrent.futures.ThreadPoolExecutor(min(threads, len(to_scan))) as ex:
+            try:
+                results = list(ex.map(lambda s: _scan_one(url, storage, s), to_scan))
+            except StorageError:
+                raise
+            except Exception as e:  # noqa: BLE001 - storage trouble mid-scan: one clear error
+                if loc.scheme == "s3":
+                    raise classify_s3_error(e, url, storage) from None
+                raise DataError(f"cannot read shards under {loc.url}: {type(e).__name__}: {e}") from None
+        for s, r in zip(to_scan, results):
+            s.status, s.detail = r.status, r.detail
+            if r.status == "ok":
+                s.rows = r.groups
+            elif r.status == "truncated":
+                s.keep = r.groups if _index_entry_complete(r, entries.get(s.name)) else max(0, r.groups - 1)
+                s.rows = s.keep
+                s.detail += f"; keeping {s.keep} complete samples"
+
+    skipped = {k: 0 for k in ("corrupt_shard", "empty_shard", "missing_shard", "truncated_shard",
+                              "lost_samples")}
+    for s in shards:
+        if s.status in ("corrupt", "empty", "missing", "truncated"):
+            skipped[f"{s.status}_shard"] += 1
+            log.warning("shard %s/%s: %s (%s)", loc.url, s.name, s.status, s.detail)
+        if s.expected is not None and s.rows < s.expected:
+            skipped["lost_samples"] += s.expected - (s.rows if s.readable else 0)
+        elif s.expected is None and s.status == "truncated":
+            skipped["lost_samples"] += 1  # the dropped partial sample (nothing else is known)
+    scan = ShardScan(loc.url, split, shards, index, {k: v for k, v in skipped.items() if v})
+    if not scan.readable:
+        raise DataError(f"no readable '{split}' shards under {loc.url} ({len(shards)} listed: "
+                        + ", ".join(f"{k}={v}" for k, v in sorted(scan.skipped.items())) +
+                        f"): re-run `cacr prepare SOURCE {loc.url}`")
+    return scan
+
+
+def iter_samples(fileobj, keep: int | None = None) -> Iterator[tuple[str, dict[str, bytes] | None]]:
+    """Stream one tar: yield ``(key, {ext: bytes})`` per sample; on a tar error yield
+    ``(detail, None)`` once and stop (the sample in progress is dropped). At most ``keep`` samples.
+
+    Only member bytes are returned - nothing is decoded here."""
+    if keep is not None and keep <= 0:
+        return
+    done = 0
+    key, members = None, {}
+    try:
+        stream = tarfile.open(fileobj=fileobj, mode="r|")
+        for ti in stream:
+            stream.members = []
+            if not ti.isreg():
+                continue
+            k, ext = split_key(ti.name)
+            if k is None:
+                continue
+            if k != key:
+                if key is not None:
+                    yield key, members
+                    done += 1
+                    if keep is not None and done >= keep:
+                        return
+                key, members = k, {}
+            f = stream.extractfile(ti)
+            members[ext] = f.read() if f is not None else b""
+        if key is not None and (keep is None or done < keep):
+            yield key, members
+    except _TAR_ERRORS as e:
+        yield f"{type(e).__name__}: {e}", None
+
+
+def scan_report(scan: ShardScan) -> str:
+    return json.dumps({"url": scan.url, "split": scan.split, "skipped": scan.skipped,
+                       "shards": [s.__dict__ for s in scan.shards]}, default=str)

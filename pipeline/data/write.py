@@ -1,0 +1,325 @@
+"""`cacr prepare`: source images -> webdataset tar shards + index.json at a local dir or s3:// URL.
+
+* Deterministic: the same source, seed and options give the same shards (sorted inputs, seeded
+  split and order, fixed tar mtimes, PNG/JPEG via PIL). Samples are shuffled across shards at write
+  time, since the reader only shuffles shard order (no local shuffle buffer on the hot path).
+* Resumable: each finished shard gets a marker ``_parts/<name>.json`` (samples, members, bytes and a
+  fingerprint of its planned content); a re-run skips shards whose marker fingerprint matches and
+  whose size on storage equals the marker's. index.json is written last.
+* Atomic shards: local files are written under a hidden temporary name and renamed; S3 objects are
+  written through s3fs, whose multipart upload only completes on close.
+* Parallel: above :data:`AUTO_RAY_SAMPLES` samples (or ``parallel="ray"``) one Ray task per shard.
+"""
+from __future__ import annotations
+
+import concurrent.futures
+import hashlib
+import json
+import logging
+import math
+import os
+import sys
+import time
+from typing import Any, Callable
+
+import numpy as np
+
+from pipeline.config import StorageConfig
+from pipeline.data.format import (FORMAT_VERSION, INDEX_NAME, PARTS_DIR, SHARD_RE, DataError,
+                                  encode_image, load_index, shard_name)
+from pipeline.data.sources import Source, load_images, open_source
+from pipeline.storage import StorageError, check_location, classify_s3_error, fsspec_fs, join_url, \
+    list_files, parse_url
+
+log = logging.getLogger(__name__)
+
+AUTO_RAY_SAMPLES = 20_000       # larger sources are converted by Ray tasks, one shard each
+AUTO_SHARDS_PER_SPLIT = 8       # auto shard size aims at >= 8 shards per split (>= 4 per reader)
+AUTO_SHARD_MIN, AUTO_SHARD_MAX = 32, 1000
+
+
+def default_val_fraction(source: str) -> float:
+    return 0.2 if source == "digits" else 0.1
+
+
+def auto_shard_size(n: int) -> int:
+    return int(min(AUTO_SHARD_MAX, max(AUTO_SHARD_MIN, math.ceil(n / AUTO_SHARDS_PER_SPLIT))))
+
+
+def _split_indices(src: Source, val_fraction: float, seed: int) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    if src.fixed_splits is not None:
+        splits = {k: v for k, v in src.fixed_splits.items() if k == "train" or val_fraction > 0}
+    elif src.labeled and val_fraction > 0:
+        val = []
+        for c in range(len(src.classes)):  # stratified: every class in val in proportion
+            members = np.flatnonzero(src.labels == c)
+            k = int(round(len(members) * val_fraction))
+            val.extend(rng.permutation(members)[:k].tolist())
+        val_arr = np.asarray(sorted(val), dtype=np.int64)
+        mask = np.ones(len(src), bool)
+        mask[val_arr] = False
+        splits = {"train": np.flatnonzero(mask), "val": val_arr}
+    else:
+        splits = {"train": np.arange(len(src))}
+    # shuffle across shards: readers shuffle shard order only
+    return {k: rng.permutation(v) for k, v in splits.items() if len(v)}
+
+
+class _Progress:
+    """tqdm when installed, else a plain line on stderr every few seconds."""
+
+    def __init__(self, total: int, desc: str, enabled: bool = True):
+        self.total, self.desc, self.enabled, self.n = total, desc, enabled, 0
+        self.t0 = self.last = time.monotonic()
+        self.bar = None
+        if enabled:
+            try:
+                from tqdm import tqdm
+                self.bar = tqdm(total=total, desc=desc, unit="shard", file=sys.stderr)
+            except ImportError:
+                pass
+
+    def update(self, k: int = 1) -> None:
+        self.n += k
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.update(k)
+            return
+        now = time.monotonic()
+        if now - self.last >= 2.0 or self.n >= self.total:
+            self.last = now
+            print(f"{self.desc}: {self.n}/{self.total} shards ({100 * self.n / max(1, self.total):.0f}%), "
+                  f"{now - self.t0:.1f} s", file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def write_shard(job: dict[str, Any], out_url: str, storage: StorageConfig | None) -> dict[str, Any]:
+    """Write one shard (in-process or as a Ray task) and its marker; return its index entry."""
+    import webdataset as wds
+
+    name, size, fmt = job["name"], job["image_size"], job["format"]
+    images = load_images(job["payload"], size)
+    url = join_url(out_url, name)
+    fs, path = fsspec_fs(url, storage)
+    local = parse_url(out_url).scheme == "file"
+    tmp = os.path.join(os.path.dirname(path), f".{name}.tmp-{os.getpid()}") if local else path
+    samples = members = unreadable = 0
+    with fs.open(tmp, "wb") as f:
+        writer = wds.TarWriter(f, encoder=False, mtime=0.0, user="cacr", group="cacr")
+        for key, label, img in zip(job["keys"], job["labels"], images):
+            if img is None:
+                unreadable += 1
+                continue
+            sample = {"__key__": key, fmt: encode_image(img, fmt, job["jpeg_quality"])}
+            if label >= 0:
+                sample["cls"] = str(int(label)).encode("ascii")
+            writer.write(sample)
+            samples += 1
+            members += len(sample) - 1
+        writer.close()
+        nbytes = f.tell()
+    if local:
+        os.replace(tmp, path)
+    entry = {"name": name, "samples": samples, "members": members, "bytes": int(nbytes),
+             "fingerprint": job["fingerprint"], "unreadable": unreadable}
+    mfs, mpath = fsspec_fs(join_url(out_url, PARTS_DIR, name + ".json"), storage)
+    if local:
+        os.makedirs(os.path.dirname(mpath), exist_ok=True)
+    mfs.pipe_file(mpath, json.dumps(entry).encode())
+    return entry
+
+
+def _read_json(url: str, storage: StorageConfig | None) -> Any:
+    fs, path = fsspec_fs(url, storage)
+    try:
+        with fs.open(path, "rb") as f:
+            return json.loads(f.read())
+    except FileNotFoundError:
+        return None
+    except ValueError:
+        return None
+
+
+def _plan(src: Source, splits: dict[str, np.ndarray], *, image_size: int, fmt: str, jpeg_quality: int,
+          shard_size: int | None) -> list[dict[str, Any]]:
+    width = max(7, len(str(len(src))))
+    digest = src.digest()
+    jobs = []
+    for split, idx in splits.items():
+        ss = shard_size or auto_shard_size(len(idx))
+        for num, start in enumerate(range(0, len(idx), ss)):
+            chunk = idx[start:start + ss]
+            keys = [f"{int(i):0{width}d}" for i in chunk]
+            labels = [int(v) for v in src.labels[chunk]]
+            fp = hashlib.sha1(json.dumps([FORMAT_VERSION, digest, image_size, fmt, jpeg_quality, keys,
+                                          labels]).encode()).hexdigest()[:20]
+            jobs.append({"name": shard_name(split, num), "split": split, "indices": chunk, "keys": keys,
+                         "labels": labels, "image_size": image_size, "format": fmt,
+                         "jpeg_quality": jpeg_quality, "fingerprint": fp})
+    return jobs
+
+
+def prepare(source: str, out_url: str, *, storage: StorageConfig | None = None,
+            shard_size: int | None = None, image_size: int | None = None, fmt: str = "png",
+            seed: int = 0, val_fraction: float | None = None, jpeg_quality: int = 90,
+            parallel: str = "auto", progress: bool = True,
+            echo: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Convert ``source`` (``digits`` | image folder | ``cifar10:PATH`` | ``cifar100:PATH``) into shards
+    at ``out_url``; returns the index (also written as ``index.json``). Re-running skips done shards."""
+    echo = echo or (lambda m: print(m, file=sys.stderr, flush=True))
+    fmt = {"jpeg": "jpg"}.get(fmt, fmt)
+    if fmt not in ("png", "jpg"):
+        raise DataError(f"--format {fmt!r}: use png or jpg")
+    if shard_size is not None and shard_size < 1:
+        raise DataError("--shard-size must be >= 1")
+    if image_size is not None and image_size < 8:
+        raise DataError("--image-size must be >= 8")
+    if parallel not in ("auto", "ray", "local"):
+        raise DataError(f"--parallel {parallel!r}: use auto, ray or local")
+    vf = default_val_fraction(source) if val_fraction is None else float(val_fraction)
+    if not 0 <= vf < 1:
+        raise DataError(f"--val-fraction {vf}: must be in [0, 1)")
+    loc = parse_url(out_url)
+    if loc.scheme == "s3":
+        check_location(out_url, storage, must_exist=False)  # endpoint, credentials, bucket: fail fast
+    else:
+        os.makedirs(loc.path, exist_ok=True)
+
+    src = open_source(source)
+    size = int(image_size or src.default_image_size)
+    splits = _split_indices(src, vf, seed)
+    jobs = _plan(src, splits, image_size=size, fmt=fmt, jpeg_quality=jpeg_quality, shard_size=shard_size)
+
+    # --- resume: which shards are already complete?
+    existing = list_files(out_url, storage, suffix=".tar")
+    old_index = _read_json(join_url(out_url, INDEX_NAME), storage)
+    known: dict[str, dict] = {}
+    if isinstance(old_index, dict):
+        try:
+            for info in load_index(json.dumps(old_index))["splits"].values():
+                known.update({e["name"]: e for e in info["shards"]})
+        except ValueError:
+            pass
+    need_marker = [j["name"] for j in jobs if j["name"] in existing and
+                   known.get(j["name"], {}).get("fingerprint") != j["fingerprint"]]
+    if need_marker:
+        with concurrent.futures.ThreadPoolExecutor(8) as ex:
+            markers = ex.map(lambda n: _read_json(join_url(out_url, PARTS_DIR, n + ".json"), storage), need_marker)
+            for n, m in zip(need_marker, markers):
+                if isinstance(m, dict):
+                    known[n] = m
+    done, todo = [], []
+    for j in jobs:
+        e = known.get(j["name"])
+        if e and e.get("fingerprint") == j["fingerprint"] and existing.get(j["name"]) == e.get("bytes"):
+            done.append(e)
+        else:
+            todo.append(j)
+    planned = {j["name"] for j in jobs}
+    stale = [n for n in existing if SHARD_RE.match(n) and n not in planned]
+    if stale:
+        fs, base = fsspec_fs(out_url, storage)
+        for n in stale:
+            fs.rm(f"{base.rstrip('/')}/{n}")
+        echo(f"prepare: removed {len(stale)} stale shard(s) from an earlier run with other options")
+    fs, base = fsspec_fs(out_url, storage)
+    if todo:
+        try:  # the old index no longer describes what is on storage
+            fs.rm(f"{base.rstrip('/')}/{INDEX_NAME}")
+        except FileNotFoundError:
+            pass
+
+    use_ray = parallel == "ray" or (parallel == "auto" and len(src) >= AUTO_RAY_SAMPLES)
+    echo(f"prepare: {src.name} -> {loc.url}: {len(src)} images, {size}px {fmt}, "
+         f"{', '.join(f'{k} {len(v)}' for k, v in splits.items())}; {len(jobs)} shards, "
+         f"{len(done)} already done" + (", Ray tasks" if use_ray and todo else ""))
+    for j in todo:
+        j["payload"] = src.payload(j.pop("indices"))
+    written = _run_ray(todo, out_url, storage, progress) if use_ray and todo else \
+        _run_local(todo, out_url, storage, progress)
+
+    entries = {e["name"]: e for e in [*done, *written]}
+    unreadable = sum(e.get("unreadable", 0) for e in entries.values())
+    index = {
+        "format_version": FORMAT_VERSION, "created_by": "cacr prepare", "source": src.name,
+        "image_size": size, "image_format": fmt, "channels": 3, "classes": src.classes,
+        "labeled": src.labeled, "seed": seed, "val_fraction": vf,
+        "shard_size": shard_size or "auto", "source_unreadable": unreadable, "splits": {},
+    }
+    for j in jobs:
+        sp = index["splits"].setdefault(j["split"], {"samples": 0, "shards": []})
+        e = entries[j["name"]]
+        sp["shards"].append({k: e[k] for k in ("name", "samples", "members", "bytes", "fingerprint")})
+        sp["samples"] += e["samples"]
+    ifs, ipath = fsspec_fs(join_url(out_url, INDEX_NAME), storage)
+    data = json.dumps(index, indent=1).encode()
+    if loc.scheme == "file":
+        tmp = os.path.join(loc.path, f".{INDEX_NAME}.tmp-{os.getpid()}")
+        with open(tmp, "wb") as f:
+            f.write(data)
+        os.replace(tmp, ipath)
+    else:
+        ifs.pipe_file(ipath, data)
+    if unreadable:
+        echo(f"prepare: WARNING {unreadable} source image(s) could not be read and were left out")
+    echo(f"prepare: done, {sum(s['samples'] for s in index['splits'].values())} samples in "
+         f"{len(jobs)} shards ({len(written)} written, {len(done)} skipped) at {loc.url}")
+    return index
+
+
+def _run_local(jobs, out_url, storage, progress) -> list[dict]:
+    bar = _Progress(len(jobs), "prepare", progress and bool(jobs))
+    out = []
+    try:
+        for j in jobs:
+            out.append(_guard(write_shard, j, out_url, storage))
+            bar.update()
+    finally:
+        bar.close()
+    return out
+
+
+def _guard(fn, job, out_url, storage):
+    try:
+        return fn(job, out_url, storage)
+    except (StorageError, DataError):
+        raise
+    except OSError as e:
+        if parse_url(out_url).scheme == "s3":
+            raise classify_s3_error(e, out_url, storage) from None
+        raise DataError(f"cannot write shard {job['name']} under {out_url}: {e}") from None
+
+
+def _run_ray(jobs, out_url, storage, progress) -> list[dict]:
+    import ray
+    started = False
+    if not ray.is_initialized():
+        ray.init(logging_level=logging.WARNING, log_to_driver=False)
+        started = True
+    try:
+        task = ray.remote(num_cpus=1, max_retries=2)(write_shard)
+        bar = _Progress(len(jobs), "prepare", progress)
+        pending = [task.remote(j, out_url, storage) for j in jobs]
+        out = []
+        try:
+            while pending:
+                ready, pending = ray.wait(pending, num_returns=min(len(pending), 8), timeout=2.0)
+                for r in ready:
+                    out.append(ray.get(r))
+                    bar.update()
+        except ray.exceptions.RayTaskError as e:
+            cause = e.as_instanceof_cause()
+            if isinstance(cause, (StorageError, DataError)):
+                raise cause from None
+            raise DataError(f"writing shards to {out_url} failed: {str(cause).splitlines()[-1]}") from None
+        finally:
+            bar.close()
+        return out
+    finally:
+        if started:
+            ray.shutdown()

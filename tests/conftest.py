@@ -1,0 +1,135 @@
+"""Shared fixtures.
+
+* ``s3_server`` (session): moto's S3 server on 127.0.0.1 - a real HTTP endpoint reached through
+  s3fs/botocore like AWS or MinIO. Sets dummy credentials, region and ``AWS_ENDPOINT_URL`` in
+  ``os.environ`` for the session (restored afterwards) and isolates the tests from ~/.aws.
+  Returns the endpoint URL.
+* ``s3_bucket`` (function): a fresh, empty bucket; returns ``"s3://<name>"``.
+* ``ray_session`` (session): ``ray.init(num_cpus=8)`` (logical CPUs over-declared on purpose: tasks
+  and workers ask for fractions), started AFTER ``s3_server`` so every Ray worker inherits the S3
+  environment; ``RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S=60``. Dashboard on when it starts (Tune
+  needs the State API); falls back to no dashboard. Returns ``ray``.
+* ``digits_shards`` (session): ``cacr prepare digits`` output in a temp dir (train 1438 / val 359
+  samples, 8 shards each, 32 px PNG); returns the directory path. Treat as read-only: copy it
+  (``copy_shards``) before damaging it.
+* ``s3_digits_shards`` (session): the same shard set uploaded to a bucket; returns its s3:// URL.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import uuid
+
+import pytest
+
+_S3_ENV = {
+    "AWS_ACCESS_KEY_ID": "testing",
+    "AWS_SECRET_ACCESS_KEY": "testing",
+    "AWS_DEFAULT_REGION": "us-east-1",
+    "AWS_REGION": "us-east-1",
+}
+_S3_ENV_DROP = ("AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN", "AWS_PROFILE", "AWS_DEFAULT_PROFILE",
+                "AWS_ENDPOINT_URL_S3", "AWS_CA_BUNDLE")
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    endpoint = f"http://{host}:{port}"
+    aws_dir = tmp_path_factory.mktemp("aws")
+    env = {**_S3_ENV, "AWS_ENDPOINT_URL": endpoint,
+           "AWS_CONFIG_FILE": str(aws_dir / "config"),
+           "AWS_SHARED_CREDENTIALS_FILE": str(aws_dir / "credentials"),
+           "AWS_EC2_METADATA_DISABLED": "true"}
+    saved = {k: os.environ.get(k) for k in [*env, *_S3_ENV_DROP]}
+    for k in _S3_ENV_DROP:
+        os.environ.pop(k, None)
+    os.environ.update(env)
+    try:
+        yield endpoint
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        server.stop()
+
+
+def _s3_client(endpoint: str):
+    import boto3
+    return boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1",
+                        aws_access_key_id="testing", aws_secret_access_key="testing")
+
+
+def make_bucket(endpoint: str, prefix: str = "t") -> str:
+    name = f"{prefix}-{uuid.uuid4().hex[:12]}"
+    _s3_client(endpoint).create_bucket(Bucket=name)
+    return name
+
+
+@pytest.fixture
+def s3_bucket(s3_server):
+    return "s3://" + make_bucket(s3_server)
+
+
+def upload_dir(local_dir: str, url: str) -> str:
+    """Copy the files of ``local_dir`` (recursively) to ``url`` through s3fs."""
+    from pipeline.storage import fsspec_fs
+    fs, base = fsspec_fs(url)
+    for root, _, names in os.walk(local_dir):
+        for n in names:
+            src = os.path.join(root, n)
+            rel = os.path.relpath(src, local_dir).replace(os.sep, "/")
+            fs.put_file(src, f"{base}/{rel}")
+    return url
+
+
+def copy_shards(src: str, dst: str) -> str:
+    shutil.copytree(src, dst)
+    return str(dst)
+
+
+@pytest.fixture(scope="session")
+def ray_session(s3_server, tmp_path_factory):
+    import ray
+
+    os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "60")
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    kwargs = dict(num_cpus=8, logging_level=logging.WARNING, log_to_driver=False,
+                  object_store_memory=1 << 30)
+    if ray.is_initialized():
+        ray.shutdown()
+    try:
+        ray.init(include_dashboard=True, **kwargs)
+    except Exception:  # noqa: BLE001 - dashboard deps missing or port trouble: Train still works
+        if ray.is_initialized():
+            ray.shutdown()
+        ray.init(include_dashboard=False, **kwargs)
+    from ray.data import DataContext
+    ctx = DataContext.get_current()
+    ctx.enable_progress_bars = False
+    ctx.print_on_execution_start = False
+    try:
+        yield ray
+    finally:
+        ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def digits_shards(tmp_path_factory) -> str:
+    from pipeline.data import prepare
+    out = tmp_path_factory.mktemp("digits") / "shards"
+    prepare("digits", str(out), progress=False, echo=lambda m: None)
+    return str(out)
+
+
+@pytest.fixture(scope="session")
+def s3_digits_shards(s3_server, digits_shards) -> str:
+    return upload_dir(digits_shards, f"s3://{make_bucket(s3_server, 'digits')}/sets/digits")

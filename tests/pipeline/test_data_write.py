@@ -1,0 +1,198 @@
+"""`cacr prepare`: sources, shard layout, index, determinism, resume, Ray path, S3 output."""
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import pickle
+import tarfile
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from pipeline.data import DataError, prepare
+from pipeline.data.commands import add_prepare_args, run_prepare
+from pipeline.storage import fsspec_fs
+
+QUIET = {"progress": False, "echo": lambda m: None}
+
+
+def tar_members(path_or_bytes) -> list[tuple[str, bytes]]:
+    data = path_or_bytes if isinstance(path_or_bytes, bytes) else open(path_or_bytes, "rb").read()
+    with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tf:
+        return [(m.name, tf.extractfile(m).read()) for m in tf.getmembers()]
+
+
+def test_digits_layout_and_index(digits_shards):
+    idx = json.load(open(os.path.join(digits_shards, "index.json")))
+    assert idx["image_size"] == 32 and idx["image_format"] == "png" and idx["classes"] == [str(i) for i in range(10)]
+    assert set(idx["splits"]) == {"train", "val"}
+    assert idx["splits"]["train"]["samples"] + idx["splits"]["val"]["samples"] == 1797
+    for split, info in idx["splits"].items():
+        assert len(info["shards"]) >= 8  # >= 4 shards per reader for 2 readers
+        assert sum(s["samples"] for s in info["shards"]) == info["samples"]
+        for s in info["shards"]:
+            p = os.path.join(digits_shards, s["name"])
+            assert os.path.getsize(p) == s["bytes"]
+            members = tar_members(p)
+            assert len(members) == s["members"] == 2 * s["samples"]
+            names = [n for n, _ in members]
+            assert all(n.endswith((".png", ".cls")) for n in names)
+    # labels match the digits targets; val is stratified; keys never repeat across splits
+    from sklearn.datasets import load_digits
+    target = load_digits().target
+    seen, val_labels = set(), []
+    for split, info in idx["splits"].items():
+        for s in info["shards"]:
+            for n, b in tar_members(os.path.join(digits_shards, s["name"])):
+                key, ext = n.split(".")
+                if ext == "cls":
+                    assert int(b) == target[int(key)]
+                    assert key not in seen
+                    seen.add(key)
+                    if split == "val":
+                        val_labels.append(int(b))
+    assert len(seen) == 1797
+    assert sorted(set(val_labels)) == list(range(10))
+    assert min(np.bincount(val_labels)) >= 30  # ~20% of ~180 per class
+
+
+def test_deterministic_and_resumable(tmp_path, digits_shards):
+    out = str(tmp_path / "again")
+    prepare("digits", out, **QUIET)
+    for n in os.listdir(digits_shards):
+        if n.endswith(".tar") or n == "index.json":
+            assert open(os.path.join(out, n), "rb").read() == open(os.path.join(digits_shards, n), "rb").read(), n
+    # re-run: nothing rewritten
+    mtimes = {n: os.stat(os.path.join(out, n)).st_mtime_ns for n in os.listdir(out) if n.endswith(".tar")}
+    msgs = []
+    prepare("digits", out, progress=False, echo=msgs.append)
+    assert "(0 written, 16 skipped)" in msgs[-1]
+    assert mtimes == {n: os.stat(os.path.join(out, n)).st_mtime_ns for n in mtimes}
+    # a missing shard and a truncated shard are rewritten, nothing else
+    os.remove(os.path.join(out, "train-000003.tar"))
+    with open(os.path.join(out, "val-000001.tar"), "r+b") as f:
+        f.truncate(1000)
+    os.remove(os.path.join(out, "index.json"))  # as after a crash before the index was written
+    msgs.clear()
+    prepare("digits", out, progress=False, echo=msgs.append)
+    assert "(2 written, 14 skipped)" in msgs[-1]
+    for n in ("train-000003.tar", "val-000001.tar", "index.json"):
+        assert open(os.path.join(out, n), "rb").read() == open(os.path.join(digits_shards, n), "rb").read()
+    # other options: different shards, stale ones removed
+    prepare("digits", out, shard_size=500, val_fraction=0.0, **QUIET)
+    tars = sorted(n for n in os.listdir(out) if n.endswith(".tar"))
+    assert tars == ["train-000000.tar", "train-000001.tar", "train-000002.tar", "train-000003.tar"]
+
+
+def _write_images(folder, n, size=(40, 30), seed=0):
+    rng = np.random.default_rng(seed)
+    os.makedirs(folder, exist_ok=True)
+    paths = []
+    for i in range(n):
+        arr = rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)
+        p = os.path.join(folder, f"img{i:03d}.png")
+        Image.fromarray(arr).save(p)
+        paths.append(p)
+    return paths
+
+
+def test_image_folder_labelled_with_unreadable_file(tmp_path):
+    src = tmp_path / "src"
+    _write_images(src / "cat", 6, seed=1)
+    _write_images(src / "dog" / "nested", 5, seed=2)
+    (src / "dog" / "broken.jpg").write_bytes(b"not an image")
+    out = str(tmp_path / "out")
+    msgs = []
+    idx = prepare(str(src), out, image_size=16, fmt="jpg", shard_size=3, val_fraction=0.25, progress=False,
+                  echo=msgs.append)
+    assert idx["classes"] == ["cat", "dog"] and idx["labeled"] and idx["image_format"] == "jpg"
+    assert idx["source_unreadable"] == 1 and any("could not be read" in m for m in msgs)
+    total = sum(s["samples"] for s in idx["splits"].values())
+    assert total == 11  # 12 files, one unreadable
+    for info in idx["splits"].values():
+        for s in info["shards"]:
+            for n, b in tar_members(os.path.join(out, s["name"])):
+                if n.endswith(".jpg"):
+                    assert Image.open(io.BytesIO(b)).size == (16, 16)
+
+
+def test_flat_folder_is_unlabelled(tmp_path):
+    _write_images(tmp_path / "flat", 7)
+    idx = prepare(str(tmp_path / "flat"), str(tmp_path / "out"), image_size=24, **QUIET)
+    assert idx["classes"] == [] and idx["labeled"] is False and set(idx["splits"]) == {"train"}
+    names = [n for s in idx["splits"]["train"]["shards"]
+             for n, _ in tar_members(str(tmp_path / "out" / s["name"]))]
+    assert len(names) == 7 and all(n.endswith(".png") for n in names)
+
+
+def test_cifar10_pickles(tmp_path):
+    root = tmp_path / "cifar-10-batches-py"
+    root.mkdir()
+    rng = np.random.default_rng(0)
+    for name, n in [*[(f"data_batch_{i}", 4) for i in range(1, 6)], ("test_batch", 5)]:
+        d = {b"data": rng.integers(0, 255, (n, 3072), dtype=np.uint8), b"labels": list(rng.integers(0, 10, n))}
+        pickle.dump(d, open(root / name, "wb"))
+    pickle.dump({b"label_names": [f"c{i}".encode() for i in range(10)]}, open(root / "batches.meta", "wb"))
+    idx = prepare(f"cifar10:{tmp_path}", str(tmp_path / "out"), **QUIET)
+    assert idx["splits"]["train"]["samples"] == 20 and idx["splits"]["val"]["samples"] == 5
+    assert idx["classes"][3] == "c3" and idx["image_size"] == 32
+    # pixels stored losslessly (PNG, native 32 px)
+    first = pickle.load(open(root / "data_batch_1", "rb"), encoding="bytes")
+    want = first[b"data"][0].reshape(3, 32, 32).transpose(1, 2, 0)
+    for s in idx["splits"]["train"]["shards"]:
+        for n, b in tar_members(str(tmp_path / "out" / s["name"])):
+            if n == "0000000.png":
+                assert np.array_equal(np.asarray(Image.open(io.BytesIO(b))), want)
+                return
+    pytest.fail("sample 0000000 not found")
+
+
+def test_bad_arguments(tmp_path, capsys):
+    p = argparse.ArgumentParser()
+    add_prepare_args(p)
+    assert run_prepare(p.parse_args([str(tmp_path / "missing"), str(tmp_path / "o"), "--no-progress"])) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err and "missing" in err
+    with pytest.raises(DataError):
+        prepare("cifar10:" + str(tmp_path), str(tmp_path / "o"), **QUIET)
+    with pytest.raises(DataError):
+        prepare("digits", str(tmp_path / "o"), val_fraction=1.5, **QUIET)
+
+
+def test_prepare_to_s3_via_cli(s3_bucket, digits_shards):
+    p = argparse.ArgumentParser()
+    add_prepare_args(p)
+    url = s3_bucket + "/sets/digits"
+    assert run_prepare(p.parse_args(["digits", url, "--no-progress"])) == 0
+    fs, base = fsspec_fs(url)
+    for n in sorted(os.listdir(digits_shards)):
+        if n.endswith(".tar") or n == "index.json":
+            assert fs.cat_file(f"{base}/{n}") == open(os.path.join(digits_shards, n), "rb").read(), n
+
+
+def test_prepare_to_unreachable_s3_is_one_clear_error(s3_server, tmp_path, capsys):
+    p = argparse.ArgumentParser()
+    add_prepare_args(p)
+    args = p.parse_args(["digits", "s3://bucket/x", "--endpoint-url", "http://127.0.0.1:1", "--no-progress"])
+    assert run_prepare(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "cannot reach" in err[0]
+
+
+@pytest.mark.slow
+def test_ray_path_matches_in_process(tmp_path, ray_session):
+    src = tmp_path / "src"
+    _write_images(src / "a", 9, seed=3)
+    _write_images(src / "b", 8, seed=4)
+    local = prepare(str(src), str(tmp_path / "local"), shard_size=4, image_size=16, parallel="local", **QUIET)
+    msgs = []
+    remote = prepare(str(src), str(tmp_path / "ray"), shard_size=4, image_size=16, parallel="ray",
+                     progress=True, echo=msgs.append)
+    assert any("Ray tasks" in m for m in msgs)
+    assert local == remote
+    for info in local["splits"].values():
+        for s in info["shards"]:
+            assert open(tmp_path / "local" / s["name"], "rb").read() == open(tmp_path / "ray" / s["name"], "rb").read()
