@@ -214,6 +214,10 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         return tuple(out) if origin is tuple else out
     if tp is Any:
         return value
+    if tp is dict or origin is dict:
+        if isinstance(value, dict):
+            return value
+        raise ConfigError(f"config key '{key}' = {value!r}: expected a mapping")
     if tp is bool:
         if isinstance(value, bool):
             return value

@@ -13,6 +13,7 @@
   samples, 8 shards each, 32 px PNG); returns the directory path. Treat as read-only: copy it
   (``copy_shards``) before damaging it.
 * ``s3_digits_shards`` (session): the same shard set uploaded to a bucket; returns its s3:// URL.
+* ``copy_shards`` / ``upload_to_s3``: helpers (as fixtures) to copy a shard set locally / to S3.
 """
 from __future__ import annotations
 
@@ -91,9 +92,19 @@ def upload_dir(local_dir: str, url: str) -> str:
     return url
 
 
-def copy_shards(src: str, dst: str) -> str:
-    shutil.copytree(src, dst)
-    return str(dst)
+@pytest.fixture
+def upload_to_s3(s3_server):
+    """``upload_to_s3(local_dir, url) -> url``: copy a directory to S3 through s3fs."""
+    return upload_dir
+
+
+@pytest.fixture
+def copy_shards():
+    """``copy_shards(src_dir, dst_dir) -> dst_dir``: a private, damageable copy of a shard set."""
+    def copy(src, dst) -> str:
+        shutil.copytree(src, dst)
+        return str(dst)
+    return copy
 
 
 @pytest.fixture(scope="session")
