@@ -7,30 +7,41 @@ float views, shape (V, B, 3, crop, crop), following the SimCLR/CACR recipe:
     hue; per-sample random order)  ->  random grayscale  ->  [Gaussian blur]  ->  [solarize]
     ->  normalise with (mean, std)
 
-How it is computed (all vectorised over images x views):
-- Parameters are drawn for all V*B views at once by `sample_params` (torchvision's rules, see
-  below); `apply` is deterministic given them, so the same generator seed gives the same output.
-- Geometry: one bilinear `grid_sample` per chunk of images. The sampling grid of every view is
-  stacked along the output height, so all V views of an image read the same input tensor (the
-  input is converted to float once, not V times). Coordinates follow torchvision's
+Input: uint8 (B, H, W, C) (the data pipeline's layout) or (B, C, H, W) with layout="BCHW";
+C = 3, or C = 1 (replicated to RGB). Output: float32 (V, B, 3, crop, crop), contiguous; with
+`channels_last=True` each view out[v] (and out.flatten(0, 1)) has channels-last strides.
+
+How it is computed (vectorised over images x views; the only Python loops are over chunks of
+images and over the 4 x 4 (jitter step, op) slots):
+- Parameters are drawn for all V*B views at once by `sample_params` (torchvision's rules: see its
+  docstring); `apply` is deterministic given them, so the same generator seed gives the same output.
+- Geometry: one bilinear `grid_sample` per chunk of images. The V sampling grids of an image are
+  stacked along the output height, so all V views read the same input tensor (the input is
+  converted to float once, not V times). Coordinates follow torchvision's
   `resized_crop(..., antialias=False)` exactly: integer crop box, half-pixel centres
-  (align_corners=False) and clamping to the crop box at its borders. The flip is folded into the
-  grid (x coordinates reversed).
-- Anti-aliasing: when every possible crop is at least twice the output size (e.g. 224-px inputs
-  cropped to 32 px), the input is first area-averaged by that integer factor (shared by all views),
-  then bilinearly resampled. This is cheaper than torchvision's per-crop antialiased filter and close
-  to it; with crop size equal to the input size (the usual recipes) it never triggers.
-- Colour ops follow torchvision's float kernels: brightness = clamp(b*x), contrast = blend with the
-  mean of the grayscale image, saturation = blend with the grayscale image, hue = exact HSV hue
-  rotation computed in closed form on RGB (same result as torchvision's rgb->hsv->rgb round trip,
-  without materialising HSV), grayscale weights (0.2989, 0.587, 0.114).
-- Random order of the four jitter ops, per sample (as torchvision's ColorJitter draws a fresh
-  permutation per image): views are sorted by their permutation so that each of the <= 24
-  permutation groups is a contiguous slice, and the four ops run on those slices in place.
-  `AugmentConfig.jitter_random_order=False` uses the fixed order brightness, contrast, saturation,
-  hue (one group, slightly faster).
-- On CPU the work runs in chunks of images sized to stay cache-resident (`chunk_elements`); on CUDA
-  the whole batch is one chunk.
+  (align_corners=False), clamped to the crop box at its borders. The horizontal flip is folded
+  into the grid (x coordinates reversed).
+- Anti-aliasing (`antialias=True`): when the smallest possible crop still spans >= 1.5x the output
+  size (e.g. 224-px inputs cropped to 32 px), the whole image is first reduced once (shared by the
+  V views) with torchvision's antialiased bilinear resize (on CPU on uint8, the fast AVX path),
+  to the size where that smallest crop maps to `crop_size` pixels; then bilinear sampling. Close
+  to torchvision's per-crop antialiased resize (tested), much cheaper. Never triggers when the
+  crop size is about the input size (the CIFAR and ImageNet recipes).
+- Colour ops follow torchvision's float kernels: brightness = clamp(b x), contrast = blend with
+  the mean of the grayscale image, saturation = blend with the grayscale image, hue = exact HSV
+  hue rotation in closed form on RGB (same values as torchvision's rgb -> hsv -> rgb round trip,
+  without building HSV), grayscale weights (0.2989, 0.587, 0.114); blur = torchvision's Gaussian
+  kernel with reflect padding (per-view sigma, grouped separable convolution); solarize = 1 - x
+  where x >= threshold. Each view equals torchvision's functional ops applied to it with the same
+  parameters to ~1e-5 (tested view by view).
+- Jitter order: a fresh random permutation of the four ops per view (as torchvision's ColorJitter
+  draws per image). At each of the 4 steps the views are regrouped (a stable sort + one gather) so
+  that the views applying the same op form a contiguous slice; each op then runs once per step, in
+  place. `jitter_random_order=False` uses the fixed order brightness, contrast, saturation, hue
+  (no regrouping, a bit faster).
+- Work runs in chunks of images: on CPU sized to stay cache-resident (`chunk_elements`), with
+  scratch buffers reused across chunks; on accelerators in large chunks
+  (`device_chunk_elements`, only to bound scratch memory).
 
 Devices and generators: parameters are drawn on the generator's device (or the images' device when
 no generator is given) and then moved to the images' device. So a CPU generator with CUDA images
@@ -225,11 +236,6 @@ class AugmentParams:
         return AugmentParams(image_size=self.image_size, **moved)
 
 
-def _uniform(lo: float, hi: float, shape, generator, device, dtype=torch.float32) -> torch.Tensor:
-    u = torch.rand(shape, generator=generator, device=device, dtype=dtype)
-    return u.mul_(hi - lo).add_(lo)
-
-
 def sample_params(
     cfg: AugmentConfig,
     num_views: int,
@@ -262,11 +268,16 @@ def sample_params(
     T = _MAX_CROP_TRIES
     g = generator
 
-    # --- random-resized crop (float64: exact integer boxes on every device) ---
+    # two draws in all: float64 for the crop geometry (exact integer boxes on every device), float32
+    # for the rest; columns: [0, T) area, [T, 2T) log-ratio, 2T top, 2T + 1 left
+    u64 = torch.rand(shape + (2 * T + 2,), generator=g, device=device, dtype=torch.float64)
+    u = torch.rand(shape + (15,), generator=g, device=device)
+
+    # --- random-resized crop ---
     area = float(H * W)
-    target = _uniform(cfg.scale[0], cfg.scale[1], shape + (T,), g, device, torch.float64).mul_(area)
+    target = u64[..., :T].mul(cfg.scale[1] - cfg.scale[0]).add_(cfg.scale[0]).mul_(area)
     log_lo, log_hi = math.log(cfg.ratio[0]), math.log(cfg.ratio[1])
-    aspect = _uniform(log_lo, log_hi, shape + (T,), g, device, torch.float64).exp_()
+    aspect = u64[..., T : 2 * T].mul(log_hi - log_lo).add_(log_lo).exp_()
     cw = torch.sqrt(target * aspect).round_()
     ch = torch.sqrt(target / aspect).round_()
     fits = (cw > 0) & (cw <= W) & (ch > 0) & (ch <= H)
@@ -281,27 +292,29 @@ def sample_params(
         fw, fh = W, H
     width = torch.where(found, cw.gather(-1, first).squeeze(-1), float(fw))
     height = torch.where(found, ch.gather(-1, first).squeeze(-1), float(fh))
-    u_top = torch.rand(shape, generator=g, device=device, dtype=torch.float64)
-    u_left = torch.rand(shape, generator=g, device=device, dtype=torch.float64)
-    top = torch.minimum(torch.floor(u_top * (H - height + 1)), H - height)
-    left = torch.minimum(torch.floor(u_left * (W - width + 1)), W - width)
+    top = torch.minimum(torch.floor(u64[..., 2 * T] * (H - height + 1)), H - height)
+    left = torch.minimum(torch.floor(u64[..., 2 * T + 1] * (W - width + 1)), W - width)
     top = torch.where(found, top, torch.div(H - height, 2, rounding_mode="floor"))
     left = torch.where(found, left, torch.div(W - width, 2, rounding_mode="floor"))
 
     # --- flip, colour jitter, grayscale, blur, solarize ---
-    flip = torch.rand(shape, generator=g, device=device) < cfg.flip_p
-    jitter = torch.rand(shape, generator=g, device=device) < cfg.jitter_p
-    b = _uniform(max(0.0, 1 - cfg.brightness), 1 + cfg.brightness, shape, g, device)
-    c = _uniform(max(0.0, 1 - cfg.contrast), 1 + cfg.contrast, shape, g, device)
-    s = _uniform(max(0.0, 1 - cfg.saturation), 1 + cfg.saturation, shape, g, device)
-    h = _uniform(-cfg.hue, cfg.hue, shape, g, device)
-    order = torch.rand(shape + (4,), generator=g, device=device).argsort(dim=-1)
-    if not cfg.jitter_random_order:
+    def uniform(col: int, lo: float, hi: float) -> torch.Tensor:
+        return u[..., col].mul(hi - lo).add_(lo)
+
+    flip = u[..., 0] < cfg.flip_p
+    jitter = u[..., 1] < cfg.jitter_p
+    b = uniform(2, max(0.0, 1 - cfg.brightness), 1 + cfg.brightness)
+    c = uniform(3, max(0.0, 1 - cfg.contrast), 1 + cfg.contrast)
+    s = uniform(4, max(0.0, 1 - cfg.saturation), 1 + cfg.saturation)
+    h = uniform(5, -cfg.hue, cfg.hue)
+    if cfg.jitter_random_order:
+        order = u[..., 6:10].argsort(dim=-1)
+    else:
         order = torch.arange(4, device=device).expand(shape + (4,)).clone()
-    gray = torch.rand(shape, generator=g, device=device) < cfg.grayscale_p
-    blur = torch.rand(shape, generator=g, device=device) < cfg.blur_p
-    sigma = _uniform(cfg.blur_sigma[0], cfg.blur_sigma[1], shape, g, device)
-    solarize = torch.rand(shape, generator=g, device=device) < cfg.solarize_p
+    gray = u[..., 10] < cfg.grayscale_p
+    blur = u[..., 11] < cfg.blur_p
+    sigma = uniform(12, cfg.blur_sigma[0], cfg.blur_sigma[1])
+    solarize = u[..., 13] < cfg.solarize_p  # column 14: spare
 
     one = torch.ones((), device=device)
     return AugmentParams(
@@ -342,15 +355,16 @@ def _brightness_(x: torch.Tensor, f: torch.Tensor) -> None:
     x.mul_(f.view(-1, 1, 1, 1)).clamp_max_(1.0)
 
 
-def _contrast_(x: torch.Tensor, f: torch.Tensor, gray_w: torch.Tensor) -> None:
-    # the mean of the grayscale image is the grayscale of the per-channel means (linear)
-    m = x.mean(dim=(-2, -1)).matmul(gray_w)  # (n,)
+def _contrast_(x: torch.Tensor, f: torch.Tensor, gray_mean_w: torch.Tensor) -> None:
+    # mean of the grayscale image: one matrix-vector product with the luma weights / (h * w)
+    m = torch.mv(x.view(x.shape[0], -1), gray_mean_w)  # (n,)
     x.mul_(f.view(-1, 1, 1, 1)).add_(((1.0 - f) * m).view(-1, 1, 1, 1)).clamp_(0.0, 1.0)
 
 
 def _saturation_(x: torch.Tensor, f: torch.Tensor, ws: torch.Tensor) -> None:
-    g = _gray_into(x, ws[0, : x.shape[0]]).mul_((1.0 - f).view(-1, 1, 1))
-    x.mul_(f.view(-1, 1, 1, 1)).add_(g.unsqueeze(1)).clamp_(0.0, 1.0)
+    # f * x + (1 - f) * gray = lerp(x, gray, 1 - f)
+    g = _gray_into(x, ws[0, : x.shape[0]]).unsqueeze(1)
+    x.lerp_(g.expand_as(x), (1.0 - f).view(-1, 1, 1, 1)).clamp_(0.0, 1.0)
 
 
 def _hue_(x: torch.Tensor, shift: torch.Tensor, ws: torch.Tensor, centers: torch.Tensor) -> None:
@@ -364,9 +378,9 @@ def _hue_(x: torch.Tensor, shift: torch.Tensor, ws: torch.Tensor, centers: torch
     """
     n = x.shape[0]
     r, g, b = x[:, 0], x[:, 1], x[:, 2]
-    vmax, vmin, cr, h6, t1, t2, is_r, is_g = (ws[i, :n] for i in range(8))
-    torch.maximum(r, g, out=vmax).clamp_min_(b)  # clamp_min with a tensor is an elementwise max
-    torch.minimum(r, g, out=vmin).clamp_max_(b)
+    vmax, vmin, cr, h6, t1, t2, is_r, is_g = ws[:8, :n].unbind(0)
+    torch.amax(x, dim=1, out=vmax)
+    torch.amin(x, dim=1, out=vmin)
     torch.sub(vmax, vmin, out=cr)
     # hue numerator by the max channel (torchvision / PIL priority: r, then g, then b)
     torch.eq(vmax, r, out=is_r)
@@ -384,7 +398,8 @@ def _hue_(x: torch.Tensor, shift: torch.Tensor, ws: torch.Tensor, centers: torch
     torch.sub(h6.unsqueeze(1), centers, out=x)
     x.abs_().clamp_(1.0, 2.0).mul_(cr.unsqueeze(1))  # C * (s + 1)
     r.add_(torch.sub(vmin, cr, out=t1))  # R = (m - C) + C (s + 1)
-    x[:, 1:].neg_().add_(torch.add(vmax, cr, out=t1).unsqueeze(1))  # G, B = (v + C) - C (s + 1)
+    gb = x[:, 1:]
+    torch.sub(torch.add(vmax, cr, out=t1).unsqueeze(1), gb, out=gb)  # G, B = (v + C) - C (s + 1)
 
 
 def _gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, ksize: int) -> torch.Tensor:
@@ -420,8 +435,8 @@ class MultiViewAugment:
         cfg: AugmentConfig,
         num_views: int,
         *,
-        chunk_elements: int = 1 << 18,
-        device_chunk_elements: int = 1 << 26,
+        chunk_elements: int = 1 << 19,
+        device_chunk_elements: int = 1 << 24,
     ):
         cfg.validate()
         if not isinstance(num_views, int) or isinstance(num_views, bool) or num_views < 1:
@@ -497,7 +512,7 @@ class MultiViewAugment:
                 params = params.to(device)
             budget = self.chunk_elements if device.type == "cpu" else self.device_chunk_elements
             step = max(1, min(B, budget // (V * 3 * c * c)))
-            run = _Run(self, params, C, H, W, step, device)
+            run = _Run(self, params, layout, C, H, W, step, device)
             for b0 in range(0, B, step):
                 run.chunk(images[b0 : min(B, b0 + step)], layout, b0, out)
         return out
@@ -549,22 +564,23 @@ def _axis_coords(start, length, c: int, s: float, size_p: int, flip) -> torch.Te
     centres of the crop's first and last pixels (torchvision crops, then resizes); `s` maps
     source pixels to prefiltered ones.
     """
-    o = torch.arange(c, device=start.device, dtype=torch.float32) + 0.5
-    start = start.float().unsqueeze(-1)
-    length = length.float().unsqueeze(-1)
+    # float64 (small tensors): the float32 grid then carries coordinates rounded only once
+    o = torch.arange(c, device=start.device, dtype=torch.float64) + 0.5
+    start = start.double().unsqueeze(-1)
+    length = length.double().unsqueeze(-1)
     if flip is not None:
         o = torch.where(flip.unsqueeze(-1), c - o, o)
     u = (start + o * (length / c)) / s - 0.5  # index coordinate in the (prefiltered) image
     lo = (start + 0.5) / s - 0.5
     hi = (start + length - 0.5) / s - 0.5
     u = torch.minimum(torch.maximum(u, lo), hi)
-    return u.mul_(2.0 / size_p).add_(1.0 / size_p - 1.0)
+    return u.mul_(2.0 / size_p).add_(1.0 / size_p - 1.0).float()
 
 
 class _Run:
     """Per-call state: per-view tables for the whole batch, constants and scratch buffers."""
 
-    def __init__(self, aug: MultiViewAugment, p: AugmentParams, C, H, W, step, device):
+    def __init__(self, aug: MultiViewAugment, p: AugmentParams, layout, C, H, W, step, device):
         cfg = aug.cfg
         self.cfg, self.V, self.c, self.C, self.H, self.W = cfg, aug.num_views, cfg.crop_size, C, H, W
         self.active = aug._ops_active
@@ -586,9 +602,12 @@ class _Run:
         self.order = p.jitter_order
 
         # constants
-        self.gray_w = torch.tensor(_GRAY_WEIGHTS, device=device)
+        self.gray_mean_w = (
+            torch.tensor(_GRAY_WEIGHTS, device=device).repeat_interleave(c * c).div_(c * c)
+        )
         self.hue_centers = torch.tensor([3.0, 2.0, 4.0], device=device).view(1, 3, 1, 1)
         self.arange4 = torch.arange(4, device=device)
+        self.chan = torch.arange(3, device=device)
         self.scale = torch.tensor([1.0 / s for s in cfg.std], device=device).view(1, 3, 1, 1)
         self.shift = torch.tensor([-m / s for m, s in zip(cfg.mean, cfg.std)], device=device)
         self.shift = self.shift.view(1, 3, 1, 1)
@@ -598,7 +617,11 @@ class _Run:
         self.grid = torch.empty((step, V, c, c, 2), device=device)
         self.buf = torch.empty((2, nmax, 3, c, c), device=device)  # ping-pong view buffers
         self.ws = torch.empty((8, nmax, c, c), device=device) if self.any_jitter else None
-        self.xin = torch.empty((step, C, hp, wp), device=device)
+        # input buffer in the memory order of the images' layout (BHWC -> channels_last)
+        shape = (step, hp, wp, C) if layout == "BHWC" else (step, C, hp, wp)
+        self.xin = torch.empty(shape, device=device)
+        if layout == "BHWC":
+            self.xin = self.xin.permute(0, 3, 1, 2)
 
     def chunk(self, imgs: torch.Tensor, layout: str, b0: int, out: torch.Tensor) -> None:
         cfg, V, c, C, dev = self.cfg, self.V, self.c, self.C, self.device
@@ -611,7 +634,7 @@ class _Run:
         src = imgs.permute(0, 3, 1, 2) if layout == "BHWC" else imgs
         x = self.xin[:Bc]
         if self.size_p is None:
-            torch.mul(src, 1.0 / 255.0, out=x)
+            torch.mul(src, 1.0 / 255.0, out=x)  # channels_last buffer for BHWC input: no transpose
         elif dev.type == "cpu":
             small = F.interpolate(src.contiguous(memory_format=torch.channels_last), size=self.size_p,
                                   mode="bilinear", antialias=True, align_corners=False)
@@ -626,12 +649,6 @@ class _Run:
         grid[..., 1] = self.gy[b0:b1].unsqueeze(3)
         y = F.grid_sample(x, grid.view(Bc, V * c, c, 2), mode="bilinear", padding_mode="border",
                           align_corners=False)
-        # to rows ordered (b, v) in buffer 0
-        ya = self.buf[0, :n]
-        if C == 3:
-            ya.view(Bc, V, 3, c, c).copy_(y.view(Bc, 3, V, c, c).transpose(1, 2))
-        else:
-            ya.view(Bc, V, 3, c, c).copy_(y.view(Bc, 1, V, c, c).transpose(1, 2).expand(-1, -1, 3, -1, -1))
 
         # 3. row arrangement. rows[i] = natural index v * Bc + b of the view held in row i.
         order = self.order[:, b0:b1].reshape(n, 4)
@@ -641,10 +658,13 @@ class _Run:
         else:
             counts = [[n if op == t else 0 for op in range(4)] for t in range(4)]
             rows = torch.arange(n, device=dev)
+        # one gather of (c, c) planes: row i, channel ch <- y[b_i, ch (or 0 if C == 1), v_i]
         rv = torch.div(rows, Bc, rounding_mode="floor")
+        ch = self.chan if C == 3 else self.chan * 0
+        plane = ((rows - rv * Bc) * C).unsqueeze(1).add(ch).mul_(V).add_(rv.unsqueeze(1)).view(-1)
         cur = 1
         xv = self.buf[1, :n]
-        torch.index_select(ya.view(n, -1), 0, (rows - rv * Bc) * V + rv, out=xv.view(n, -1))
+        torch.index_select(y.view(Bc * C * V, c * c), 0, plane, out=xv.view(n * 3, c * c))
         fac = self.factors[:, b0:b1].reshape(n, 5)[rows]
 
         # 4. colour jitter: at each of the 4 steps rows are grouped by their op (stable sort),
@@ -664,7 +684,7 @@ class _Run:
                         if op == 0:
                             _brightness_(xs, f)
                         elif op == 1:
-                            _contrast_(xs, f, self.gray_w)
+                            _contrast_(xs, f, self.gray_mean_w)
                         elif op == 2:
                             _saturation_(xs, f, self.ws)
                         else:

@@ -7,7 +7,8 @@
 * ``s3_bucket`` (function): a fresh, empty bucket; returns ``"s3://<name>"``.
 * ``ray_session`` (session): ``ray.init(num_cpus=8)`` (logical CPUs over-declared on purpose: tasks
   and workers ask for fractions), started AFTER ``s3_server`` so every Ray worker inherits the S3
-  environment; ``RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S=60``. Dashboard on when it starts (Tune
+  environment; ``RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S=60``; custom resource ``cacr_data`` (to
+  test ``data.data_resource`` pinning). Dashboard on when it starts (Tune
   needs the State API); falls back to no dashboard. Returns ``ray``.
 * ``digits_shards`` (session): ``cacr prepare digits`` output in a temp dir (train 1438 / val 359
   samples, 8 shards each, 32 px PNG); returns the directory path. Treat as read-only: copy it
@@ -114,11 +115,15 @@ def ray_session(s3_server, tmp_path_factory):
     os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "60")
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     kwargs = dict(num_cpus=8, logging_level=logging.WARNING, log_to_driver=False,
-                  object_store_memory=1 << 30)
+                  object_store_memory=1 << 30, resources={"cacr_data": 1000})
     if ray.is_initialized():
         ray.shutdown()
+    import socket
+    with socket.socket() as s:  # several Ray sessions may share this machine: no fixed 8265
+        s.bind(("127.0.0.1", 0))
+        dashboard_port = s.getsockname()[1]
     try:
-        ray.init(include_dashboard=True, **kwargs)
+        ray.init(include_dashboard=True, dashboard_port=dashboard_port, **kwargs)
     except Exception:  # noqa: BLE001 - dashboard deps missing or port trouble: Train still works
         if ray.is_initialized():
             ray.shutdown()

@@ -22,11 +22,11 @@ Skip reasons: pre-scan ``corrupt_shard``, ``empty_shard``, ``missing_shard``, ``
 from pipeline.data.format import (ALL_REASONS, INDEX_NAME, SHARD_REASONS, SKIP_REASONS, DataError,
                                   decode_image)
 from pipeline.data.read import build_dataset, merge_counts, split_batch
-from pipeline.data.validate import ShardInfo, ShardScan, read_index, scan_shards
+from pipeline.data.validate import ShardInfo, ShardScan, has_shards, read_index, scan_shards
 from pipeline.data.write import prepare
 
 __all__ = [
-    "DataError", "prepare", "scan_shards", "ShardScan", "ShardInfo", "read_index", "build_dataset",
+    "DataError", "prepare", "has_shards", "scan_shards", "ShardScan", "ShardInfo", "read_index", "build_dataset",
     "split_batch", "merge_counts", "decode_image", "SKIP_REASONS", "SHARD_REASONS", "ALL_REASONS",
     "INDEX_NAME",
 ]

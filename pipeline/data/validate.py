@@ -193,6 +193,10 @@ def scan_shards(url: str, split: str = "train", storage: StorageConfig | None = 
                             f"{', '.join(sorted(index['splits'])) or 'none'}): pick --split / data.val_split")
         entries = {e["name"]: e for e in index["splits"][split]["shards"]}
         names = list(entries)
+        extra = [n for n in listing if n not in entries and (m := SHARD_RE.match(n)) and m.group("split") == split]
+        if extra:
+            log.warning("%s: ignoring %d '%s' shard file(s) not listed in %s (e.g. %s)", loc.url, len(extra),
+                        split, INDEX_NAME, extra[0])
     else:
         names = sorted(n for n in listing if (m := SHARD_RE.match(n)) and m.group("split") == split)
         if not names and split == "train":  # foreign shard sets: every .tar is training data
@@ -253,6 +257,17 @@ def scan_shards(url: str, split: str = "train", storage: StorageConfig | None = 
                         + ", ".join(f"{k}={v}" for k, v in sorted(scan.skipped.items())) +
                         f"): re-run `cacr prepare SOURCE {loc.url}`")
     return scan
+
+
+def has_shards(url: str, storage: StorageConfig | None = None) -> bool:
+    """Whether ``url`` already holds a shard set (index.json or any .tar). ``False`` for a missing
+    local directory or an empty S3 prefix (e.g. to decide whether to run ``prepare`` first); raises
+    :class:`~pipeline.storage.StorageError` for an unreachable endpoint, missing bucket or denied access."""
+    if not check_location(url, storage, must_exist=False):
+        return False
+    if read_index(url, storage) is not None:
+        return True
+    return any(not n.startswith((".", "_")) for n in list_files(url, storage, suffix=".tar"))
 
 
 def iter_samples(fileobj, keep: int | None = None) -> Iterator[tuple[str, dict[str, bytes] | None]]:

@@ -164,13 +164,14 @@ def _plan(src: Source, splits: dict[str, np.ndarray], *, image_size: int, fmt: s
     return jobs
 
 
-def prepare(source: str, out_url: str, *, storage: StorageConfig | None = None,
+def prepare(source: str | Source, out_url: str, *, storage: StorageConfig | None = None,
             shard_size: int | None = None, image_size: int | None = None, fmt: str = "png",
             seed: int = 0, val_fraction: float | None = None, jpeg_quality: int = 90,
             parallel: str = "auto", progress: bool = True,
             echo: Callable[[str], None] | None = None) -> dict[str, Any]:
-    """Convert ``source`` (``digits`` | image folder | ``cifar10:PATH`` | ``cifar100:PATH``) into shards
-    at ``out_url``; returns the index (also written as ``index.json``). Re-running skips done shards."""
+    """Convert ``source`` (``digits`` | image folder | ``cifar10:PATH`` | ``cifar100:PATH``, or a
+    :class:`~pipeline.data.sources.Source` built in code) into shards at ``out_url``; returns the index
+    (also written as ``index.json``). Re-running skips shards already complete."""
     echo = echo or (lambda m: print(m, file=sys.stderr, flush=True))
     fmt = {"jpeg": "jpg"}.get(fmt, fmt)
     if fmt not in ("png", "jpg"):
@@ -181,7 +182,8 @@ def prepare(source: str, out_url: str, *, storage: StorageConfig | None = None,
         raise DataError("--image-size must be >= 8")
     if parallel not in ("auto", "ray", "local"):
         raise DataError(f"--parallel {parallel!r}: use auto, ray or local")
-    vf = default_val_fraction(source) if val_fraction is None else float(val_fraction)
+    vf = default_val_fraction(source if isinstance(source, str) else "") if val_fraction is None \
+        else float(val_fraction)
     if not 0 <= vf < 1:
         raise DataError(f"--val-fraction {vf}: must be in [0, 1)")
     loc = parse_url(out_url)
@@ -190,7 +192,7 @@ def prepare(source: str, out_url: str, *, storage: StorageConfig | None = None,
     else:
         os.makedirs(loc.path, exist_ok=True)
 
-    src = open_source(source)
+    src = open_source(source) if isinstance(source, str) else source
     size = int(image_size or src.default_image_size)
     splits = _split_indices(src, vf, seed)
     jobs = _plan(src, splits, image_size=size, fmt=fmt, jpeg_quality=jpeg_quality, shard_size=shard_size)

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.data import DataError, build_dataset, merge_counts, scan_shards, split_batch
+from pipeline.data import DataError, build_dataset, has_shards, merge_counts, scan_shards, split_batch
 from pipeline.data.commands import add_inspect_args, inspect_shards, run_inspect
 from pipeline.data.format import PAD
 from pipeline.data.validate import iter_samples, scan_tar
@@ -118,6 +118,11 @@ def test_scan_errors_are_one_clear_line(tmp_path, s3_bucket, digits_shards):
         assert needle in msg and "\n" not in msg and (url in msg or "no-such-bucket-abc" in msg), msg
     with pytest.raises(DataError, match="no split 'test'"):
         scan_shards(digits_shards, "test")
+    # has_shards: False where `cacr train` should prepare first, errors where storage is broken
+    assert has_shards(digits_shards) and not has_shards(str(tmp_path / "missing"))
+    assert not has_shards(str(tmp_path / "notars")) and not has_shards(s3_bucket + "/missing-prefix")
+    with pytest.raises(StorageError):
+        has_shards("s3://no-such-bucket-abc/x")
 
 
 def test_inspect_cli_error_exit_code(tmp_path, capsys):
@@ -158,7 +163,8 @@ def test_round_trip_byte_exact(where, digits_shards, request, ray_session):
         assert np.array_equal(got["label"], want_lbl[keys])
     # decode to another size (cfg.data.image_size): resized, still uint8 HWC
     from pipeline.config import DataConfig
-    small = _collect(build_dataset(url, "val", data=DataConfig(url=url, image_size=16, decode_num_cpus=0.5)))
+    cfg = DataConfig(url=url, image_size=16, decode_num_cpus=0.5, data_resource="cacr_data")
+    small = _collect(build_dataset(url, "val", data=cfg))
     assert small["image"].shape[1:] == (16, 16, 3) and "key" not in small
 
 
