@@ -501,7 +501,7 @@ class MultiViewAugment:
                 f"size={tuple(params.image_size)}; got V={V}, B={B}, size={(H, W)}"
             )
         device = images.device
-        with torch.inference_mode():
+        with torch.no_grad():  # not inference_mode: the views feed autograd
             if channels_last:
                 out = torch.empty((V, B, c, c, 3), device=device).permute(0, 1, 4, 2, 3)
             else:
@@ -539,7 +539,7 @@ class MultiViewAugment:
         return B, C, H, W
 
     def prefilter_size(self, H: int, W: int) -> tuple[int, int] | None:
-        """Size to which (H, W) inputs are area-reduced before bilinear sampling, or None.
+        """Size to which (H, W) inputs are reduced (antialiased) before bilinear sampling, or None.
 
         Chosen so that the smallest crop `sample_params` can draw still spans >= crop_size pixels
         of the reduced image; used only when that shrinks the image by >= 1.5x (antialias=True).

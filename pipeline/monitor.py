@@ -116,7 +116,10 @@ class TensorBoard:
         if self.remote:
             from pipeline import storage
 
-            storage.upload_dir(self.local, self.url, self.storage_cfg)
+            fs, path = storage.fsspec_fs(self.url, self.storage_cfg)
+            for f in Path(self.local).rglob("*"):
+                if f.is_file():  # event files are append-only: re-upload the whole (small) file
+                    fs.put_file(str(f), path.rstrip("/") + "/" + f.relative_to(self.local).as_posix())
 
     def close(self) -> None:
         self.sync()

@@ -19,6 +19,7 @@ import os
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Iterator
 
@@ -139,6 +140,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     from cacr.loss import alignment, uniformity
     from cacr.optim import build_optimizer, warmup_cosine
     from pipeline.checkpoint import load_state_file, save_state
+    from pipeline.data import merge_counts
     from pipeline.monitor import TensorBoard, denormalise_grid, embedding_stats, extract_features
 
     cfg: Config = from_dict(Config, loop_config["config"])
@@ -264,7 +266,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             dist.all_gather_object(gathered, epoch_skipped)
         else:
             gathered = [epoch_skipped]
-        skipped_total = _merge_counts(skipped_total, *gathered)
+        skipped_total = merge_counts(skipped_total, *gathered)
         loss_mean = float(stats[0] / max(stats[1], 1))
         steps_this_epoch = n_steps
         samples_per_s = steps_this_epoch * cfg.global_batch / max(epoch_time, 1e-9)
@@ -273,7 +275,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         metrics: dict[str, Any] = {
             "epoch": epoch + 1, "step": step, "loss": loss_mean, "samples_per_s": samples_per_s,
             "data_wait_fraction": wait_fraction, "epoch_time_s": epoch_time,
-            "skipped": _merge_counts(scan_skipped, skipped_total),
+            "skipped": merge_counts(scan_skipped, skipped_total),
         }
         if rank == 0:
             if knn_bank is not None:
@@ -320,14 +322,6 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         tb.close()
 
 
-def _merge_counts(*counts: dict[str, int]) -> dict[str, int]:
-    out: dict[str, int] = {}
-    for c in counts:
-        for k, v in c.items():
-            out[k] = out.get(k, 0) + int(v)
-    return out
-
-
 def _hparams(cfg: Config) -> dict[str, Any]:
     flat: dict[str, Any] = {}
 
@@ -371,7 +365,52 @@ def init_ray(cfg: Config) -> None:
              include_dashboard=False, log_to_driver=True)
 
 
-def build_trainer(cfg: Config, *, callbacks: list | None = None, storage_path: str | None = None):
+@dataclass
+class DataPlan:
+    """What the driver learned about the shards before Ray Train starts."""
+
+    train_scan: Any
+    val_scan: Any | None
+    steps_per_epoch: int
+
+    @property
+    def skipped(self) -> dict[str, int]:
+        return dict(self.train_scan.skipped)
+
+    def describe(self) -> str:
+        val = f"; val: {self.val_scan.rows} samples" if self.val_scan is not None else ""
+        return f"{self.train_scan.summary()}{val}; {self.steps_per_epoch} steps/epoch"
+
+
+def plan_data(cfg: Config) -> DataPlan:
+    """Prepare the embedded default on first use, then pre-scan the shards (no Ray needed): an
+    unreachable store, a URL without shards or an all-bad shard set fails here, before training."""
+    from pipeline import data
+
+    url = cfg.data.url
+    if not data.has_shards(url, cfg.storage):
+        if not cfg.data.source:
+            raise data.DataError(f"no shards at '{url}': run `cacr prepare SOURCE {url}` first, or set "
+                                 "data.source to prepare them automatically")
+        print(f"[cacr] no shards at {url}: preparing them from '{cfg.data.source}'", flush=True)
+        data.prepare(cfg.data.source, url, storage=cfg.storage, image_size=cfg.data.image_size)
+    train_scan = data.scan_shards(url, "train", cfg.storage)
+    if train_scan.rows < cfg.global_batch:
+        raise data.DataError(f"'{url}' has {train_scan.rows} readable training samples, fewer than one "
+                             f"global batch ({cfg.batch_size} x {cfg.num_workers} workers): lower batch_size")
+    val_scan = None
+    if cfg.data.val_split:
+        try:
+            val_scan = data.scan_shards(url, cfg.data.val_split, cfg.storage)
+        except data.DataError:
+            val_scan = None  # no labelled val split: the kNN monitor is off (said in the log)
+        if val_scan is not None and (val_scan.rows == 0 or not val_scan.labeled):
+            val_scan = None
+    return DataPlan(train_scan, val_scan, max(1, train_scan.rows // cfg.global_batch))
+
+
+def build_trainer(cfg: Config, *, callbacks: list | None = None, storage_path: str | None = None,
+                  plan: DataPlan | None = None):
     """Everything up to ``TorchTrainer`` (also used by Tune for each trial)."""
     import ray.train
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
@@ -379,12 +418,20 @@ def build_trainer(cfg: Config, *, callbacks: list | None = None, storage_path: s
 
     from pipeline import data, storage
 
-    source = cfg.data.source
-    data.ensure_prepared(cfg.data.url, source, cfg.storage, image_size=cfg.data.image_size)
-    plan = data.plan_training_data(cfg)
+    plan = plan or plan_data(cfg)
+    datasets = {"train": data.build_dataset(cfg.data.url, "train", data=cfg.data, storage=cfg.storage,
+                                            seed=cfg.seed, num_workers=cfg.num_workers,
+                                            scan=plan.train_scan)}
+    if plan.val_scan is not None:
+        # Unsplit, unshuffled copies that only rank 0 reads, once, for the kNN monitor.
+        datasets["knn_bank"] = data.build_dataset(cfg.data.url, "train", data=cfg.data, storage=cfg.storage,
+                                                  scan=plan.train_scan, shuffle=False)
+        datasets["knn_val"] = data.build_dataset(cfg.data.url, cfg.data.val_split, data=cfg.data,
+                                                 storage=cfg.storage, scan=plan.val_scan, shuffle=False)
     storage_path = storage_path or cfg.storage_path
     run_url = _join(storage_path, cfg.name)
-    fs, fs_path = storage.pyarrow_fs(storage_path, cfg.storage)
+    remote = "://" in storage_path
+    fs, fs_path = storage.arrow_fs(storage_path, cfg.storage) if remote else (None, None)
     loop_config = {
         "config": to_dict(cfg),
         "scan_skipped": plan.skipped,
@@ -399,12 +446,12 @@ def build_trainer(cfg: Config, *, callbacks: list | None = None, storage_path: s
                                      resources_per_worker={"CPU": cfg.cpus_per_worker,
                                                            **({"GPU": 1} if cfg.use_gpu else {})}),
         run_config=RunConfig(
-            name=cfg.name, storage_path=fs_path if "://" in storage_path else os.path.abspath(storage_path),
-            storage_filesystem=fs if "://" in storage_path else None,
+            name=cfg.name, storage_path=fs_path if remote else os.path.abspath(storage_path),
+            storage_filesystem=fs,
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
             failure_config=FailureConfig(max_failures=cfg.max_failures, controller_failure_limit=3),
             callbacks=callbacks or []),
-        datasets=plan.datasets,
+        datasets=datasets,
         dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
     )
     return trainer, run_url, plan
@@ -414,8 +461,9 @@ def run_training(cfg: Config) -> dict[str, Any]:
     """Run (or resume) one training run; prints per-epoch lines and a final JSON summary."""
     if not cfg.name:
         cfg.name = _default_name(cfg)
+    plan = plan_data(cfg)
     init_ray(cfg)
-    trainer, run_url, plan = build_trainer(cfg)
+    trainer, run_url, plan = build_trainer(cfg, plan=plan)
     print(f"[cacr] run '{cfg.name}': {plan.describe()}", flush=True)
     print(f"[cacr] watch it: tensorboard --logdir {_join(run_url, 'tensorboard')}", flush=True)
     t0 = time.perf_counter()

@@ -183,7 +183,7 @@ def run_tune(path: str, overrides: list[str] | tuple[str, ...] = ()) -> dict[str
     scheduler = (ASHAScheduler(time_attr="epoch", max_t=base.epochs, grace_period=tc.scheduler.grace_period,
                                reduction_factor=tc.scheduler.reduction_factor)
                  if tc.scheduler.name == "asha" else FIFOScheduler())
-    fs, fs_path = storage.pyarrow_fs(tc.storage_path, base.storage)
+    fs, fs_path = storage.arrow_fs(tc.storage_path, base.storage)
     remote = "://" in tc.storage_path
     storage_path = fs_path if remote else os.path.abspath(tc.storage_path)
     trainable = tune.with_resources(_trial, {"CPU": 0})

@@ -110,6 +110,15 @@ def test_channels_last_output():
     torch.testing.assert_close(a, b, atol=0, rtol=0)
 
 
+def test_output_feeds_autograd():
+    """Views are ordinary tensors (not inference tensors): a model can train on them."""
+    out = MultiViewAugment(AugmentConfig(), 2)(_images(2, 32), _gen())
+    assert not out.requires_grad and not out.is_inference()
+    conv = torch.nn.Conv2d(3, 4, 3)
+    conv(out.flatten(0, 1)).sum().backward()
+    assert conv.weight.grad is not None
+
+
 def test_empty_batch():
     out = MultiViewAugment(AugmentConfig(), 2)(_images(0, 32), _gen())
     assert out.shape == (2, 0, 3, 32, 32)
