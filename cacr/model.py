@@ -2,27 +2,30 @@
 
 Backbones are torchvision ResNets, always built with `weights=None` (never a download):
 
-| arch            | blocks        | widths               | feature_dim | params (small_images) |
-|-----------------|---------------|----------------------|-------------|-----------------------|
-| "narrow_resnet" | Basic [1,1,1,1] | w, 2w, 4w, 8w (w=16) | 8w = 128    | ~0.31 M (w=16)        |
-| "resnet18"      | Basic [2,2,2,2] | 64 .. 512            | 512         | 11.2 M                |
-| "resnet34"      | Basic [3,4,6,3] | 64 .. 512            | 512         | 21.3 M                |
-| "resnet50"      | Bottleneck [3,4,6,3] | 64 .. 512 (x4)  | 2048        | 23.5 M                |
+| arch            | blocks               | widths            | feature_dim | backbone params* |
+|-----------------|----------------------|-------------------|-------------|------------------|
+| "narrow_resnet" | Basic [1, 1, 1, 1]   | w, 2w, 4w, 8w     | 8w (128)    | 0.31 M (w = 16)  |
+| "resnet18"      | Basic [2, 2, 2, 2]   | 64 .. 512         | 512         | 11.2 M           |
+| "resnet34"      | Basic [3, 4, 6, 3]   | 64 .. 512         | 512         | 21.3 M           |
+| "resnet50"      | Bottleneck [3, 4, 6, 3] | 64 .. 512 (x4) | 2048        | 23.5 M           |
+(* small_images=True, norm="batch"; the default head 128 -> 512 -> 128 adds 0.13 M for w = 16.)
 
-"narrow_resnet" is a ResNet-10 layout with configurable width: small enough to train on 32-px
-images on 2 CPU cores in minutes (~16 M multiply-adds per 32-px image at w=16). It is still an
-instance of `torchvision.models.resnet.ResNet` (same module names and forward; only the layer
-widths differ), built by `build_torchvision_backbone`.
+"narrow_resnet" is a ResNet-10 layout with configurable width, small enough to train on 32-px
+images on CPU in minutes: ~16 M multiply-adds per 32-px image at w = 16; forward + backward of
+160 views takes ~0.6 s at w = 16 and ~0.18 s at w = 8 on one core (channels_last, fp32). It is
+still an instance of `torchvision.models.resnet.ResNet` (same module names and forward; only the
+layer widths differ), built by `build_torchvision_backbone`.
 
 `small_images=True` (CIFAR-style stem): conv1 is a 3x3 stride-1 conv and the max-pool is removed
 (`nn.Identity`), so 32-px inputs keep a 4x4 map before the global pool.
 
 Export / loading story: `model.backbone` is the torchvision ResNet with `fc = nn.Identity()`. Its
-`state_dict()` loads (strict) into `build_torchvision_backbone(**model.backbone_spec)`, which is
-plain torchvision code (`torchvision.models.resnet18(weights=None)` etc. with the same stem edits,
-or the width-adjusted ResNet for "narrow_resnet"). An export must record `backbone_spec`
-(arch, small_images, width, norm) next to the weights; nothing else from this package is needed
-to use them.
+`state_dict()` loads (strict) into `build_torchvision_backbone(**model.backbone_spec)`. For
+resnet18/34/50 that is stock torchvision (`torchvision.models.resnet18(weights=None)` etc.) with
+the stem edits above and `fc = nn.Identity()`, so the weights need nothing from this package
+(tested). "narrow_resnet" has no stock torchvision builder: its loader is
+`cacr.model.build_torchvision_backbone` (it returns a torchvision ResNet object). An export must
+record `backbone_spec` (arch, small_images, width, norm) next to the weights.
 
 `norm`: "batch" (BatchNorm, default), "group" (GroupNorm, no batch statistics) or "none"
 (Identity: no normalisation layers at all; used by the distributed-equality tests, where
@@ -146,7 +149,11 @@ class ProjectionHead(nn.Sequential):
         dim = in_dim
         for _ in range(layers - 1):
             # no bias before a batch/group norm (it would be cancelled)
-            mods += [nn.Linear(dim, hidden, bias=norm == "none"), _norm_1d(norm, hidden), nn.ReLU(inplace=True)]
+            mods += [
+                nn.Linear(dim, hidden, bias=norm == "none"),
+                _norm_1d(norm, hidden),
+                nn.ReLU(inplace=True),
+            ]
             dim = hidden
         mods.append(nn.Linear(dim, out_dim))
         super().__init__(*mods)

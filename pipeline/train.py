@@ -273,7 +273,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         wait_fraction = float(stats[2] / max(stats[3], 1e-9))
 
         metrics: dict[str, Any] = {
-            "epoch": epoch + 1, "step": step, "loss": loss_mean, "samples_per_s": samples_per_s,
+            "epoch": epoch + 1, "step": step, "resumed_from_epoch": start_epoch,
+            "loss": loss_mean, "samples_per_s": samples_per_s,
             "data_wait_fraction": wait_fraction, "epoch_time_s": epoch_time,
             "skipped": merge_counts(scan_skipped, skipped_total),
         }
@@ -483,7 +484,7 @@ def run_training(cfg: Config) -> dict[str, Any]:
         "epochs": metrics.get("epoch"), "steps": metrics.get("step"),
         "knn_top1": metrics.get("knn_top1"), "loss": metrics.get("loss"),
         "samples_per_s": metrics.get("samples_per_s"), "skipped": metrics.get("skipped", {}),
-        "wall_s": round(wall, 1), "checkpoint": result.checkpoint.path if result.checkpoint else None,
+        "resumed_from_epoch": metrics.get("resumed_from_epoch"), "wall_s": round(wall, 1), "checkpoint": result.checkpoint.path if result.checkpoint else None,
         "backbone": backbone,
     }
     print(json.dumps(summary), flush=True)

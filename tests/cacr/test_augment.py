@@ -14,6 +14,15 @@ IDENTITY_MEAN = (0.0, 0.0, 0.0)
 IDENTITY_STD = (1.0, 1.0, 1.0)
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Small tensors on shared cores: one intra-op thread is faster and steadier."""
+    prev = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(prev)
+
+
 def _images(b, h, w=None, c=3, seed=1):
     g = torch.Generator().manual_seed(seed)
     return torch.randint(0, 256, (b, h, w or h, c), dtype=torch.uint8, generator=g)

@@ -12,6 +12,15 @@ from cacr.model import ARCHS, CACRModel, ProjectionHead, build_torchvision_backb
 _FEATURE_DIM = {"narrow_resnet": 128, "resnet18": 512, "resnet34": 512, "resnet50": 2048}
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Small tensors on shared cores: one intra-op thread is faster and steadier."""
+    prev = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(prev)
+
+
 @pytest.fixture
 def no_network(monkeypatch):
     """Any attempt to open a socket (e.g. a weight download) fails the test."""

@@ -1,0 +1,179 @@
+"""`cacr train` end to end: 2 real Ray Train workers (gloo), checkpoints, recovery, resume,
+TensorBoard event files read back, S3 storage through the moto endpoint, CACR and InfoNCE."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import pytest
+
+from pipeline.config import load_config
+
+pytestmark = pytest.mark.slow
+
+# Small enough for 2 cores: 16-px decode, a width-8 encoder, V = 2 views, 11 steps per epoch.
+TINY = ["batch_size=64", "num_workers=2", "cpus_per_worker=0.5", "data.image_size=16",
+        "augment.crop_size=16", "model.width=8", "model.head_hidden=64", "model.head_out=32",
+        "loss.num_positives=1", "log_every_steps=1", "optim.warmup_epochs=0.5"]
+STEPS_PER_EPOCH = 1438 // 128  # digits train split, global batch 2 x 64, drop the remainder
+
+
+def _cfg(shards: str, storage: str, *extra: str):
+    name = f"t-{uuid.uuid4().hex[:8]}"
+    return load_config(None, [*TINY, f"data.url={shards}", "data.source=null",
+                              f"storage_path={storage}", f"name={name}", *extra])
+
+
+def _events(logdir: str):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    ea = EventAccumulator(logdir, size_guidance={"scalars": 0, "images": 0, "tensors": 0})
+    ea.Reload()
+    return ea
+
+
+def test_two_worker_run_logs_checkpoints_and_exports(ray_session, digits_shards, tmp_path):
+    from pipeline.export import load_backbone
+    from pipeline.train import run_training
+
+    cfg = _cfg(digits_shards, str(tmp_path / "runs"), "epochs=2")
+    out = run_training(cfg)
+    assert out["epochs"] == 2 and out["steps"] == 2 * STEPS_PER_EPOCH
+    assert out["resumed_from_epoch"] == 0
+    assert math.isfinite(out["loss"]) and out["samples_per_s"] > 0
+    assert 0.3 < out["knn_top1"] <= 1.0  # 10 classes: chance is 0.1
+    assert out["skipped"] == {}
+
+    run_dir = Path(out["run_dir"])
+    ckpts = sorted(p for p in run_dir.iterdir() if p.is_dir() and p.name.startswith("checkpoint_"))
+    assert 1 <= len(ckpts) <= cfg.keep_checkpoints
+    ea = _events(out["tensorboard_logdir"])
+    scalars = set(ea.Tags()["scalars"])
+    for tag in ["train/loss", "train/attraction", "train/repulsion", "train/lr", "train/alignment",
+                "train/uniformity", "perf/samples_per_s", "perf/data_wait_fraction",
+                "embedding/std_mean", "val/knn_top1", "epoch/loss"]:
+        assert tag in scalars, (tag, sorted(scalars))
+    assert any("eff_pos" in t for t in scalars) and any("eff_neg" in t for t in scalars)
+    assert [e.step for e in ea.Scalars("val/knn_top1")] == [STEPS_PER_EPOCH, 2 * STEPS_PER_EPOCH]
+    assert ea.Scalars("val/knn_top1")[-1].value == pytest.approx(out["knn_top1"], abs=1e-6)
+    lrs = [e.value for e in ea.Scalars("train/lr")]
+    assert max(lrs) > lrs[-1] and lrs[0] < max(lrs)  # warm-up then cosine decay
+    assert "augment/views" in ea.Tags()["images"]
+    assert ea.PluginTagToContent("hparams")  # HParams view present
+
+    net, meta = load_backbone(Path(out["backbone"]).parent)
+    assert meta["backbone"]["width"] == 8 and meta["preprocessing"]["crop_size"] == 16
+
+
+def test_injected_worker_failure_recovers_from_checkpoint(ray_session, digits_shards, tmp_path):
+    from pipeline.train import run_training
+
+    fail_step = STEPS_PER_EPOCH + 3  # in epoch 2, after the first checkpoint
+    cfg = _cfg(digits_shards, str(tmp_path / "runs"), "epochs=2", f"fail_at_step={fail_step}",
+               "max_failures=1", "data.val_split=")
+    out = run_training(cfg)
+    # Completed with the right number of steps, restarted from the epoch-1 checkpoint (not zero).
+    assert out["epochs"] == 2 and out["steps"] == 2 * STEPS_PER_EPOCH
+    assert out["resumed_from_epoch"] == 1
+
+
+def test_stopped_run_resumes_when_rerun_with_same_name(ray_session, digits_shards, tmp_path):
+    from pipeline.train import run_training
+
+    args = ("epochs=2", f"fail_at_step={STEPS_PER_EPOCH + 2}", "max_failures=0", "data.val_split=")
+    cfg = _cfg(digits_shards, str(tmp_path / "runs"), *args)
+    with pytest.raises(RuntimeError, match="failed"):
+        run_training(cfg)
+    again = load_config(None, [*TINY, f"data.url={digits_shards}", "data.source=null",
+                               f"storage_path={tmp_path / 'runs'}", f"name={cfg.name}", *args])
+    out = run_training(again)  # the injected failure fires once per run name
+    assert out["resumed_from_epoch"] == 1 and out["steps"] == 2 * STEPS_PER_EPOCH
+
+
+def test_s3_storage_for_data_checkpoints_and_tensorboard(ray_session, s3_digits_shards, s3_bucket,
+                                                         tmp_path):
+    from pipeline.storage import fsspec_fs
+    from pipeline.train import run_training
+
+    cfg = _cfg(s3_digits_shards, f"{s3_bucket}/runs", "epochs=1", "loss.name=infonce")
+    out = run_training(cfg)
+    assert out["run_dir"].startswith("s3://") and out["epochs"] == 1
+    assert math.isfinite(out["loss"])
+    fs, path = fsspec_fs(out["run_dir"])
+    names = [p.rsplit("/", 1)[-1] for p in fs.ls(path)]
+    assert any(n.startswith("checkpoint_") for n in names), names
+    ckpt = [p for p in fs.ls(path) if p.rsplit("/", 1)[-1].startswith("checkpoint_")][0]
+    assert fs.isfile(ckpt + "/state.pt")
+    assert out["backbone"].startswith("s3://") and fs.isfile(fsspec_fs(out["backbone"])[1])
+    local = tmp_path / "tb"
+    fs.get(fsspec_fs(out["tensorboard_logdir"])[1], str(local), recursive=True)
+    ea = _events(str(local))
+    assert "train/loss" in ea.Tags()["scalars"] and "val/knn_top1" in ea.Tags()["scalars"]
+    # no credentials anywhere in what the run wrote
+    for p in fs.find(path):
+        if p.endswith((".json", ".yaml")):
+            assert b"testing" not in fs.cat(p)
+
+
+def test_cacr_beats_random_init_and_infonce_trains(ray_session, digits_shards, tmp_path):
+    """Both losses train; a trained encoder's kNN beats the untrained one of the same shape."""
+    import torch
+
+    from cacr.knn import knn_top1
+    from pipeline.checkpoint import load_checkpoint
+    from pipeline.data import build_dataset, split_batch
+    from pipeline.monitor import extract_features
+    from pipeline.train import _build_model, run_training
+
+    cfg = _cfg(digits_shards, str(tmp_path / "runs"), "epochs=3")
+    cacr = run_training(cfg)
+    info = run_training(_cfg(digits_shards, str(tmp_path / "runs"), "epochs=3", "loss.name=infonce"))
+    assert math.isfinite(info["loss"]) and info["knn_top1"] > 0.3
+
+    def split(name):
+        ds = build_dataset(digits_shards, name, data=cfg.data, shuffle=False)
+        xs, ys = zip(*[split_batch(b)[:2] for b in ds.iter_torch_batches(batch_size=512)])
+        return torch.cat(xs), torch.cat(ys)
+    (xb, yb), (xv, yv) = split("train"), split("val")
+    torch.manual_seed(123)
+    rand = _build_model(cfg)
+    dev = torch.device("cpu")
+    random_knn = knn_top1(extract_features(rand, xb, cfg.augment, dev), yb,
+                          extract_features(rand, xv, cfg.augment, dev), yv, k=20)
+    assert cacr["knn_top1"] > random_knn + 0.02, (cacr["knn_top1"], random_knn)
+    state = load_checkpoint(cacr["checkpoint"])
+    assert state["epoch"] == 3 and state["config"]["loss"]["name"] == "cacr"
+
+
+def _cacr(*args, env=None, timeout=120):
+    return subprocess.run([sys.executable, "-m", "pipeline.cli", *args], capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, **(env or {})})
+
+
+@pytest.mark.parametrize("override, key", [("optim.base_lrr=1", "optim.base_lrr"),
+                                           ("epochs=-1", "epochs"),
+                                           ("loss.name=triplet", "loss.name")])
+def test_cli_rejects_bad_config_before_ray_starts(override, key):
+    r = _cacr("train", override)
+    assert r.returncode == 2
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and key in lines[0] and "Traceback" not in r.stderr, r.stderr
+    assert "Ray" not in r.stdout + r.stderr
+
+
+def test_cli_train_help_lists_keys():
+    r = _cacr("train", "--help")
+    assert r.returncode == 0
+    for key in ("loss.tau_neg", "optim.base_lr", "num_workers", "storage_path", "augment.scale"):
+        assert key in r.stdout
+
+
+def test_cli_missing_shards_is_one_clear_line(tmp_path):
+    r = _cacr("train", f"data.url={tmp_path / 'nothing'}", "data.source=null")
+    assert r.returncode == 2 and "nothing" in r.stderr and "cacr prepare" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1, r.stderr
