@@ -113,6 +113,13 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("cacr: interrupted", file=sys.stderr)
         return 130
+    except RuntimeError as e:
+        from pipeline.train import TrainingFailed
+
+        if not isinstance(e, TrainingFailed) or os.environ.get("CACR_DEBUG"):
+            raise
+        print(f"cacr: {e}", file=sys.stderr)
+        return 1
     except USER_ERRORS as e:
         if os.environ.get("CACR_DEBUG"):
             raise

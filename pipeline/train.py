@@ -27,7 +27,10 @@ import torch
 
 from pipeline.config import Config, ConfigError, from_dict, to_dict
 
-RESULT_PREFIX = ""  # the final JSON line is printed bare so `tail -1 | jq` works
+
+
+class TrainingFailed(RuntimeError):
+    """The run stopped after exhausting its restarts; its checkpoints remain for a resume."""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -468,10 +471,17 @@ def run_training(cfg: Config) -> dict[str, Any]:
     print(f"[cacr] run '{cfg.name}': {plan.describe()}", flush=True)
     print(f"[cacr] watch it: tensorboard --logdir {_join(run_url, 'tensorboard')}", flush=True)
     t0 = time.perf_counter()
-    result = trainer.fit()
+    try:
+        result = trainer.fit()
+        error = result.error
+    except Exception as e:  # Ray raises the workers' error once FailureConfig's retries are spent
+        error = e
     wall = time.perf_counter() - t0
-    if result.error is not None:
-        raise RuntimeError(f"training run '{cfg.name}' failed: {result.error}")
+    if error is not None:
+        first = next((ln.strip() for ln in reversed(str(error).strip().splitlines()) if ln.strip()),
+                     type(error).__name__)
+        raise TrainingFailed(f"training run '{cfg.name}' failed ({first}); fix the cause and re-run with "
+                             f"name={cfg.name} to resume from its last checkpoint")
     metrics = result.metrics or {}
     from pipeline.export import export_backbone
 

@@ -1,32 +1,56 @@
 """`cacr tune`: hyperparameter search with Ray Tune, where every trial is a distributed training run.
 
 Ray Train V2 under Tune: a function trainable (:func:`_trial`) builds a ``TorchTrainer`` for its
-sampled config and fits it; ``TuneReportCallback`` forwards the per-epoch metrics to Tune, so ASHA
-can stop a trial between epochs. A stopped trial's Train placement group is freed by Train's
-cleaner through Ray's State API, which needs the dashboard: Ray is started with it (ray[default]).
+sampled config and fits it; ``TuneReportCallback`` forwards rank 0's per-epoch metrics to Tune, so
+ASHA can stop a trial between epochs (time axis: ``epoch``).
+
+Resources. The Tune trial itself reserves nothing (it only waits on its Train controller); the
+Train workers reserve ``num_workers x cpus_per_worker`` CPUs (+ a GPU each with ``use_gpu``) in a
+placement group. Before the first trial we check that one trial fits the cluster at all (a clear
+:class:`ConfigError`, not a trial waiting forever) and lower the concurrency to what fits; a trial
+whose workers still cannot start fails after ``trial_start_timeout_s`` instead of hanging.
+
+A trial stopped by ASHA is killed together with its Train controller; the controller's placement
+group is then removed by Train's detached ``PlacementGroupCleaner``, which finds out that the
+controller died through Ray's State API - the dashboard (ray[default]). The State API client
+resolves the cluster from ``RAY_API_SERVER_ADDRESS``/``RAY_ADDRESS`` or, failing both, by
+looking for a local GCS process, which raises "Found multiple active Ray instances" when several
+Ray instances run on one machine; the cleaner's monitor thread then dies and the stopped trial's
+placement group leaks (ray#54305). So we pin ``RAY_API_SERVER_ADDRESS`` to OUR dashboard for
+every process of the search: in the job's runtime_env when we start Ray, and through the trial
+actors' runtime_env (which the Train controller and the cleaner inherit) when Ray was already up.
 
 Search directory layout (local or s3://):
-    <storage_path>/<name>/                Tune's experiment state (resume)
-    <storage_path>/<name>/trials/<trial>/ each trial's Train run: checkpoints + tensorboard/
-    <storage_path>/<name>/best_config.yaml  runs as is with `cacr train --config`
+    <storage_path>/<name>/                   Tune's experiment state (re-run with the same name resumes)
+    <storage_path>/<name>/search.yaml        the resolved search (a resume must match it)
+    <storage_path>/<name>/trials/<trial>/    each trial's Train run: checkpoints + tensorboard/
+    <storage_path>/<name>/best_config.yaml   runs as is with `cacr train --config`
+    <storage_path>/<name>/summary.json       the final table + summary
 ``tensorboard --logdir <storage_path>/<name>/trials`` shows one run per trial + the HParams view.
 """
 from __future__ import annotations
 
-import dataclasses
+import contextlib
 import json
 import math
 import os
+import socket
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import yaml
 
-from pipeline.config import (Config, ConfigError, apply_flat, from_dict, get_key, load_yaml,
+from pipeline.config import (Config, ConfigError, _check_tree, apply_flat, from_dict, load_yaml,
                              parse_override, set_key, to_dict)
 
 SPACE_TYPES = ("choice", "grid", "uniform", "loguniform", "randint")
+METRICS = {"knn_top1": "max", "loss": "min", "samples_per_s": "max", "epoch_time_s": "min"}
+# Keys a trial cannot vary: the run identity, the ASHA time axis, and the per-trial resources
+# (the resource check and the concurrency are computed once for the whole search).
+FIXED_KEYS = ("name", "storage_path", "epochs", "num_workers", "cpus_per_worker", "use_gpu")
+STATE_API_ENV = "RAY_API_SERVER_ADDRESS"
 
 
 @dataclass
@@ -43,12 +67,21 @@ class TuneConfig:
     train: dict = field(default_factory=dict)          # overrides of the base training config
     search_space: dict = field(default_factory=dict)   # dotted key -> {type, values | low/high}
     metric: str = "knn_top1"
-    mode: str = field(default="max", metadata={"choices": ("max", "min")})
-    num_samples: int = 4
+    mode: str | None = None          # max | min; default: max for knn_top1, min for loss
+    num_samples: int = 4             # samples of the random part (x every grid combination)
     max_concurrent_trials: int = 2
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     storage_path: str = "./runs/tune"
-    trial_start_timeout_s: int = 120   # a trial's workers must start within this, or it errors
+    trial_start_timeout_s: int = 120   # a trial's workers must start within this, or the trial errors
+    verbose: int = 1                   # Tune's progress output (0 silent, 1 status, 2 + results)
+
+
+class TrialDiverged(RuntimeError):
+    """A trial's loss became NaN/inf (reported as DIVERGED; the search goes on)."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Config
 
 
 def _space(key: str, spec: Any):
@@ -58,39 +91,51 @@ def _space(key: str, spec: Any):
         raise ConfigError(f"search_space '{key}': expected {{type: {' | '.join(SPACE_TYPES)}, ...}}, "
                           f"got {spec!r}")
     t = spec["type"]
+    extra = set(spec) - ({"type", "values"} if t in ("choice", "grid") else {"type", "low", "high"})
+    if extra:
+        raise ConfigError(f"search_space '{key}': unknown field(s) {sorted(extra)} for type {t}")
+    if t in ("choice", "grid"):
+        values = spec.get("values")
+        if not isinstance(values, list) or not values:
+            raise ConfigError(f"search_space '{key}': type {t} needs 'values', a non-empty list")
+        return tune.choice(values) if t == "choice" else tune.grid_search(values)
     try:
-        if t in ("choice", "grid"):
-            values = spec["values"]
-            if not isinstance(values, list) or not values:
-                raise ConfigError(f"search_space '{key}': 'values' must be a non-empty list")
-            return tune.choice(values) if t == "choice" else tune.grid_search(values)
         low, high = float(spec["low"]), float(spec["high"])
     except KeyError as e:
         raise ConfigError(f"search_space '{key}': type {t} needs {e.args[0]!r}") from None
+    except (TypeError, ValueError):
+        raise ConfigError(f"search_space '{key}': 'low' and 'high' must be numbers") from None
     if not low < high or (t == "loguniform" and low <= 0):
-        raise ConfigError(f"search_space '{key}': need 0 < low < high (loguniform) or low < high")
+        raise ConfigError(f"search_space '{key}': need low < high (and low > 0 for loguniform), "
+                          f"got [{low}, {high}]")
     if t == "uniform":
         return tune.uniform(low, high)
     if t == "loguniform":
         return tune.loguniform(low, high)
-    return tune.randint(int(low), int(high))
+    return tune.randint(int(low), int(high))  # high exclusive, as in Ray Tune
 
 
-def _representative(spec: dict) -> Any:
-    """A value from a search-space entry, to validate the key/type before Ray starts."""
+def _candidates(spec: dict) -> list[Any]:
+    """Values of a search-space entry worth validating before Ray starts (all listed, both ends)."""
     if spec["type"] in ("choice", "grid"):
-        return spec["values"][0]
-    return int(spec["low"]) if spec["type"] == "randint" else float(spec["low"])
+        return list(spec["values"])
+    if spec["type"] == "randint":
+        return [int(spec["low"]), int(spec["high"]) - 1]
+    return [float(spec["low"]), float(spec["high"])]
+
+
+def _abs_local(url: str) -> str:
+    return url if "://" in url else os.path.abspath(os.path.expanduser(url))
 
 
 def load_tune_config(path: str, overrides: list[str] | tuple[str, ...] = ()) -> tuple[TuneConfig, Config]:
     """Tune YAML + overrides (``num_samples=8``, ``train.epochs=3``) -> (TuneConfig, base Config).
 
-    Every search-space key is checked against the training config (name and type) before Ray
-    starts, so a typo fails in a second rather than after the first trial.
+    Every search-space key and value is checked against the training config (name, type, range)
+    before Ray starts, so a typo fails in a second rather than after the first trial.
     """
-    from pipeline.config import _check_tree
-
+    if not path:
+        raise ConfigError("cacr tune needs --config FILE (e.g. conf/tune/digits.yaml)")
     raw = load_yaml(path)
     tc = from_dict(TuneConfig, raw)
     for ov in overrides:
@@ -100,8 +145,24 @@ def load_tune_config(path: str, overrides: list[str] | tuple[str, ...] = ()) -> 
         else:
             set_key(tc, k, v)
     _check_tree(tc, "")
+    if not tc.name or "/" in tc.name:
+        raise ConfigError(f"tune config key 'name' = {tc.name!r}: a non-empty name without '/'")
     if tc.num_samples < 1 or tc.max_concurrent_trials < 1:
         raise ConfigError("tune config: num_samples and max_concurrent_trials must be >= 1")
+    if tc.trial_start_timeout_s < 1:
+        raise ConfigError("tune config key 'trial_start_timeout_s' must be >= 1")
+    if tc.scheduler.grace_period < 1 or tc.scheduler.reduction_factor <= 1:
+        raise ConfigError("tune config: scheduler.grace_period must be >= 1 and "
+                          "scheduler.reduction_factor > 1")
+    if tc.metric not in METRICS:
+        raise ConfigError(f"tune config key 'metric' = {tc.metric!r}: one of {', '.join(METRICS)}")
+    tc.mode = tc.mode or METRICS[tc.metric]
+    if tc.mode not in ("max", "min"):
+        raise ConfigError(f"tune config key 'mode' = {tc.mode!r}: max or min")
+    if not isinstance(tc.search_space, dict) or not tc.search_space:
+        raise ConfigError("tune config key 'search_space': give at least one key, e.g. "
+                          "optim.base_lr: {type: loguniform, low: 0.01, high: 1.0}")
+
     base: dict[str, Any] = {}
     if tc.base_config:
         p = Path(tc.base_config)
@@ -112,154 +173,440 @@ def load_tune_config(path: str, overrides: list[str] | tuple[str, ...] = ()) -> 
         base = load_yaml(p)
     cfg = from_dict(Config, base)
     for k, v in tc.train.items():
-        set_key(cfg, k, v)
-    cfg.validate()
-    for key, spec in tc.search_space.items():
-        _space(key, spec)
         try:
-            apply_flat(cfg, {key: _representative(spec)})
+            set_key(cfg, k, v)
         except ConfigError as e:
-            raise ConfigError(f"search_space: {e}") from None
-    if tc.metric not in ("knn_top1", "loss", "samples_per_s"):
-        raise ConfigError(f"tune config key 'metric' = {tc.metric!r}: one of knn_top1, loss, samples_per_s")
+            raise ConfigError(f"tune config 'train': {e}") from None
+    cfg.validate()
+
+    for key, spec in tc.search_space.items():
+        if key in FIXED_KEYS:
+            raise ConfigError(f"search_space '{key}': cannot vary per trial; set it for the whole "
+                              f"search as train.{key}")
+        _space(key, spec)
+        for value in _candidates(spec):
+            try:
+                apply_flat(cfg, {key: value})
+            except ConfigError as e:
+                raise ConfigError(f"search_space '{key}' value {value!r}: {e}") from None
+    if tc.scheduler.name == "asha" and tc.scheduler.grace_period > cfg.epochs:
+        raise ConfigError(f"scheduler.grace_period ({tc.scheduler.grace_period}) > train epochs "
+                          f"({cfg.epochs}): ASHA could never stop a trial")
+    if tc.metric == "knn_top1" and not cfg.data.val_split:
+        raise ConfigError("metric knn_top1 needs the kNN monitor: set train.data.val_split "
+                          "(or use metric: loss)")
     return tc, cfg
 
 
-def _trial(params: dict[str, Any]) -> None:
-    """One Tune trial: a full Ray Train run of the sampled config."""
+# ---------------------------------------------------------------------------------------------
+# Trial (runs in a Tune actor)
+
+
+def _plain(v: Any) -> Any:
+    """numpy scalars (Tune's randint/choice samples) -> Python values for the typed config."""
+    return v.item() if hasattr(v, "item") and not isinstance(v, (list, dict, str)) else v
+
+
+def _error_line(err: BaseException | str | None) -> str | None:
+    """The most telling line of a (wrapped, multi-line) trial error."""
+    if err is None:
+        return None
+    lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
+    for needle in ("loss diverged", "Timeout", "timed out", "Error:"):
+        hits = [ln for ln in lines if needle in ln]
+        if hits:
+            return hits[-1][:200]
+    return (lines[-1] if lines else type(err).__name__)[:200]
+
+
+def _trial(params: dict[str, Any], *, base: dict, trials_url: str, train_scan=None,
+           val_scan=None) -> None:
+    """One Tune trial: a full Ray Train run of the sampled config, named after the trial."""
     import ray.tune
+    from ray.data import DataContext
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from pipeline.train import build_trainer
+    from pipeline.train import DataPlan, build_trainer
 
-    base = from_dict(Config, params["__base__"])
-    sampled = {k: v for k, v in params.items() if not k.startswith("__")}
-    cfg = apply_flat(base, sampled)
+    ctx = DataContext.get_current()  # N concurrent trials' progress bars would be noise
+    ctx.enable_progress_bars = False
+    ctx.print_on_execution_start = False
+    cfg = apply_flat(from_dict(Config, base), {k: _plain(v) for k, v in params.items()})
     cfg.name = ray.tune.get_context().get_trial_name()
-    trainer, _, _ = build_trainer(cfg, callbacks=[TuneReportCallback()],
-                                  storage_path=params["__trials_url__"])
-    trainer.fit()
+    plan = None
+    if train_scan is not None:  # the driver scanned the shards once; steps depend on the batch
+        plan = DataPlan(train_scan, val_scan, max(1, train_scan.rows // cfg.global_batch))
+        if train_scan.rows < cfg.global_batch:
+            raise ConfigError(f"batch_size {cfg.batch_size} x {cfg.num_workers} workers exceeds the "
+                              f"{train_scan.rows} training samples")
+    trainer, _, _ = build_trainer(cfg, callbacks=[TuneReportCallback()], storage_path=trials_url,
+                                  plan=plan)
+    try:
+        trainer.fit()
+    except Exception as e:  # noqa: BLE001 - classify, keep the cause
+        line = _error_line(e) or ""
+        if "loss diverged" in line or "FloatingPointError" in str(e):
+            raise TrialDiverged(line) from None
+        raise
 
 
-def _fmt(v: Any) -> str:
-    if isinstance(v, float):
-        return f"{v:.4g}"
-    return str(v)
+# ---------------------------------------------------------------------------------------------
+# Ray
 
 
-def run_tune(path: str, overrides: list[str] | tuple[str, ...] = ()) -> dict[str, Any]:
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_local_ray(num_cpus: int, num_gpus: int = 0, **kwargs) -> str | None:
+    """Start a local Ray WITH the dashboard on a free port, and pin every process of this job to it.
+
+    ``RAY_API_SERVER_ADDRESS`` in the job's runtime_env reaches every worker, actor and detached
+    actor of the job (the Train controller and its PlacementGroupCleaner included), so their State
+    API calls reach this instance even when other Ray instances run on the machine. Returns the
+    dashboard URL, or None if the dashboard could not start (then stopped trials may leak)."""
+    import ray
+
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    env = {STATE_API_ENV: os.environ.get(STATE_API_ENV) or url}
+    try:
+        ray.init(num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=True, dashboard_port=port,
+                 runtime_env={"env_vars": env}, **kwargs)
+    except Exception as e:  # noqa: BLE001 - e.g. dashboard deps missing: run without, say so
+        if ray.is_initialized():
+            ray.shutdown()
+        print(f"[cacr] warning: Ray with dashboard failed to start ({_error_line(e)}); without it, "
+              "trials stopped early may not free their workers (ray#54305)", flush=True)
+        ray.init(num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=False, **kwargs)
+        return None
+    return _dashboard_url()
+
+
+def _dashboard_url(wait_s: float = 15.0) -> str | None:
+    """The running dashboard's address as registered in the GCS (what the State API client
+    looks up for an explicit cluster address), or None if there is no dashboard."""
+    from ray._private import ray_constants
+    from ray.experimental.internal_kv import _internal_kv_get
+
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            v = _internal_kv_get(ray_constants.DASHBOARD_ADDRESS,
+                                 namespace=ray_constants.KV_NAMESPACE_DASHBOARD)
+        except Exception:  # noqa: BLE001
+            v = None
+        if v:
+            v = v.decode() if isinstance(v, bytes) else str(v)
+            return v if "://" in v else f"http://{v}"
+        if time.monotonic() > deadline:
+            return None
+        time.sleep(0.5)
+
+
+@contextlib.contextmanager
+def _env(values: dict[str, str]) -> Iterator[None]:
+    """Set environment variables for the duration of the search (the caller's process may run
+    other Ray work afterwards: pytest, a notebook)."""
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def _propagate_to_trials(var: str) -> None:
+    """Have Tune put ``var`` (from the driver's environment) into the trial actors' runtime_env;
+    the Train controller and the detached cleaner inherit it from there. Tune only forwards a
+    fixed set of variables (ray/tune/execution/class_cache.py), so ``var`` is added to it."""
+    try:
+        from ray.tune.execution import class_cache
+    except ImportError:  # pragma: no cover - a Ray without it; the job runtime_env still applies
+        return
+    names = getattr(class_cache, "ENV_VARS_TO_PROPAGATE", None)
+    if isinstance(names, set):
+        names.add(var)
+
+
+def _check_resources(base: Config, tc: TuneConfig, data_cpus: float) -> int:
+    """Raise ConfigError if one trial can never be placed; return the concurrency that fits.
+
+    Only on a fixed cluster (a local instance): behind ``RAY_ADDRESS`` an autoscaler may add the
+    nodes, so there we only warn and rely on ``trial_start_timeout_s``."""
+    import ray
+
+    nodes = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
+    total_cpu = sum(r.get("CPU", 0) for r in nodes)
+    total_gpu = sum(r.get("GPU", 0) for r in nodes)
+    max_cpu = max((r.get("CPU", 0) for r in nodes), default=0)
+    max_gpu = max((r.get("GPU", 0) for r in nodes), default=0)
+    w, cpw = base.num_workers, base.cpus_per_worker
+    trial_cpu, trial_gpu = w * cpw, (w if base.use_gpu else 0)
+    problems = []
+    if cpw > max_cpu:
+        problems.append(f"a worker needs {cpw} CPU but the largest node has {max_cpu}")
+    if base.use_gpu and max_gpu < 1:
+        problems.append("use_gpu is set but the cluster has no GPU")
+    if trial_cpu + data_cpus > total_cpu:
+        problems.append(f"one trial needs {w} workers x {cpw} CPU + {data_cpus} CPU for data decoding "
+                        f"but the cluster has {total_cpu:g} CPU")
+    if trial_gpu > total_gpu:
+        problems.append(f"one trial needs {trial_gpu} GPU but the cluster has {total_gpu:g}")
+    autoscaling = bool(os.environ.get("RAY_ADDRESS"))
+    if problems:
+        msg = ("per-trial resources cannot be satisfied: " + "; ".join(problems)
+               + ": lower train.num_workers / train.cpus_per_worker (or train.use_gpu=false)")
+        if not autoscaling:
+            raise ConfigError(msg)
+        print(f"[cacr] warning: {msg} - waiting for the autoscaler (trials fail after "
+              f"{tc.trial_start_timeout_s} s without workers)", flush=True)
+        return tc.max_concurrent_trials
+    fits = int((total_cpu - data_cpus) // trial_cpu) if trial_cpu > 0 else tc.max_concurrent_trials
+    if trial_gpu:
+        fits = min(fits, int(total_gpu // trial_gpu))
+    if autoscaling or fits >= tc.max_concurrent_trials:
+        return tc.max_concurrent_trials
+    print(f"[cacr] the cluster fits {fits} trial(s) of {w} x {cpw} CPU"
+          f"{f' + {trial_gpu} GPU' if trial_gpu else ''} at a time: max_concurrent_trials "
+          f"{tc.max_concurrent_trials} -> {fits}", flush=True)
+    return max(1, fits)
+
+
+# ---------------------------------------------------------------------------------------------
+# Search
+
+
+def _search_record(tc: TuneConfig, base: Config) -> dict[str, Any]:
+    return {"search_space": tc.search_space, "metric": tc.metric, "mode": tc.mode,
+            "num_samples": tc.num_samples, "scheduler": to_dict(tc.scheduler),
+            "train": to_dict(base)}
+
+
+def run_tune(path: str, overrides: list[str] | tuple[str, ...] = (), *,
+             callbacks: list | None = None) -> dict[str, Any]:
+    """Run (or resume) a search; prints the trial table and, last, one JSON line. ``callbacks``:
+    extra Ray Tune callbacks for a new search (tests use one to interrupt it)."""
     import ray
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
     from pipeline import storage
-    from pipeline.train import _join
+    from pipeline.train import _join, plan_data
 
+    t0 = time.perf_counter()
     tc, base = load_tune_config(path, overrides)
-    os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", str(tc.trial_start_timeout_s))
+    # Trials chdir into their own directories: make local paths absolute first (the YAML we write
+    # for the best trial keeps the paths as the user gave them).
+    run_base = from_dict(Config, to_dict(base))
+    run_base.data.url = _abs_local(run_base.data.url)
+    run_base.storage_path = _abs_local(run_base.storage_path)
+    storage_url = _abs_local(tc.storage_path)
+    search_url = _join(storage_url, tc.name)
+    trials_url = _join(search_url, "trials")
+    remote = "://" in storage_url
+    if remote:
+        storage.check_location(storage_url, base.storage, must_exist=False)
+
+    # Prepare the embedded default once here (not racing in every trial) and scan the shards once.
+    plan = plan_data(run_base)
+    if tc.metric == "knn_top1" and plan.val_scan is None:
+        raise ConfigError(f"metric knn_top1 needs a labelled '{base.data.val_split}' split in "
+                          f"{base.data.url} (or use metric: loss)")
+
     if not ray.is_initialized():
         if os.environ.get("RAY_ADDRESS"):
-            ray.init()
+            ray.init(log_to_driver=True)
         else:
-            need = tc.max_concurrent_trials * (base.num_workers * base.cpus_per_worker + 1) + 2
-            ray.init(num_cpus=int(max(os.cpu_count() or 1, math.ceil(need))), include_dashboard=True)
-    # Fail fast instead of waiting forever for a trial that can never be placed.
-    total = ray.cluster_resources()
-    per_trial = base.num_workers * base.cpus_per_worker
-    if per_trial > total.get("CPU", 0) or (base.use_gpu and base.num_workers > total.get("GPU", 0)):
-        raise ConfigError(f"one trial needs {base.num_workers} workers x {base.cpus_per_worker} CPU"
-                          f"{' + 1 GPU' if base.use_gpu else ''} but the cluster has {total.get('CPU', 0)} "
-                          f"CPU / {total.get('GPU', 0)} GPU: lower num_workers or cpus_per_worker")
+            need = tc.max_concurrent_trials * (base.num_workers * base.cpus_per_worker + 1) + 1
+            import torch
 
-    search_url = _join(tc.storage_path, tc.name)
-    trials_url = _join(search_url, "trials")
-    # The embedded default prepares its shards once here, not racing in every trial.
-    from pipeline import data
-    data.ensure_prepared(base.data.url, base.data.source, base.storage, image_size=base.data.image_size)
+            init_local_ray(int(max(os.cpu_count() or 1, math.ceil(need))),
+                           num_gpus=torch.cuda.device_count() if base.use_gpu else 0,
+                           log_to_driver=True)
+    concurrency = _check_resources(base, tc, data_cpus=base.data.decode_num_cpus)
+    dashboard = os.environ.get(STATE_API_ENV) or _dashboard_url()
+    if dashboard is None:
+        print("[cacr] warning: the Ray dashboard is not running: trials stopped early may not free "
+              "their workers (Train's placement-group cleaner needs the State API, ray#54305)",
+              flush=True)
+    env = {"RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S":
+           os.environ.get("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S") or str(tc.trial_start_timeout_s)}
+    if dashboard:
+        env[STATE_API_ENV] = dashboard
+        _propagate_to_trials(STATE_API_ENV)
 
-    param_space: dict[str, Any] = {k: _space(k, s) for k, s in tc.search_space.items()}
-    param_space["__base__"] = to_dict(base)
-    param_space["__trials_url__"] = trials_url
-    scheduler = (ASHAScheduler(time_attr="epoch", max_t=base.epochs, grace_period=tc.scheduler.grace_period,
-                               reduction_factor=tc.scheduler.reduction_factor)
-                 if tc.scheduler.name == "asha" else FIFOScheduler())
-    fs, fs_path = storage.arrow_fs(tc.storage_path, base.storage)
-    remote = "://" in tc.storage_path
-    storage_path = fs_path if remote else os.path.abspath(tc.storage_path)
-    trainable = tune.with_resources(_trial, {"CPU": 0})
-    exp_path = storage_path.rstrip("/") + "/" + tc.name
-    if tune.Tuner.can_restore(exp_path, storage_filesystem=fs if remote else None):
+    fs, fs_path = storage.arrow_fs(storage_url, base.storage) if remote else (None, storage_url)
+    exp_path = fs_path.rstrip("/") + "/" + tc.name
+    trainable = tune.with_resources(
+        tune.with_parameters(_trial, base=to_dict(run_base), trials_url=trials_url,
+                             train_scan=plan.train_scan, val_scan=plan.val_scan),
+        {"CPU": 0})
+    record = _search_record(tc, base)
+    resumed = tune.Tuner.can_restore(exp_path, storage_filesystem=fs)
+    if resumed:
+        stored = _read_text(_join(search_url, "search.yaml"), base)
+        if stored is not None and yaml.safe_load(stored) != json.loads(json.dumps(record)):
+            raise ConfigError(f"search '{tc.name}' exists at {search_url} with a different search space "
+                              "or training config: re-run it unchanged to resume, or pick a new name=")
         print(f"[cacr] resuming search '{tc.name}' from {search_url}", flush=True)
-        tuner = tune.Tuner.restore(exp_path, trainable, storage_filesystem=fs if remote else None,
-                                   resume_unfinished=True, resume_errored=False, restart_errored=False,
-                                   param_space=param_space)
+        tuner = tune.Tuner.restore(exp_path, trainable, storage_filesystem=fs, resume_unfinished=True,
+                                   resume_errored=False, restart_errored=False)
     else:
+        _write_text(_join(search_url, "search.yaml"), yaml.safe_dump(record, sort_keys=False), base)
+        scheduler = (ASHAScheduler(time_attr="epoch", max_t=base.epochs,
+                                   grace_period=tc.scheduler.grace_period,
+                                   reduction_factor=tc.scheduler.reduction_factor)
+                     if tc.scheduler.name == "asha" else FIFOScheduler())
         tuner = tune.Tuner(
-            trainable, param_space=param_space,
-            tune_config=tune.TuneConfig(metric=tc.metric, mode=tc.mode, num_samples=tc.num_samples,
-                                        max_concurrent_trials=tc.max_concurrent_trials, scheduler=scheduler),
-            run_config=tune.RunConfig(name=tc.name, storage_path=storage_path,
-                                      storage_filesystem=fs if remote else None, verbose=0),
+            trainable,
+            param_space={k: _space(k, s) for k, s in tc.search_space.items()},
+            tune_config=tune.TuneConfig(
+                metric=tc.metric, mode=tc.mode, num_samples=tc.num_samples,
+                max_concurrent_trials=concurrency, scheduler=scheduler,
+                trial_name_creator=lambda t: f"trial_{t.trial_id}",
+                trial_dirname_creator=lambda t: f"trial_{t.trial_id}"),
+            run_config=tune.RunConfig(name=tc.name, storage_path=fs_path, storage_filesystem=fs,
+                                      verbose=tc.verbose, callbacks=callbacks),
         )
-    print(f"[cacr] search '{tc.name}': {tc.num_samples} samples x {len(tc.search_space)} keys, "
-          f"{tc.max_concurrent_trials} at a time, scheduler {tc.scheduler.name}", flush=True)
+        print(f"[cacr] search '{tc.name}': {len(tc.search_space)} keys, num_samples {tc.num_samples}, "
+              f"{concurrency} trial(s) at a time, scheduler {tc.scheduler.name}, metric {tc.metric} "
+              f"({tc.mode})", flush=True)
     print(f"[cacr] watch it: tensorboard --logdir {trials_url}", flush=True)
-    grid = tuner.fit()
-    return _summarise(grid, tc, base, search_url)
+    with _env(env):
+        grid = tuner.fit()
+    return _summarise(grid, tc, base, search_url, trials_url, resumed=resumed,
+                      wall_s=time.perf_counter() - t0)
 
 
-def _summarise(grid, tc: TuneConfig, base: Config, search_url: str) -> dict[str, Any]:
-    rows, stopped_early, errored, diverged = [], 0, 0, 0
-    best, best_metric = None, None
-    for r in grid:
+# ---------------------------------------------------------------------------------------------
+# Summary
+
+
+def _fmt(v: Any) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return str(v)
+
+
+def _finite(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _summarise(grid, tc: TuneConfig, base: Config, search_url: str, trials_url: str, *,
+               resumed: bool, wall_s: float) -> dict[str, Any]:
+    trials = getattr(getattr(grid, "_experiment_analysis", None), "trials", None) or []
+    results = list(grid)
+    rows: list[dict[str, Any]] = []
+    for i, r in enumerate(results):
+        trial = trials[i] if i < len(trials) else None
         m = r.metrics or {}
-        params = {k: v for k, v in (r.config or {}).items() if not k.startswith("__")}
-        epochs = m.get("epoch", 0) or 0
-        value = m.get(tc.metric)
-        loss = m.get("loss")
+        params = {k: _plain(v) for k, v in (r.config or {}).items()}
+        epochs = int(m.get("epoch") or 0)
+        value, loss = m.get(tc.metric), m.get("loss")
+        ray_status = getattr(trial, "status", None)
+        err = _error_line(r.error)
         if r.error is not None:
-            status = "DIVERGED" if "diverged" in str(r.error) or "FloatingPointError" in str(r.error) \
-                else "ERROR"
-            if status == "DIVERGED":
-                diverged += 1
-            else:
-                errored += 1
+            diverged = "TrialDiverged" in repr(r.error) or "loss diverged" in str(r.error)
+            status = "DIVERGED" if diverged else "ERROR"
+        elif ray_status not in (None, "TERMINATED"):
+            status = "UNFINISHED"  # the search was interrupted: a re-run resumes it
+        elif loss is not None and not _finite(loss):
+            status = "DIVERGED"
         elif epochs < base.epochs:
-            status = "STOPPED"
-            stopped_early += 1
+            status = "STOPPED"     # by the scheduler
         else:
             status = "DONE"
-        ok = value is not None and isinstance(value, (int, float)) and math.isfinite(value) \
-            and status != "DIVERGED" and (loss is None or math.isfinite(loss))
-        if ok and (best_metric is None or (value > best_metric if tc.mode == "max" else value < best_metric)):
-            best, best_metric = params, value
-        rows.append({"trial": r.path.rstrip("/").split("/")[-1] if r.path else "?", "status": status,
-                     "epochs": epochs, tc.metric: value, **params,
-                     "error": str(r.error).splitlines()[0][:120] if r.error else None})
+        name = getattr(trial, "trial_id", None)
+        name = f"trial_{name}" if name else (r.path or "?").rstrip("/").rsplit("/", 1)[-1]
+        rows.append({"trial": name, "status": status, "epochs": epochs, "step": m.get("step"),
+                     tc.metric: value if _finite(value) else None,
+                     "loss": loss if _finite(loss) else None,
+                     "resumed_from_epoch": m.get("resumed_from_epoch"), "params": params, "error": err})
+
+    ok = [row for row in rows if row["status"] in ("DONE", "STOPPED") and row[tc.metric] is not None]
+    best = (max if tc.mode == "max" else min)(ok, key=lambda row: row[tc.metric]) if ok else None
+
     keys = list(tc.search_space)
     header = ["trial", "status", "epochs", tc.metric, *keys]
-    table = [header] + [[_fmt(row.get(h)) for h in header] for row in rows]
+    table = [header] + [[_fmt(row["trial"]), row["status"], _fmt(row["epochs"]), _fmt(row[tc.metric]),
+                         *[_fmt(row["params"].get(k)) for k in keys]] for row in rows]
     widths = [max(len(r[i]) for r in table) for i in range(len(header))]
-    print("\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in table), flush=True)
+    print("\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in table),
+          flush=True)
     for row in rows:
         if row["error"]:
-            print(f"[cacr] trial {row['trial']} {row['status']}: {row['error']}", flush=True)
+            print(f"[cacr] {row['trial']} {row['status']}: {row['error']}", flush=True)
 
+    _hparams_for_unfinished(rows, tc, base, trials_url)
+
+    count = {s: sum(row["status"] == s for row in rows)
+             for s in ("DONE", "STOPPED", "DIVERGED", "ERROR", "UNFINISHED")}
     best_config_url = None
     if best is not None:
-        best_cfg = apply_flat(base, best)
+        best_cfg = apply_flat(base, best["params"])
         best_cfg.name = None
         best_config_url = _join(search_url, "best_config.yaml")
-        text = (f"# Best trial of search '{tc.name}' ({tc.metric} = {best_metric:.4f}).\n"
-                f"# Run it: cacr train --config <this file>\n"
+        text = (f"# Best trial of search '{tc.name}': {best['trial']} ({tc.metric} = "
+                f"{best[tc.metric]:.4f} after {best['epochs']} epochs; {best['params']}).\n"
+                f"# Run it: cacr train --config best_config.yaml [key=value ...]\n"
                 + yaml.safe_dump(to_dict(best_cfg), sort_keys=False))
         _write_text(best_config_url, text, base)
-    summary = {"best_config": best_config_url, "best_metric": best_metric, "best_params": best,
-               "metric": tc.metric, "trials": len(rows), "stopped_early": stopped_early,
-               "errored": errored, "diverged": diverged, "search_dir": search_url,
-               "tensorboard_logdir": _join(search_url, "trials")}
-    print(json.dumps(summary), flush=True)
+    if count["UNFINISHED"]:
+        print(f"[cacr] search interrupted with {count['UNFINISHED']} unfinished trial(s): re-run the "
+              "same command to resume it", flush=True)
+    summary = {
+        "best_config": best_config_url, "best_metric": best[tc.metric] if best else None,
+        "best_params": best["params"] if best else None, "best_trial": best["trial"] if best else None,
+        "metric": tc.metric, "mode": tc.mode, "trials": len(rows), "completed": count["DONE"],
+        "stopped_early": count["STOPPED"], "errored": count["ERROR"] + count["DIVERGED"],
+        "diverged": count["DIVERGED"], "unfinished": count["UNFINISHED"],
+        "interrupted": bool(count["UNFINISHED"]), "resumed": resumed,
+        "search_dir": search_url, "tensorboard_logdir": trials_url, "wall_s": round(wall_s, 1),
+        "trial_table": [{k: v for k, v in row.items()} for row in rows],
+    }
+    _write_text(_join(search_url, "summary.json"), json.dumps(summary, indent=1, default=str), base)
+    print(json.dumps(summary, default=str), flush=True)
     return summary
+
+
+def _hparams_for_unfinished(rows: list[dict], tc: TuneConfig, base: Config, trials_url: str) -> None:
+    """The train loop writes its HParams record at the last epoch (or on divergence); trials that
+    the scheduler stopped or that errored get theirs here, so the HParams view lists every trial."""
+    from pipeline.monitor import TensorBoard
+    from pipeline.train import _hparams, _join
+
+    for row in rows:
+        if row["status"] not in ("STOPPED", "ERROR") or row["epochs"] < 1:
+            continue
+        try:
+            cfg = apply_flat(base, row["params"])
+            tb = TensorBoard(_join(trials_url, row["trial"], "tensorboard"), base.storage)
+            metrics = {"hparam/knn_top1": row.get("knn_top1") if row.get("knn_top1") is not None else -1.0,
+                       "hparam/loss": row["loss"] if row["loss"] is not None else -1.0}
+            tb.hparams(_hparams(cfg), metrics)
+            tb.scalars(metrics, int(row["step"] or row["epochs"]))
+            tb.close()
+        except Exception as e:  # noqa: BLE001 - a missing HParams row must not fail the search
+            print(f"[cacr] warning: no HParams record for {row['trial']}: {_error_line(e)}", flush=True)
+
+
+def _read_text(url: str, cfg: Config) -> str | None:
+    if "://" not in url:
+        p = Path(url)
+        return p.read_text() if p.is_file() else None
+    from pipeline import storage
+
+    fs, path = storage.fsspec_fs(url, cfg.storage)
+    return fs.cat(path).decode() if fs.exists(path) else None
 
 
 def _write_text(url: str, text: str, cfg: Config) -> None:
