@@ -99,16 +99,16 @@ class TensorBoard:
     def image(self, tag: str, img: torch.Tensor, step: int) -> None:
         self.writer.add_image(tag, img, step)
 
-    def hparams(self, hparams: dict[str, Any], metrics: dict[str, float]) -> None:
-        """HParams plugin records written into this same run (not a sub-run), so a Tune search
-        directory shows one row per trial."""
+    def hparams(self, hparams: dict[str, Any], metric_tags: list[str]) -> None:
+        """HParams plugin records written into this same run (not a sub-run), so a search directory
+        shows one row per trial; metric values come from the scalar series named ``metric_tags``."""
         from torch.utils.tensorboard.summary import hparams as hp_summary
 
         clean = {k: (v if isinstance(v, (int, float, str, bool)) else str(v))
                  for k, v in hparams.items() if v is not None}
-        exp, ssi, sei = hp_summary(clean, metrics)
+        exp, ssi, sei = hp_summary(clean, {tag: 0.0 for tag in metric_tags})
         fw = self.writer._get_file_writer()
-        for s in (exp, ssi, sei):
+        for s in (exp, ssi):  # session end is not written: the run may still be resumed
             fw.add_summary(s)
 
     def sync(self) -> None:

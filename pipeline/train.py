@@ -195,6 +195,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     tb = knn_bank = knn_val = None
     if rank == 0:
         tb = TensorBoard(loop_config["tensorboard_url"], cfg.storage)
+        # Written first, so runs stopped early (ASHA) appear in the HParams view as well; the
+        # metric columns are read from these scalar tags as they are logged.
+        tb.hparams(_hparams(cfg), ["val/knn_top1", "epoch/loss"])
         if cfg.data.val_split:
             knn_bank = _load_eval_split("knn_bank", loop_config["knn_bank_size"])
             knn_val = _load_eval_split("knn_val", loop_config["knn_val_size"])
@@ -225,12 +228,10 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             wait_s += time.perf_counter() - t_wait
             images, _labels = item
             images = images.to(device, non_blocking=True)
-            views = augment(images, generator=aug_gen)  # (V, n, 3, H, W)
+            views = augment(images, generator=aug_gen, channels_last=cfg.channels_last)  # (V, n, 3, H, W)
             if step == 0 and tb is not None:
                 tb.image("augment/views", denormalise_grid(views, cfg.augment), 0)
-            x = views.flatten(0, 1)
-            if cfg.channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
+            x = views.flatten(0, 1)  # view-major: row v*n + i is view v of image i
             step += 1
             _inject_failure(cfg, rank, world, step)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
@@ -298,9 +299,6 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             print(f"[cacr] epoch {epoch + 1}/{cfg.epochs}  loss {loss_mean:.4f}  "
                   f"knn {knn:.4f}  {samples_per_s:.0f} samples/s  data-wait {wait_fraction:.0%}  "
                   f"ETA {eta:.0f}s", flush=True)
-            if epoch + 1 == cfg.epochs or not math.isfinite(loss_mean):
-                tb.hparams(_hparams(cfg), {"hparam/knn_top1": knn if math.isfinite(knn) else -1.0,
-                                           "hparam/loss": loss_mean if math.isfinite(loss_mean) else -1.0})
             tb.sync()
 
         with tempfile.TemporaryDirectory() as tmp:
