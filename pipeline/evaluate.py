@@ -130,7 +130,7 @@ class FeatureExtractor:
             torch.set_num_threads(threads)
         self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
         net = build_torchvision_backbone(**spec)
-        net.load_state_dict({k: torch.as_tensor(v) for k, v in weights.items()}, strict=True)
+        net.load_state_dict(weights, strict=True)
         self.net = net.to(self.device).eval().to(memory_format=torch.channels_last)
         self.aug = AugmentConfig(**augment)
         self.dim = int(net.feature_dim)
@@ -295,6 +295,19 @@ def _checkpoint_config(state: dict[str, Any]):
         raise CheckpointError(f"checkpoint config is not readable by this version of cacr ({e})") from None
 
 
+def _check_weights(weights: dict[str, Any], spec: dict[str, Any]) -> None:
+    """Fail on the driver, in one line, when the weights do not fit the recorded architecture
+    (rather than in every actor's constructor)."""
+    from cacr.model import build_torchvision_backbone
+    from pipeline.checkpoint import CheckpointError
+
+    try:
+        build_torchvision_backbone(**spec).load_state_dict(weights, strict=True)
+    except (RuntimeError, ValueError) as e:
+        raise CheckpointError(f"checkpoint weights do not match its config's model {spec} "
+                              f"({str(e).splitlines()[0][:200]})") from None
+
+
 def _labelled_scan(url: str, split: str, storage: StorageConfig):
     from pipeline.data import scan_shards
 
@@ -326,6 +339,7 @@ def evaluate(checkpoint: str | dict[str, Any], data_url: str | None = None,
     weights = backbone_state(state)
     m = cfg.model
     spec = {"arch": m.arch, "small_images": m.small_images, "width": m.width, "norm": m.norm}
+    _check_weights(weights, spec)
     url = data_url or cfg.data.url
     split_val = opts.split_val or cfg.data.val_split or "val"
     train_scan = _labelled_scan(url, opts.split_train, opts.storage)
@@ -335,7 +349,7 @@ def evaluate(checkpoint: str | dict[str, Any], data_url: str | None = None,
          f"{cfg.loss.name}; data {url} [{opts.split_train} {train_scan.rows} / {split_val} {val_scan.rows}]")
 
     _ray_init(opts.actors)
-    weights_ref = ray.put({k: v.numpy() for k, v in weights.items()})
+    weights_ref = ray.put(weights)  # once in the object store, read by every actor
     t1 = time.perf_counter()
     tr, va = extract_features(url, [opts.split_train, split_val], weights_ref=weights_ref, spec=spec,
                               cfg=cfg, opts=opts, scans=[train_scan, val_scan])

@@ -1,13 +1,37 @@
-"""`cacr export`: the pretrained backbone as safetensors + a JSON with architecture and preprocessing.
+"""`cacr export CHECKPOINT OUT`: the pretrained backbone as safetensors + a JSON with architecture
+and preprocessing. CHECKPOINT and OUT may each be local or ``s3://``.
 
-The weights are the state_dict of ``model.backbone``, a plain torchvision ResNet (``fc`` replaced
-by ``nn.Identity``), so they load into ``cacr.model.build_torchvision_backbone(**spec)`` — or into
-``torchvision.models.resnet18(weights=None)`` with the same stem edits — with ``strict=True``.
-No pickle is involved on either side.
+    OUT/backbone.safetensors   state_dict of ``model.backbone``: a plain torchvision ResNet whose
+                               ``fc`` is ``nn.Identity`` (output: pooled features, 512-d for resnet18)
+    OUT/backbone.json          {"backbone": {arch, small_images, width, norm}, "feature_dim",
+                                "preprocessing": {image_size, crop_size, mean, std, ...},
+                                "trained": {epochs, steps, loss, metrics}, "weights_sha256", "load"}
+
+Loading an export into stock torchvision (resnet18/34/50; no cacr package, no pickle)::
+
+    import json, torch, torchvision
+    from safetensors.torch import load_file
+
+    meta = json.load(open("export/backbone.json"))
+    net = torchvision.models.resnet18(weights=None)          # meta["backbone"]["arch"]
+    if meta["backbone"]["small_images"]:                      # CIFAR-style stem (32-px images)
+        net.conv1 = torch.nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
+        net.maxpool = torch.nn.Identity()
+    net.fc = torch.nn.Identity()
+    net.load_state_dict(load_file("export/backbone.safetensors"))
+    net.eval()
+    # input: RGB float32 NCHW, pixels / 255, center crop of meta["preprocessing"]["crop_size"],
+    # normalised with meta["preprocessing"]["mean"] / ["std"]; output: (B, 512) features
+
+(``norm: "group"`` / ``"none"`` exports need the matching ``norm_layer``; "narrow_resnet" has no
+stock builder.) For every architecture the one-liner is
+``cacr.model.build_torchvision_backbone(**meta["backbone"])`` + ``load_state_dict``, which is what
+:func:`load_backbone` does (it also reads ``s3://`` exports).
 """
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import tempfile
 from pathlib import Path
@@ -15,11 +39,21 @@ from typing import Any
 
 WEIGHTS = "backbone.safetensors"
 META = "backbone.json"
+FORMAT = "cacr-backbone/1"
+
+
+class ExportError(ValueError):
+    """An export that cannot be written or read (user error: one-line message)."""
 
 
 def backbone_state(state: dict[str, Any]) -> dict[str, Any]:
+    """The ``backbone.*`` tensors of a checkpoint's model, prefix stripped, contiguous, on CPU."""
     prefix = "backbone."
-    out = {k[len(prefix):]: v.detach().cpu().contiguous() for k, v in state["model"].items()
+    model = state.get("model")
+    if not isinstance(model, dict):
+        from pipeline.checkpoint import CheckpointError
+        raise CheckpointError("checkpoint has no model state_dict")
+    out = {k[len(prefix):]: v.detach().cpu().contiguous() for k, v in model.items()
            if k.startswith(prefix)}
     if not out:
         from pipeline.checkpoint import CheckpointError
@@ -27,57 +61,114 @@ def backbone_state(state: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _load_lines(backbone: dict[str, Any]) -> list[str]:
+    arch = backbone["arch"]
+    if arch == "narrow_resnet" or backbone["norm"] != "batch":
+        return ["from cacr.model import build_torchvision_backbone",
+                "from safetensors.torch import load_file",
+                "net = build_torchvision_backbone(**meta['backbone'])",
+                f"net.load_state_dict(load_file('{WEIGHTS}')); net.eval()"]
+    lines = ["import torch, torchvision", "from safetensors.torch import load_file",
+             f"net = torchvision.models.{arch}(weights=None)"]
+    if backbone["small_images"]:
+        lines += ["net.conv1 = torch.nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)",
+                  "net.maxpool = torch.nn.Identity()"]
+    return lines + ["net.fc = torch.nn.Identity()", f"net.load_state_dict(load_file('{WEIGHTS}')); net.eval()"]
+
+
 def export_metadata(state: dict[str, Any]) -> dict[str, Any]:
     cfg = state["config"]
-    m, a = cfg["model"], cfg["augment"]
+    try:
+        m, a, d = cfg["model"], cfg["augment"], cfg["data"]
+        backbone = {"arch": m["arch"], "small_images": bool(m["small_images"]), "width": int(m["width"]),
+                    "norm": m["norm"]}
+        pre = {"image_size": d["image_size"], "crop_size": a["crop_size"], "mean": list(a["mean"]),
+               "std": list(a["std"]), "scale": "pixels / 255", "layout": "NCHW float32, RGB",
+               "resize": "short side to crop_size (bilinear, antialias), then center crop"}
+        loss = cfg["loss"]["name"]
+    except (KeyError, TypeError) as e:
+        from pipeline.checkpoint import CheckpointError
+        raise CheckpointError(f"checkpoint config lacks {e}: not written by cacr train") from None
     return {
-        "format": "cacr-backbone/1",
-        "backbone": {"arch": m["arch"], "small_images": m["small_images"], "width": m["width"],
-                     "norm": m["norm"]},
-        "preprocessing": {"image_size": cfg["data"]["image_size"], "crop_size": a["crop_size"],
-                          "mean": list(a["mean"]), "std": list(a["std"]), "scale": "pixels / 255",
-                          "layout": "NCHW float32, RGB"},
-        "trained": {"epochs": state.get("epoch"), "steps": state.get("step"),
-                    "loss": cfg["loss"]["name"], "metrics": state.get("metrics", {})},
-        "load": "cacr.model.build_torchvision_backbone(**backbone).load_state_dict("
-                "safetensors.torch.load_file('backbone.safetensors'))",
+        "format": FORMAT,
+        "backbone": backbone,
+        "preprocessing": pre,
+        "trained": {"epochs": state.get("epoch"), "steps": state.get("step"), "loss": loss,
+                    "metrics": state.get("metrics", {})},
+        "load": _load_lines(backbone),
     }
 
 
 def export_backbone(checkpoint: str | Path | dict[str, Any], out_url: str, storage_cfg=None) -> str:
-    """Write ``backbone.safetensors`` + ``backbone.json`` under ``out_url``; returns the weights URL."""
+    """Write ``backbone.safetensors`` + ``backbone.json`` under ``out_url`` (local dir or s3://);
+    returns the weights URL. ``checkpoint`` is a checkpoint URL/path or a loaded state dict."""
     from safetensors.torch import save_file
 
     from pipeline.checkpoint import load_checkpoint
 
     state = checkpoint if isinstance(checkpoint, dict) else load_checkpoint(str(checkpoint), storage_cfg)
     weights, meta = backbone_state(state), export_metadata(state)
+    out_url = str(out_url)
     with tempfile.TemporaryDirectory() as tmp:
-        save_file(weights, str(Path(tmp) / WEIGHTS), metadata={"arch": meta["backbone"]["arch"]})
+        wpath = Path(tmp) / WEIGHTS
+        # one metadata key: safetensors writes its header from a hash map, so several keys would make
+        # the bytes (and weights_sha256) differ between two exports of the same checkpoint
+        save_file(weights, str(wpath), metadata={"format": f"{FORMAT} {meta['backbone']['arch']}"})
+        meta["feature_dim"] = _feature_dim(weights)
+        meta["weights_sha256"] = hashlib.sha256(wpath.read_bytes()).hexdigest()
         (Path(tmp) / META).write_text(json.dumps(meta, indent=2))
         if "://" in out_url:
             from pipeline import storage
 
             fs, path = storage.fsspec_fs(out_url, storage_cfg)
-            fs.makedirs(path, exist_ok=True)
-            for name in (WEIGHTS, META):
-                fs.put(str(Path(tmp) / name), path.rstrip("/") + "/" + name)
+            try:
+                fs.makedirs(path, exist_ok=True)
+                for name in (WEIGHTS, META):
+                    fs.put_file(str(Path(tmp) / name), path.rstrip("/") + "/" + name)
+            except Exception as e:  # noqa: BLE001 - endpoint / bucket / credentials: one line
+                raise storage.classify_s3_error(e, out_url, storage_cfg) from None
         else:
-            Path(out_url).mkdir(parents=True, exist_ok=True)
+            out = Path(out_url)
+            if out.exists() and not out.is_dir():
+                raise ExportError(f"export target '{out_url}' is a file: pass a directory")
+            out.mkdir(parents=True, exist_ok=True)
             for name in (WEIGHTS, META):
-                (Path(out_url) / name).write_bytes((Path(tmp) / name).read_bytes())
+                (out / name).write_bytes((Path(tmp) / name).read_bytes())
     return out_url.rstrip("/") + "/" + WEIGHTS
 
 
-def load_backbone(directory: str | Path):
-    """Load an export into a plain torchvision ResNet (eval mode). The README shows the same lines."""
+def _feature_dim(weights: dict[str, Any]) -> int | None:
+    """Output width of the backbone: channels of the last conv of layer4."""
+    convs = [k for k in weights if k.startswith("layer4.") and k.endswith(".weight")
+             and getattr(weights[k], "ndim", 0) == 4]
+    return int(weights[convs[-1]].shape[0]) if convs else None
+
+
+def load_backbone(directory: str | Path, storage_cfg=None):
+    """Load an export (local dir or s3://) into a torchvision ResNet in eval mode -> (net, meta)."""
     from safetensors.torch import load_file
 
     from cacr.model import build_torchvision_backbone
 
-    meta = json.loads((Path(directory) / META).read_text())
-    net = build_torchvision_backbone(**meta["backbone"])
-    net.load_state_dict(load_file(str(Path(directory) / WEIGHTS)), strict=True)
+    url = str(directory)
+    with tempfile.TemporaryDirectory() as tmp:
+        if "://" in url:
+            from pipeline import storage
+
+            fs, path = storage.fsspec_fs(url, storage_cfg)
+            try:
+                for name in (META, WEIGHTS):
+                    fs.get_file(path.rstrip("/") + "/" + name, str(Path(tmp) / name))
+            except FileNotFoundError:
+                raise ExportError(f"no cacr export at '{url}' ({META} + {WEIGHTS})") from None
+            local = Path(tmp)
+        else:
+            local = Path(url)
+        if not (local / META).is_file() or not (local / WEIGHTS).is_file():
+            raise ExportError(f"no cacr export at '{url}' ({META} + {WEIGHTS})")
+        meta = json.loads((local / META).read_text())
+        net = build_torchvision_backbone(**meta["backbone"])
+        net.load_state_dict(load_file(str(local / WEIGHTS)), strict=True)
     return net.eval(), meta
 
 
@@ -85,6 +176,7 @@ def run_export(args: argparse.Namespace) -> int:
     from pipeline.config import StorageConfig
 
     storage_cfg = StorageConfig()
-    path = export_backbone(args.checkpoint, args.out, storage_cfg)
-    print(json.dumps({"backbone": path, "meta": args.out.rstrip("/") + "/" + META}))
+    out = str(args.out)
+    path = export_backbone(args.checkpoint, out, storage_cfg)
+    print(json.dumps({"backbone": path, "meta": out.rstrip("/") + "/" + META}), flush=True)
     return 0

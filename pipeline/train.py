@@ -414,6 +414,7 @@ def plan_data(cfg: Config) -> DataPlan:
 def build_trainer(cfg: Config, *, callbacks: list | None = None, storage_path: str | None = None,
                   plan: DataPlan | None = None):
     """Everything up to ``TorchTrainer`` (also used by Tune for each trial)."""
+    import ray.data
     import ray.train
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -421,6 +422,10 @@ def build_trainer(cfg: Config, *, callbacks: list | None = None, storage_path: s
     from pipeline import data, storage
 
     plan = plan or plan_data(cfg)
+    # Ray Data's per-epoch progress bars would drown the one line per epoch that matters.
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False
+    ctx.print_on_execution_start = False
     datasets = {"train": data.build_dataset(cfg.data.url, "train", data=cfg.data, storage=cfg.storage,
                                             seed=cfg.seed, num_workers=cfg.num_workers,
                                             scan=plan.train_scan)}

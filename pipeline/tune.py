@@ -4,7 +4,7 @@ Ray Train V2 under Tune: a function trainable (:func:`_trial`) builds a ``TorchT
 sampled config and fits it; ``TuneReportCallback`` forwards rank 0's per-epoch metrics to Tune, so
 ASHA can stop a trial between epochs (time axis: ``epoch``).
 
-Resources. The Tune trial itself reserves nothing (it only waits on its Train controller); the
+Resources. The Tune trial itself reserves almost nothing (it only waits on its Train controller); the
 Train workers reserve ``num_workers x cpus_per_worker`` CPUs (+ a GPU each with ``use_gpu``) in a
 placement group. Before the first trial we check that one trial fits the cluster at all (a clear
 :class:`ConfigError`, not a trial waiting forever) and lower the concurrency to what fits; a trial
@@ -51,6 +51,8 @@ METRICS = {"knn_top1": "max", "loss": "min", "samples_per_s": "max", "epoch_time
 # (the resource check and the concurrency are computed once for the whole search).
 FIXED_KEYS = ("name", "storage_path", "epochs", "num_workers", "cpus_per_worker", "use_gpu")
 STATE_API_ENV = "RAY_API_SERVER_ADDRESS"
+# The Tune trial actor only waits on its Train controller; Tune refuses an empty request.
+TRIAL_DRIVER_CPU = 0.01
 
 
 @dataclass
@@ -122,6 +124,10 @@ def _candidates(spec: dict) -> list[Any]:
     if spec["type"] == "randint":
         return [int(spec["low"]), int(spec["high"]) - 1]
     return [float(spec["low"]), float(spec["high"])]
+
+
+def _join(url: str, *parts: str) -> str:
+    return "/".join([url.rstrip("/"), *parts])
 
 
 def _abs_local(url: str) -> str:
@@ -398,7 +404,7 @@ def run_tune(path: str, overrides: list[str] | tuple[str, ...] = (), *,
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
     from pipeline import storage
-    from pipeline.train import _join, plan_data
+    from pipeline.train import plan_data
 
     t0 = time.perf_counter()
     tc, base = load_tune_config(path, overrides)
@@ -430,7 +436,7 @@ def run_tune(path: str, overrides: list[str] | tuple[str, ...] = (), *,
             init_local_ray(int(max(os.cpu_count() or 1, math.ceil(need))),
                            num_gpus=torch.cuda.device_count() if base.use_gpu else 0,
                            log_to_driver=True)
-    concurrency = _check_resources(base, tc, data_cpus=base.data.decode_num_cpus)
+    concurrency = _check_resources(base, tc, data_cpus=base.data.decode_num_cpus + TRIAL_DRIVER_CPU)
     dashboard = os.environ.get(STATE_API_ENV) or _dashboard_url()
     if dashboard is None:
         print("[cacr] warning: the Ray dashboard is not running: trials stopped early may not free "
@@ -447,7 +453,7 @@ def run_tune(path: str, overrides: list[str] | tuple[str, ...] = (), *,
     trainable = tune.with_resources(
         tune.with_parameters(_trial, base=to_dict(run_base), trials_url=trials_url,
                              train_scan=plan.train_scan, val_scan=plan.val_scan),
-        {"CPU": 0})
+        {"CPU": TRIAL_DRIVER_CPU})
     record = _search_record(tc, base)
     resumed = tune.Tuner.can_restore(exp_path, storage_filesystem=fs)
     if resumed:
@@ -582,7 +588,7 @@ def _hparams_for_unfinished(rows: list[dict], tc: TuneConfig, base: Config, tria
     """The train loop writes its HParams record at the last epoch (or on divergence); trials that
     the scheduler stopped or that errored get theirs here, so the HParams view lists every trial."""
     from pipeline.monitor import TensorBoard
-    from pipeline.train import _hparams, _join
+    from pipeline.train import _hparams
 
     for row in rows:
         if row["status"] not in ("STOPPED", "ERROR") or row["epochs"] < 1:

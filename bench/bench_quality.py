@@ -1,0 +1,165 @@
+"""Quality benchmark: CACR vs the InfoNCE baseline at equal budget, and vs a random-init encoder.
+
+Both losses train the SAME encoder with the same epochs, batch, views (K + 1), augmentation,
+optimiser, learning rate and seed list on the embedded digits set; only ``loss.name`` differs
+(each loss keeps its project default: CACR tau+ = 1, tau- = 0.9; InfoNCE temperature 0.2). The third
+arm is the untrained network each run starts from (same seed, same init). Every checkpoint is
+scored by :func:`pipeline.evaluate.evaluate` (frozen backbone features, weighted kNN k = 20 / 200,
+linear probe). Real trainings through :func:`pipeline.train.run_training` (Ray Train, 2 workers).
+
+* full (default): the project's default config (32 px, narrow_resnet w = 16, K = 4, batch 2 x 128,
+  SGD lr 0.12 N/256), 15 epochs, seeds 0, 1, 2, probe 100 epochs. About 1 h on 2 CPU cores.
+* quick: 16 px, w = 8, K = 4, batch 2 x 64, 3 epochs, seed 0, probe 50 epochs: a few minutes.
+
+Lines (``value`` = CACR mean over seeds, ``baseline`` = the other arm's mean; ``std`` /
+``baseline_std`` over seeds, ``values`` / ``baseline_values`` per seed):
+``quality.{knn_top1,knn200_top1,linear_top1}.cacr_vs_infonce`` and ``....cacr_vs_random``.
+A markdown table for the README goes to stderr (also all training / evaluation logs, so that
+stdout stays one JSON object per line).
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+import statistics
+import sys
+import tempfile
+import time
+from typing import Any
+
+COMMON = ["num_workers=2", "cpus_per_worker=0.5", "data.source=null", "data.val_split=",
+          "log_every_steps=50", "keep_checkpoints=1", "max_failures=0"]
+QUICK = ["epochs=3", "batch_size=64", "data.image_size=16", "augment.crop_size=16", "model.width=8",
+         "model.head_hidden=128", "model.head_out=64", "loss.num_positives=4", "optim.warmup_epochs=0.5"]
+FULL = ["epochs=15"]
+METRICS = ("knn_top1", "knn200_top1", "linear_top1")
+LABELS = {"knn_top1": "kNN@20", "knn200_top1": "kNN@200", "linear_top1": "linear probe"}
+
+
+def _log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def _mean_std(xs: list[float]) -> tuple[float, float]:
+    return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
+
+
+def _ray(threads: int) -> bool:
+    """Start a local Ray when none is running; True if this benchmark started it."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "120")
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(log_to_driver=False, logging_level=logging.WARNING)
+    else:
+        ray.init(num_cpus=max(8, os.cpu_count() or 1), include_dashboard=False, log_to_driver=False,
+                 logging_level=logging.WARNING)
+    from ray.data import DataContext
+
+    ctx = DataContext.get_current()
+    ctx.enable_progress_bars = False
+    ctx.print_on_execution_start = False
+    return True
+
+
+def run(quick: bool) -> list[dict[str, Any]]:
+    import ray
+    import torch
+
+    from pipeline.checkpoint import save_state
+    from pipeline.config import load_config, to_dict
+    from pipeline.data import prepare
+    from pipeline.evaluate import evaluate, parse_options
+    from pipeline.train import _build_model, run_training
+
+    seeds = [0] if quick else [0, 1, 2]
+    threads = max(1, (os.cpu_count() or 2) // 2)
+    overrides = [*COMMON, *(QUICK if quick else FULL), f"torch_threads={threads}"]
+    eval_opts = parse_options([f"linear_epochs={50 if quick else 100}", "actors=1", f"threads={threads}"])
+    scores: dict[str, dict[str, list[float]]] = {arm: {m: [] for m in METRICS}
+                                                 for arm in ("cacr", "infonce", "random")}
+    walls: dict[str, list[float]] = {"cacr": [], "infonce": []}
+    started = _ray(threads)
+    t_all = time.perf_counter()
+    try:
+        with tempfile.TemporaryDirectory(prefix="cacr-bench-quality-") as tmp, \
+                contextlib.redirect_stdout(sys.stderr):
+            shards = os.path.join(tmp, "digits")
+            prepare("digits", shards, progress=False, echo=lambda m: None)
+            cfg = None
+            for seed in seeds:
+                for loss in ("cacr", "infonce"):
+                    cfg = load_config(None, [*overrides, f"data.url={shards}", f"storage_path={tmp}/runs",
+                                             f"name={loss}-s{seed}", f"seed={seed}", f"loss.name={loss}"])
+                    t0 = time.perf_counter()
+                    out = run_training(cfg)
+                    walls[loss].append(time.perf_counter() - t0)
+                    r = evaluate(out["checkpoint"], shards, eval_opts, echo=_log)
+                    for m in METRICS:
+                        scores[loss][m].append(r[m])
+                    _log(f"[bench] {loss} seed {seed}: " + ", ".join(f"{m} {r[m]:.4f}" for m in METRICS)
+                         + f" (train {walls[loss][-1]:.0f}s)")
+                torch.manual_seed(seed)  # the init the runs of this seed started from
+                rand_dir = os.path.join(tmp, f"random-s{seed}")
+                save_state(rand_dir, {"model": _build_model(cfg).state_dict(), "config": to_dict(cfg),
+                                      "epoch": 0, "step": 0, "metrics": {}})
+                r = evaluate(rand_dir, shards, eval_opts, echo=_log)
+                for m in METRICS:
+                    scores["random"][m].append(r[m])
+                _log(f"[bench] random init seed {seed}: " + ", ".join(f"{m} {r[m]:.4f}" for m in METRICS))
+    finally:
+        if started:
+            ray.shutdown()
+
+    config = {"dataset": "digits (train 1438 / val 359)", "arch": cfg.model.arch, "width": cfg.model.width,
+              "image_size": cfg.data.image_size, "views": cfg.num_views, "epochs": cfg.epochs,
+              "global_batch": cfg.global_batch, "optim": f"{cfg.optim.name} base_lr {cfg.optim.base_lr}",
+              "cacr": {"tau_pos": cfg.loss.tau_pos, "tau_neg": cfg.loss.tau_neg},
+              "infonce": {"temperature": cfg.loss.temperature},
+              "eval": {"knn_k": [eval_opts.knn_k, eval_opts.knn_k_large], "knn_temperature": eval_opts.knn_temperature,
+                       "linear_epochs": eval_opts.linear_epochs}}
+    lines = []
+    for m in METRICS:
+        v, vs = _mean_std(scores["cacr"][m])
+        for other in ("infonce", "random"):
+            b, bs = _mean_std(scores[other][m])
+            lines.append({
+                "name": f"quality.{m}.cacr_vs_{other}", "value": round(v, 4), "baseline": round(b, 4),
+                "ratio": round(v / b, 4) if b else math.nan, "unit": "top-1 accuracy", "higher_is_better": True,
+                "std": round(vs, 4), "baseline_std": round(bs, 4), "seeds": seeds,
+                "values": [round(x, 4) for x in scores["cacr"][m]],
+                "baseline_values": [round(x, 4) for x in scores[other][m]],
+                "train_wall_s": {k: round(statistics.fmean(w), 1) for k, w in walls.items() if w},
+                "config": config,
+            })
+    _log(markdown_table(scores, config, seeds, time.perf_counter() - t_all))
+    return lines
+
+
+def markdown_table(scores: dict[str, dict[str, list[float]]], config: dict[str, Any], seeds: list[int],
+                   wall: float) -> str:
+    def cell(xs: list[float]) -> str:
+        m, s = _mean_std(xs)
+        return f"{100 * m:.1f} ± {100 * s:.1f}" if len(xs) > 1 else f"{100 * m:.1f}"
+
+    names = {"cacr": "CACR", "infonce": "InfoNCE (same budget)", "random": "random init (same encoder)"}
+    rows = ["| encoder | " + " | ".join(f"{LABELS[m]} top-1 (%)" for m in METRICS) + " |",
+            "|---|" + "---:|" * len(METRICS)]
+    for arm, label in names.items():
+        rows.append(f"| {label} | " + " | ".join(cell(scores[arm][m]) for m in METRICS) + " |")
+    rows.append("")
+    rows.append(f"digits, {config['arch']} w={config['width']}, {config['image_size']} px, "
+                f"V={config['views']} views, {config['epochs']} epochs, global batch {config['global_batch']}, "
+                f"{config['optim']}; mean ± std over seeds {seeds}; bench wall {wall / 60:.1f} min")
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":
+    import json
+
+    for line in run(quick="--quick" in sys.argv):
+        print(json.dumps(line), flush=True)

@@ -1,0 +1,222 @@
+"""Local multi-node simulation of the cluster layout in infra/ (issue 6).
+
+Three Ray nodes on this machine (``ray.cluster_utils.Cluster``), shaped like
+``infra/cluster/local.yaml``:
+
+* head      - ``num_cpus=0``: drives the run, takes no training or decode work;
+* trainer   - a GPU-less training node: CPUs plus the custom resource ``trainer``;
+* data      - a CPU-only data node advertising ``{"data": 1000}``.
+
+A short ``run_training`` (TINY config, 2 workers, 1 epoch, ``data.data_resource=data``) must put
+every Ray Data read/decode task on the data node and every Ray Train worker on the trainer node,
+both observed through the State API (``list_tasks`` / ``list_actors``, dashboard on the head).
+
+The config has no key for extra per-worker resources, so the child pins the train workers with a
+thin wrapper around ``ray.train.ScalingConfig`` that adds ``{"trainer": 1}`` (nothing else changes).
+
+Isolation: the cluster lives in a SUBPROCESS (this file run as a script), never in the pytest
+process, whose session-scoped ``ray_session`` may be running. The child gets a private
+``RAY_TMPDIR``: ``Cluster`` writes its address to ``$RAY_TMPDIR/ray/ray_current_cluster``, and in
+the default ``/tmp/ray`` that file would make every plain ``ray.init()`` on the machine connect
+to this test cluster, and would point other clusters' Ray Train ``PlacementGroupCleaner`` (which
+resolves its cluster without an address) at the wrong State API. The driver connects with an
+explicit address. The child always shuts the cluster down (``finally``); the test kills the
+child's process group on timeout, and Ray's reaper removes whatever the child started.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+CHILD_TIMEOUT_S = 300
+# Same TINY shape as tests/pipeline/test_train.py: 16-px decode, width-8 encoder, V = 2 views.
+TINY = ["batch_size=64", "num_workers=2", "cpus_per_worker=0.5", "data.image_size=16",
+        "augment.crop_size=16", "model.width=8", "model.head_hidden=64", "model.head_out=32",
+        "loss.num_positives=1", "log_every_steps=5", "optim.warmup_epochs=0.5"]
+STEPS_PER_EPOCH = 1438 // 128
+RESULT_TAG = "MULTINODE_RESULT "
+
+
+@pytest.mark.slow
+def test_decode_on_data_node_and_train_workers_on_trainer_node(digits_shards, tmp_path):
+    raytmp = tempfile.mkdtemp(prefix="rmn", dir="/tmp")  # short: Ray's socket paths live under it
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS", "RAY_TMPDIR")}
+    env.update(RAY_TMPDIR=raytmp, RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S="120", RAY_DEDUP_LOGS="0",
+               PYTHONPATH=os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep))
+    cmd = [sys.executable, __file__, "--shards", digits_shards, "--storage", str(tmp_path / "runs")]
+    t0 = time.monotonic()
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=CHILD_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        pytest.fail(f"multi-node child timed out after {CHILD_TIMEOUT_S}s\n{err[-4000:]}")
+    finally:
+        shutil.rmtree(raytmp, ignore_errors=True)
+    wall = time.monotonic() - t0
+    lines = [ln for ln in out.splitlines() if ln.startswith(RESULT_TAG)]
+    assert proc.returncode == 0 and lines, f"child rc={proc.returncode}\n{out[-2000:]}\n{err[-6000:]}"
+    res = json.loads(lines[-1][len(RESULT_TAG):])
+    print(json.dumps({"wall_s": round(wall, 1), **{k: v for k, v in res.items() if k != "tasks"}}))
+
+    nodes = res["nodes"]
+    assert len({nodes["head"], nodes["trainer"], nodes["data"]}) == 3
+    summary = res["summary"]
+    assert summary["epochs"] == 1 and summary["steps"] == STEPS_PER_EPOCH
+    assert summary["loss"] == summary["loss"]  # finite enough: not NaN
+
+    # Every read/decode task ran on the data node (and there were some).
+    decode = res["decode_tasks"]
+    assert decode, f"no read/decode tasks seen by the State API: {sorted(set(res['task_names']))}"
+    assert {t["node_id"] for t in decode} == {nodes["data"]}, decode
+    assert all(t["state"] == "FINISHED" for t in decode), decode
+    # Both train workers ran on the GPU-less trainer node.
+    workers = res["train_workers"]
+    assert len(workers) == 2, workers
+    assert {w["node_id"] for w in workers} == {nodes["trainer"]}, workers
+
+
+# ---------------------------------------------------------------------------------------------
+# Child process: the cluster and the run.
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _pin_train_workers(resource: str) -> None:
+    """Make every ScalingConfig built from now on ask for one unit of ``resource`` per worker."""
+    import ray.train
+
+    original = ray.train.ScalingConfig
+
+    def scaling_config(*args, resources_per_worker=None, **kwargs):
+        return original(*args, resources_per_worker={**(resources_per_worker or {}), resource: 1}, **kwargs)
+
+    ray.train.ScalingConfig = scaling_config
+
+
+def _wait_for_task_events(address: str, names: tuple[str, ...], timeout_s: float = 60) -> list:
+    """All tasks whose name contains one of ``names``, once every one of them has finished and
+    has a node id (task events reach the GCS asynchronously, about once a second)."""
+    from ray.util.state import list_tasks
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        tasks = list_tasks(address=address, limit=10_000, raise_on_missing_output=False)
+        hits = [t for t in tasks if any(n in (t.name or "") for n in names)]
+        if hits and all(t.node_id and t.state in ("FINISHED", "FAILED") for t in hits):
+            return tasks
+        if time.monotonic() > deadline:
+            return tasks
+        time.sleep(1.0)
+
+
+def child_main(shards: str, storage: str) -> dict:
+    import logging
+
+    import ray
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(initialize_head=True, head_node_args={
+        "num_cpus": 0, "include_dashboard": True, "dashboard_port": _free_port(),
+        "object_store_memory": 200 << 20})
+    try:
+        trainer = cluster.add_node(num_cpus=2, resources={"trainer": 2}, object_store_memory=200 << 20)
+        data = cluster.add_node(num_cpus=2, resources={"data": 1000}, object_store_memory=200 << 20)
+        cluster.wait_for_nodes()
+        os.environ["RAY_ADDRESS"] = cluster.address  # anything below that resolves an address: this one
+        ray.init(address=cluster.address, log_to_driver=False, logging_level=logging.WARNING)
+        from ray.data import DataContext
+
+        ctx = DataContext.get_current()
+        ctx.enable_progress_bars = False
+        ctx.print_on_execution_start = False
+
+        from pipeline.config import load_config
+        from pipeline.train import run_training
+
+        _pin_train_workers("trainer")
+        cfg = load_config(None, [*TINY, f"data.url={shards}", "data.source=null", "data.val_split=",
+                                 "data.data_resource=data", f"storage_path={storage}", "epochs=1",
+                                 f"name=mn-{uuid.uuid4().hex[:8]}", "max_failures=0"])
+        with _stdout_to_stderr():
+            summary = run_training(cfg)
+
+        from ray.util.state import list_actors
+
+        decode_names = ("ReadTarShards", "_decode_batch")
+        tasks = _wait_for_task_events(cluster.address, decode_names)
+        actors = list_actors(address=cluster.address, limit=10_000, raise_on_missing_output=False)
+        return {
+            "nodes": {"head": cluster.head_node.node_id, "trainer": trainer.node_id, "data": data.node_id},
+            "summary": {k: summary[k] for k in ("epochs", "steps", "loss", "samples_per_s", "wall_s")},
+            "decode_tasks": [{"name": t.name, "node_id": t.node_id, "state": t.state}
+                             for t in tasks if any(n in (t.name or "") for n in decode_names)],
+            "task_names": sorted({t.name for t in tasks if t.name}),
+            "train_workers": [{"class": a.class_name, "node_id": a.node_id, "state": a.state}
+                              for a in actors if "TrainWorker" in (a.class_name or "")],
+            "cleaner_log_lines": _grep_session_logs(cluster, ("Found multiple active Ray instances",
+                                                               "Failed to launch PlacementGroupCleaner",
+                                                               "Cleaning up placement group")),
+        }
+    finally:
+        try:
+            ray.shutdown()
+        finally:
+            cluster.shutdown()
+
+
+class _stdout_to_stderr:
+    """run_training prints its progress and summary: keep the child's stdout for the result line."""
+
+    def __enter__(self):
+        self._saved = sys.stdout
+        sys.stdout = sys.stderr
+
+    def __exit__(self, *exc):
+        sys.stdout = self._saved
+
+
+def _grep_session_logs(cluster, needles: tuple[str, ...]) -> dict[str, int]:
+    """How often each needle appears in the session's log files (diagnostics only)."""
+    counts = dict.fromkeys(needles, 0)
+    logs = Path(cluster.head_node.get_session_dir_path()) / "logs"
+    for p in logs.rglob("*"):
+        if p.is_file() and p.suffix in (".err", ".out", ".log"):
+            try:
+                text = p.read_text(errors="replace")
+            except OSError:
+                continue
+            for n in needles:
+                counts[n] += text.count(n)
+    return counts
+
+
+if __name__ == "__main__":
+    import argparse
+
+    ap = argparse.ArgumentParser(description="child of test_multinode: run the 3-node simulation")
+    ap.add_argument("--shards", required=True)
+    ap.add_argument("--storage", required=True)
+    a = ap.parse_args()
+    sys.path.insert(0, str(ROOT))
+    result = child_main(a.shards, a.storage)
+    print(RESULT_TAG + json.dumps(result), flush=True)
