@@ -39,6 +39,7 @@ import shutil
 import statistics
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -140,7 +141,7 @@ def bare_loop(cfg, images: torch.Tensor, epochs: int, device: torch.device | Non
     for _ in range(epochs):
         model.train()
         _sync(device)
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         sum_loss = torch.zeros((), device=device)
         perm = torch.randperm(images.shape[0], generator=order_gen)
         for i in range(steps):
@@ -159,8 +160,9 @@ def bare_loop(cfg, images: torch.Tensor, epochs: int, device: torch.device | Non
             sched.step()
             sum_loss += out.loss.detach()
         loss = float(sum_loss) / steps  # one sync per epoch, as the worker's epoch-end reduce
-        dt = time.perf_counter() - t0
-        out_epochs.append({"samples_per_s": steps * B / dt, "epoch_time_s": dt, "loss": loss})
+        dt, cpu = time.perf_counter() - t0, time.process_time() - c0
+        out_epochs.append({"samples_per_s": steps * B / dt, "epoch_time_s": dt, "loss": loss,
+                           "cpu_s": cpu})
     del model, optimizer
     if device.type == "cuda":
         torch.cuda.empty_cache()  # leave the GPU memory to the pipeline's worker
@@ -178,17 +180,125 @@ def _epoch_scalars(logdir: str) -> list[dict]:
     ea.Reload()
     sps = ea.Scalars("perf/epoch_samples_per_s")
     wait = {e.step: e.value for e in ea.Scalars("perf/epoch_data_wait_fraction")}
-    return [{"samples_per_s": e.value, "data_wait_fraction": wait.get(e.step, float("nan")), "step": e.step}
-            for e in sorted(sps, key=lambda e: e.step)]
+    return [{"samples_per_s": e.value, "data_wait_fraction": wait.get(e.step, float("nan")), "step": e.step,
+             "wall_time": e.wall_time} for e in sorted(sps, key=lambda e: e.step)]
 
 
-def pipeline_run(cfg) -> tuple[list[dict], dict[str, Any]]:
-    """A real ``run_training``; its per-epoch figures (from TensorBoard) and the summary."""
+def _raylet_pid() -> int | None:
+    try:
+        import ray
+        from ray._private import ray_constants
+
+        node = ray._private.worker._global_node
+        return node.all_processes[ray_constants.PROCESS_TYPE_RAYLET][0].process.pid
+    except Exception:  # noqa: BLE001 - connected to a cluster we did not start: no process view
+        return None
+
+
+def _proc_stat(pid: int) -> tuple[int, float] | None:
+    """(parent pid, user + system CPU seconds) of a live process, from /proc."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    tick = os.sysconf("SC_CLK_TCK")
+    return int(fields[1]), (int(fields[11]) + int(fields[12])) / tick
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
+class _RaySampler(threading.Thread):
+    """Every ``period`` s: the CPU seconds of the Ray Train worker process, and which worker
+    processes our raylet has started (a worker that imports torch costs ~2 CPU-s to start).
+
+    Linux only (/proc); does nothing when the raylet is not ours."""
+
+    def __init__(self, raylet: int | None, period: float = 0.2):
+        super().__init__(daemon=True)
+        self.raylet, self.period = raylet, period
+        self.samples: list[tuple[float, float]] = []   # (wall time.time(), worker CPU s)
+        self.children: dict[int, set[str]] = {}   # pid -> process titles seen
+        self.baseline_children: set[int] = set()
+        self._stop = threading.Event()
+        self._worker: int | None = None
+
+    def _scan(self) -> set[int]:
+        kids = set()
+        for d in os.listdir("/proc"):
+            if d.isdigit():
+                st = _proc_stat(int(d))
+                if st and st[0] == self.raylet:
+                    kids.add(int(d))
+        return kids
+
+    def run(self) -> None:
+        if self.raylet is None or not os.path.isdir("/proc"):
+            return
+        self.baseline_children = self._scan()
+        while not self._stop.is_set():
+            for pid in self._scan():
+                title = _cmdline(pid).strip()
+                self.children.setdefault(pid, set()).add(title)
+                if self._worker is None and "RayTrainWorker" in title:
+                    self._worker = pid
+            if self._worker is not None:
+                st = _proc_stat(self._worker)
+                if st:
+                    self.samples.append((time.time(), st[1]))
+            self._stop.wait(self.period)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self.join(timeout=5)
+
+    def worker_cpu(self, t0: float, t1: float) -> float | None:
+        """Worker CPU seconds between wall times t0 and t1 (linear interpolation)."""
+        s = self.samples
+        if len(s) < 2 or t0 < s[0][0] or t1 > s[-1][0]:
+            return None
+
+        def at(t):
+            for (ta, ca), (tb, cb) in zip(s, s[1:]):
+                if ta <= t <= tb:
+                    return ca if tb == ta else ca + (cb - ca) * (t - ta) / (tb - ta)
+            return s[-1][1]
+        return at(t1) - at(t0)
+
+    def started(self) -> int:
+        """Worker processes started by the raylet while sampling (decode tasks, Train actors)."""
+        return len(set(self.children) - self.baseline_children)
+
+
+def pipeline_run(cfg) -> tuple[list[dict], dict[str, Any], dict[str, Any]]:
+    """A real ``run_training``; its per-epoch figures (from TensorBoard), the summary, and what
+    the sampler saw (worker CPU seconds per epoch, worker processes started)."""
     from pipeline.train import run_training
 
-    with contextlib.redirect_stdout(sys.stderr):  # keep stdout for the JSON lines
-        summary = run_training(cfg)
-    return _epoch_scalars(summary["tensorboard_logdir"]), summary
+    sampler = _RaySampler(_raylet_pid())
+    sampler.start()
+    try:
+        with contextlib.redirect_stdout(sys.stderr):  # keep stdout for the JSON lines
+            summary = run_training(cfg)
+    finally:
+        sampler.stop()
+    epochs = _epoch_scalars(summary["tensorboard_logdir"])
+    samples_per_epoch = (summary["steps"] // max(1, len(epochs))) * cfg.global_batch
+    for e in epochs:
+        end = e["wall_time"]
+        cpu = sampler.worker_cpu(end - samples_per_epoch / e["samples_per_s"], end)
+        e["worker_cpu_s"] = cpu
+    procs = {"ray_worker_processes_started": sampler.started(),
+             "decode_processes_started": sum(any("ReadTarShards" in t for t in titles)
+                                             for p, titles in sampler.children.items()
+                                             if p not in sampler.baseline_children)}
+    return epochs, summary, procs
 
 
 def _steady(epochs: list[dict], key: str = "samples_per_s") -> list[float]:
@@ -198,18 +308,32 @@ def _steady(epochs: list[dict], key: str = "samples_per_s") -> list[float]:
 
 def _compare(name: str, cfg, images: torch.Tensor, device: torch.device, context: dict) -> dict:
     epochs = cfg.epochs
+    load0 = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     bare_a = bare_loop(cfg, images, epochs, device)
-    pipe, summary = pipeline_run(cfg)
+    pipe, summary, procs = pipeline_run(cfg)
     bare_b = bare_loop(cfg, images, epochs, device)
     bare_vals = _steady(bare_a) + _steady(bare_b)
     pipe_vals = _steady(pipe)
     value, baseline = statistics.median(pipe_vals), statistics.median(bare_vals)
     wait = statistics.median(_steady(pipe, "data_wait_fraction") or [float("nan")])
+    samples_per_epoch = (images.shape[0] // cfg.batch_size) * cfg.batch_size
+    # CPU seconds per sample: the train worker process (pipeline) vs the bare loop's process.
+    # Contention from other jobs inflates wall time, much less CPU time: this separates "the
+    # loop does more work" from "the machine was busy".
+    pipe_cpu = [e["worker_cpu_s"] / samples_per_epoch for e in pipe[1:] if e.get("worker_cpu_s")]
+    bare_cpu = [e["cpu_s"] / samples_per_epoch for e in bare_a[1:] + bare_b[1:]]
+    cpu = {}
+    if pipe_cpu and bare_cpu:
+        pc, bc = statistics.median(pipe_cpu), statistics.median(bare_cpu)
+        cpu = {"worker_cpu_ms_per_sample": round(pc * 1e3, 3), "bare_cpu_ms_per_sample": round(bc * 1e3, 3),
+               "cpu_time_ratio": round(bc / pc, 3),
+               "worker_cpu_share": [round(e["worker_cpu_s"] * e["samples_per_s"] / samples_per_epoch, 2)
+                                    if e.get("worker_cpu_s") else None for e in pipe]}
     return {
         "name": name, "value": round(value, 1), "baseline": round(baseline, 1),
         "ratio": round(value / baseline, 3), "unit": "samples/s", "higher_is_better": True,
         "target_ratio": TARGET, "meets_target": value / baseline >= TARGET,
-        "data_wait_fraction": round(wait, 3),
+        "data_wait_fraction": round(wait, 3), **cpu, **procs,
         "pipeline_epochs_samples_per_s": [round(e["samples_per_s"], 1) for e in pipe],
         "pipeline_epochs_data_wait": [round(e["data_wait_fraction"], 3) for e in pipe],
         "bare_epochs_samples_per_s": [round(e["samples_per_s"], 1) for e in bare_a + bare_b],
@@ -218,7 +342,8 @@ def _compare(name: str, cfg, images: torch.Tensor, device: torch.device, context
         "epochs": epochs, "batch_size": cfg.batch_size, "views": cfg.num_views, "arch": cfg.model.arch,
         "width": cfg.model.width, "image_size": cfg.data.image_size, "crop_size": cfg.augment.crop_size,
         "torch_threads": cfg.torch_threads, "device": str(device), "bf16": device.type == "cuda",
-        "channels_last": cfg.channels_last, **context,
+        "channels_last": cfg.channels_last,
+        "load_avg_1m": [load0, os.getloadavg()[0] if hasattr(os, "getloadavg") else None], **context,
     }
 
 

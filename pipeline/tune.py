@@ -488,7 +488,20 @@ def run_tune(path: str, overrides: list[str] | tuple[str, ...] = (), *,
     with _env(env):
         grid = tuner.fit()
     return _summarise(grid, tc, base, search_url, trials_url, resumed=resumed,
-                      wall_s=time.perf_counter() - t0)
+                      saved=_saved_statuses(exp_path, fs), wall_s=time.perf_counter() - t0)
+
+
+def _saved_statuses(exp_path: str, fs) -> dict[str, str]:
+    """trial_id -> status in the experiment state Tune saved last. After an interruption (Ctrl-C,
+    SIGUSR1) Tune saves the state BEFORE stopping the trials, so the interrupted ones are saved
+    as RUNNING/PENDING (what a resume runs) while the live objects already read TERMINATED."""
+    from ray.tune import ExperimentAnalysis
+
+    try:
+        return {t.trial_id: t.status for t in ExperimentAnalysis(exp_path, storage_filesystem=fs).trials}
+    except Exception as e:  # noqa: BLE001 - the summary then relies on the live statuses
+        print(f"[cacr] warning: cannot read the saved search state: {_error_line(e)}", flush=True)
+        return {}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -508,7 +521,7 @@ def _finite(v: Any) -> bool:
 
 
 def _summarise(grid, tc: TuneConfig, base: Config, search_url: str, trials_url: str, *,
-               resumed: bool, wall_s: float) -> dict[str, Any]:
+               resumed: bool, saved: dict[str, str], wall_s: float) -> dict[str, Any]:
     trials = getattr(getattr(grid, "_experiment_analysis", None), "trials", None) or []
     results = list(grid)
     rows: list[dict[str, Any]] = []
@@ -518,7 +531,8 @@ def _summarise(grid, tc: TuneConfig, base: Config, search_url: str, trials_url: 
         params = {k: _plain(v) for k, v in (r.config or {}).items()}
         epochs = int(m.get("epoch") or 0)
         value, loss = m.get(tc.metric), m.get("loss")
-        ray_status = getattr(trial, "status", None)
+        trial_id = getattr(trial, "trial_id", None)
+        ray_status = saved.get(trial_id) or getattr(trial, "status", None)
         err = _error_line(r.error)
         if r.error is not None:
             diverged = "TrialDiverged" in repr(r.error) or "loss diverged" in str(r.error)
@@ -531,8 +545,7 @@ def _summarise(grid, tc: TuneConfig, base: Config, search_url: str, trials_url: 
             status = "STOPPED"     # by the scheduler
         else:
             status = "DONE"
-        name = getattr(trial, "trial_id", None)
-        name = f"trial_{name}" if name else (r.path or "?").rstrip("/").rsplit("/", 1)[-1]
+        name = f"trial_{trial_id}" if trial_id else (r.path or "?").rstrip("/").rsplit("/", 1)[-1]
         rows.append({"trial": name, "status": status, "epochs": epochs, "step": m.get("step"),
                      tc.metric: value if _finite(value) else None,
                      "loss": loss if _finite(loss) else None,
