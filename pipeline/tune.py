@@ -36,6 +36,7 @@ import math
 import os
 import socket
 import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
@@ -245,15 +246,34 @@ def _trial(params: dict[str, Any], *, base: dict, trials_url: str, train_scan=No
         if train_scan.rows < cfg.global_batch:
             raise ConfigError(f"batch_size {cfg.batch_size} x {cfg.num_workers} workers exceeds the "
                               f"{train_scan.rows} training samples")
-    trainer, _, _ = build_trainer(cfg, callbacks=[TuneReportCallback()], storage_path=trials_url,
+    from ray.experimental.internal_kv import _internal_kv_del, _internal_kv_get, _internal_kv_put
+
+    class ForwardToTune(TuneReportCallback):
+        """TuneReportCallback (runs in the Train controller) that also notes that it reported."""
+
+        def __init__(self, key: bytes):
+            super().__init__()
+            self.key = key
+
+        def after_report(self, run_context, metrics, checkpoint):
+            super().after_report(run_context, metrics, checkpoint)
+            _internal_kv_put(self.key, b"1")
+
+    key = f"cacr:tune:reported:{cfg.name}:{uuid.uuid4().hex}".encode()
+    trainer, _, _ = build_trainer(cfg, callbacks=[ForwardToTune(key)], storage_path=trials_url,
                                   plan=plan)
     try:
-        trainer.fit()
+        result = trainer.fit()
     except Exception as e:  # noqa: BLE001 - classify, keep the cause
         line = _error_line(e) or ""
         if "loss diverged" in line or "FloatingPointError" in str(e):
             raise TrialDiverged(line) from None
         raise
+    # A resumed trial whose Train run had already finished (killed after its last checkpoint,
+    # before Tune saw the report) reports nothing: give Tune the final metrics once more.
+    if not _internal_kv_get(key) and result.metrics:
+        ray.tune.report({k: v for k, v in result.metrics.items() if k != "checkpoint_path"})
+    _internal_kv_del(key)
 
 
 # ---------------------------------------------------------------------------------------------

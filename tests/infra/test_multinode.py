@@ -129,20 +129,33 @@ def _wait_for_task_events(address: str, names: tuple[str, ...], timeout_s: float
         time.sleep(1.0)
 
 
+def _phase(t0: float, what: str) -> None:
+    print(f"[multinode] {time.monotonic() - t0:6.1f}s {what}", file=sys.stderr, flush=True)
+
+
 def child_main(shards: str, storage: str) -> dict:
     import logging
 
     import ray
+    from ray._private.services import get_node_ip_address
     from ray.cluster_utils import Cluster
 
+    t0 = time.monotonic()
+    # RAY_ADDRESS = this cluster's head, set before any node starts so that every process of the
+    # cluster inherits it: whatever resolves "the" cluster without an address (State API clients
+    # such as Ray Train's PlacementGroupCleaner) finds this one, never another instance here.
+    port = _free_port()
+    os.environ["RAY_ADDRESS"] = f"{get_node_ip_address()}:{port}"
+    mem = {"object_store_memory": 200 << 20}
     cluster = Cluster(initialize_head=True, head_node_args={
-        "num_cpus": 0, "include_dashboard": True, "dashboard_port": _free_port(),
-        "object_store_memory": 200 << 20})
+        **mem, "gcs_server_port": port, "num_cpus": 0, "include_dashboard": True,
+        "dashboard_port": _free_port()})
     try:
-        trainer = cluster.add_node(num_cpus=2, resources={"trainer": 2}, object_store_memory=200 << 20)
-        data = cluster.add_node(num_cpus=2, resources={"data": 1000}, object_store_memory=200 << 20)
+        trainer = cluster.add_node(**mem, num_cpus=2, resources={"trainer": 2})
+        data = cluster.add_node(**mem, num_cpus=2, resources={"data": 1000})
         cluster.wait_for_nodes()
-        os.environ["RAY_ADDRESS"] = cluster.address  # anything below that resolves an address: this one
+        assert cluster.address == os.environ["RAY_ADDRESS"], (cluster.address, os.environ["RAY_ADDRESS"])
+        _phase(t0, f"cluster up at {cluster.address}")
         ray.init(address=cluster.address, log_to_driver=False, logging_level=logging.WARNING)
         from ray.data import DataContext
 
@@ -159,6 +172,7 @@ def child_main(shards: str, storage: str) -> dict:
                                  f"name=mn-{uuid.uuid4().hex[:8]}", "max_failures=0"])
         with _stdout_to_stderr():
             summary = run_training(cfg)
+        _phase(t0, "training done")
 
         from ray.util.state import list_actors
 
@@ -173,9 +187,13 @@ def child_main(shards: str, storage: str) -> dict:
             "task_names": sorted({t.name for t in tasks if t.name}),
             "train_workers": [{"class": a.class_name, "node_id": a.node_id, "state": a.state}
                               for a in actors if "TrainWorker" in (a.class_name or "")],
-            "cleaner_log_lines": _grep_session_logs(cluster, ("Found multiple active Ray instances",
-                                                               "Failed to launch PlacementGroupCleaner",
-                                                               "Cleaning up placement group")),
+            # Diagnostics: address auto-detection (warning: connected to the latest cluster;
+            # error: refused), and the cleaner removing a placement group.
+            "log_lines": _grep_session_logs(cluster, ("Connecting to latest cluster",
+                                                      "Please specify the one to connect to",
+                                                      "Failed to launch PlacementGroupCleaner",
+                                                      "Cleaning up placement group")),
+            "child_s": round(time.monotonic() - t0, 1),
         }
     finally:
         try:
@@ -217,6 +235,5 @@ if __name__ == "__main__":
     ap.add_argument("--shards", required=True)
     ap.add_argument("--storage", required=True)
     a = ap.parse_args()
-    sys.path.insert(0, str(ROOT))
     result = child_main(a.shards, a.storage)
     print(RESULT_TAG + json.dumps(result), flush=True)

@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[2]
 TINY = {"batch_size": 128, "num_workers": 1, "cpus_per_worker": 0.5, "torch_threads": 1,
         "max_failures": 0, "log_every_steps": 5, "data.image_size": 16, "augment.crop_size": 16,
         "model.width": 8, "model.head_hidden": 64, "model.head_out": 32, "loss.num_positives": 1,
-        "optim.warmup_epochs": 0.5, "data.source": None}
+        "optim.warmup_epochs": 0.5, "data.source": None, "data.val_split": ""}  # kNN monitor off
 
 
 def _tune_yaml(tmp_path: Path, shards: str, storage: str, **over) -> str:
@@ -87,7 +87,7 @@ def test_overrides_reach_tune_and_train_keys(tmp_path):
 
     path = _tune_yaml(tmp_path, "/x", str(tmp_path / "tune"))
     tc, base = load_tune_config(path, ["num_samples=3", "train.optim.base_lr=0.5", "metric=knn_top1",
-                                       "mode=null"])
+                                       "mode=null", "train.data.val_split=val"])
     assert tc.num_samples == 3 and base.optim.base_lr == 0.5 and tc.mode == "max"
     with pytest.raises(ConfigError, match="knn_top1 needs"):
         load_tune_config(path, ["metric=knn_top1", "train.data.val_split="])
@@ -187,22 +187,19 @@ def test_search_asha_divergence_best_config_and_rerun(ray_session, digits_shards
         run_tune(path, ["train.optim.base_lr=0.3"])
 
 
-class _InterruptAfterFirstResult:
-    """A Tune callback that sends this process SIGUSR1 (Tune's "stop and save" signal, like
-    Ctrl-C) once the first epoch of any trial is reported."""
+def _interrupt_after_first_result(marker: Path):
+    """A Tune callback that sends this process SIGUSR1 (Tune's "save and stop" signal, like
+    Ctrl-C) when the first epoch of any trial is reported - once: Tune saves its callbacks with
+    the search and restores them on resume, so the marker file is what says it already fired."""
+    from ray.tune import Callback
 
-    def __new__(cls):
-        from ray.tune import Callback
+    class Interrupt(Callback):
+        def on_trial_result(self, iteration, trials, trial, result, **info):
+            if not marker.exists():
+                marker.touch()
+                os.kill(os.getpid(), signal.SIGUSR1)
 
-        class Interrupt(Callback):
-            fired = False
-
-            def on_trial_result(self, iteration, trials, trial, result, **info):
-                if not self.fired:
-                    self.fired = True
-                    os.kill(os.getpid(), signal.SIGUSR1)
-
-        return Interrupt()
+    return Interrupt()
 
 
 @pytest.mark.slow
@@ -213,7 +210,10 @@ def test_interrupted_search_on_s3_resumes(ray_session, digits_shards, s3_bucket,
     storage = f"{s3_bucket}/tune"
     path = _tune_yaml(tmp_path, digits_shards, storage, scheduler={"name": "fifo"},
                       search_space={"loss.tau_neg": {"type": "grid", "values": [0.9, 2.0]}})
-    first = run_tune(path, callbacks=[_InterruptAfterFirstResult()])
+    doc = yaml.safe_load(Path(path).read_text())
+    doc["train"]["epochs"] = 3  # the interrupt comes after epoch 1: epochs are left to resume
+    Path(path).write_text(yaml.safe_dump(doc))
+    first = run_tune(path, callbacks=[_interrupt_after_first_result(tmp_path / "interrupted")])
     assert first["interrupted"] and first["unfinished"] >= 1, first["trial_table"]
     assert "re-run the same command to resume" in capsys.readouterr().out
 
@@ -221,7 +221,8 @@ def test_interrupted_search_on_s3_resumes(ray_session, digits_shards, s3_bucket,
     assert out["resumed"] and not out["interrupted"] and out["trials"] == 2
     assert [r["status"] for r in out["trial_table"]] == ["DONE", "DONE"], out["trial_table"]
     # The trial that had finished an epoch continued from its checkpoint, not from scratch.
-    assert max(r["resumed_from_epoch"] or 0 for r in out["trial_table"]) == 1, out["trial_table"]
+    assert all(r["epochs"] == 3 for r in out["trial_table"]), out["trial_table"]
+    assert max(r["resumed_from_epoch"] or 0 for r in out["trial_table"]) >= 1, out["trial_table"]
     assert out["search_dir"].startswith("s3://") and out["best_config"].startswith("s3://")
 
     fs, search = fsspec_fs(out["search_dir"])
