@@ -8,8 +8,10 @@ scored by :func:`pipeline.evaluate.evaluate` (frozen backbone features, weighted
 linear probe). Real trainings through :func:`pipeline.train.run_training` (Ray Train, 2 workers).
 
 * full (default): the project's default config (32 px, narrow_resnet w = 16, K = 4, batch 2 x 128,
-  SGD lr 0.12 N/256), 15 epochs, seeds 0, 1, 2, probe 100 epochs. About 1 h on 2 CPU cores.
-* quick: 16 px, w = 8, K = 4, batch 2 x 64, 3 epochs, seed 0, probe 50 epochs: a few minutes.
+  SGD lr 0.12 N/256), 15 epochs, seeds 0, 1, 2, probe 100 epochs: 6 trainings, an estimated hour
+  on 2 CPU cores (not measured here).
+* quick: 16 px, w = 8, K = 4, batch 2 x 64, 3 epochs, seed 0, probe 100 epochs: 7.4 min measured
+  on 2 shared, heavily loaded CPU cores (load average ~50); less on an idle machine.
 
 Lines (``value`` = CACR mean over seeds, ``baseline`` = the other arm's mean; ``std`` /
 ``baseline_std`` over seeds, ``values`` / ``baseline_values`` per seed):
@@ -79,7 +81,7 @@ def run(quick: bool) -> list[dict[str, Any]]:
     seeds = [0] if quick else [0, 1, 2]
     threads = max(1, (os.cpu_count() or 2) // 2)
     overrides = [*COMMON, *(QUICK if quick else FULL), f"torch_threads={threads}"]
-    eval_opts = parse_options([f"linear_epochs={50 if quick else 100}", "actors=1", f"threads={threads}"])
+    eval_opts = parse_options(["linear_epochs=100", "actors=1", f"threads={threads}"])
     scores: dict[str, dict[str, list[float]]] = {arm: {m: [] for m in METRICS}
                                                  for arm in ("cacr", "infonce", "random")}
     walls: dict[str, list[float]] = {"cacr": [], "infonce": []}
@@ -120,7 +122,8 @@ def run(quick: bool) -> list[dict[str, Any]]:
               "global_batch": cfg.global_batch, "optim": f"{cfg.optim.name} base_lr {cfg.optim.base_lr}",
               "cacr": {"tau_pos": cfg.loss.tau_pos, "tau_neg": cfg.loss.tau_neg},
               "infonce": {"temperature": cfg.loss.temperature},
-              "eval": {"knn_k": [eval_opts.knn_k, eval_opts.knn_k_large], "knn_temperature": eval_opts.knn_temperature,
+              "eval": {"knn_k": [eval_opts.knn_k, eval_opts.knn_k_large],
+                       "knn_temperature": eval_opts.knn_temperature,
                        "linear_epochs": eval_opts.linear_epochs}}
     lines = []
     for m in METRICS:

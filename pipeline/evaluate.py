@@ -253,7 +253,8 @@ def linear_probe(train_x: np.ndarray, train_y: np.ndarray, val_x: np.ndarray, va
     xv = torch.as_tensor(val_x, dtype=torch.float32, device=dev)
     yv = torch.as_tensor(val_y, dtype=torch.long, device=dev)
     mean = xt.mean(0, keepdim=True)
-    std = xt.std(0, keepdim=True).clamp_min(1e-6) if xt.shape[0] > 1 else torch.ones_like(mean)
+    std = xt.std(0, keepdim=True) if xt.shape[0] > 1 else torch.ones_like(mean)
+    std = torch.where(std > 1e-6, std, torch.ones_like(std))  # constant (e.g. dead) features: scale 1
     xt, xv = (xt - mean) / std, (xv - mean) / std
     gen = torch.Generator(device="cpu").manual_seed(int(seed))
     layer = torch.nn.Linear(xt.shape[1], num_classes)
@@ -265,7 +266,8 @@ def linear_probe(train_x: np.ndarray, train_y: np.ndarray, val_x: np.ndarray, va
     n = xt.shape[0]
     steps_per_epoch = max(1, math.ceil(n / batch_size))
     total = max(1, epochs * steps_per_epoch)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total) / total)))
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total) / total)))
     for _ in range(epochs):
         perm = torch.randperm(n, generator=gen).to(dev)
         for start in range(0, n, batch_size):

@@ -44,7 +44,8 @@ def checkpoints(ray_session, digits_shards, tmp_path_factory):
 
     root = tmp_path_factory.mktemp("eval")
     cfg = load_config(None, [*TINY, f"data.url={digits_shards}", "data.source=null", "epochs=3",
-                             "data.val_split=", f"storage_path={root / 'runs'}", f"name=e-{uuid.uuid4().hex[:6]}"])
+                             "data.val_split=", f"storage_path={root / 'runs'}",
+                             f"name=e-{uuid.uuid4().hex[:6]}"])
     trained = run_training(cfg)["checkpoint"]
     random_dir = root / "random"
     save_state(random_dir, _untrained_state(cfg))
