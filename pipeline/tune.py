@@ -446,7 +446,8 @@ def run_tune(path: str, overrides: list[str] | tuple[str, ...] = (), *,
         raise ConfigError(f"metric knn_top1 needs a labelled '{base.data.val_split}' split in "
                           f"{base.data.url} (or use metric: loss)")
 
-    if not ray.is_initialized():
+    started_ray = not ray.is_initialized()
+    if started_ray:
         if os.environ.get("RAY_ADDRESS"):
             ray.init(log_to_driver=True)
         else:
@@ -507,8 +508,12 @@ def run_tune(path: str, overrides: list[str] | tuple[str, ...] = (), *,
     print(f"[cacr] watch it: tensorboard --logdir {trials_url}", flush=True)
     with _env(env):
         grid = tuner.fit()
-    return _summarise(grid, tc, base, search_url, trials_url, resumed=resumed,
-                      saved=_saved_statuses(exp_path, fs), wall_s=time.perf_counter() - t0)
+    summary = _summarise(grid, tc, base, search_url, trials_url, resumed=resumed,
+                         saved=_saved_statuses(exp_path, fs), wall_s=time.perf_counter() - t0)
+    if started_ray:
+        ray.shutdown()  # no late worker log line after the JSON line
+    print(json.dumps(summary, default=str), flush=True)
+    return summary
 
 
 def _saved_statuses(exp_path: str, fs) -> dict[str, str]:
@@ -613,7 +618,6 @@ def _summarise(grid, tc: TuneConfig, base: Config, search_url: str, trials_url: 
         "trial_table": [{k: v for k, v in row.items()} for row in rows],
     }
     _write_text(_join(search_url, "summary.json"), json.dumps(summary, indent=1, default=str), base)
-    print(json.dumps(summary, default=str), flush=True)
     return summary
 
 
