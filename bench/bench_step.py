@@ -226,7 +226,7 @@ class _RaySampler(threading.Thread):
         self.samples: list[tuple[float, float]] = []   # (wall time.time(), worker CPU s)
         self.children: dict[int, set[str]] = {}   # pid -> process titles seen
         self.baseline_children: set[int] = set()
-        self._stop = threading.Event()
+        self._halt = threading.Event()
         self._worker: int | None = None
 
     def _scan(self) -> set[int]:
@@ -242,7 +242,7 @@ class _RaySampler(threading.Thread):
         if self.raylet is None or not os.path.isdir("/proc"):
             return
         self.baseline_children = self._scan()
-        while not self._stop.is_set():
+        while not self._halt.is_set():
             for pid in self._scan():
                 title = _cmdline(pid).strip()
                 self.children.setdefault(pid, set()).add(title)
@@ -252,10 +252,10 @@ class _RaySampler(threading.Thread):
                 st = _proc_stat(self._worker)
                 if st:
                     self.samples.append((time.time(), st[1]))
-            self._stop.wait(self.period)
+            self._halt.wait(self.period)
 
     def stop(self) -> None:
-        self._stop.set()
+        self._halt.set()
         self.join(timeout=5)
 
     def worker_cpu(self, t0: float, t1: float) -> float | None:

@@ -231,6 +231,7 @@ def _trial(params: dict[str, Any], *, base: dict, trials_url: str, train_scan=No
     """One Tune trial: a full Ray Train run of the sampled config, named after the trial."""
     import ray.tune
     from ray.data import DataContext
+    from ray.experimental.internal_kv import _internal_kv_del, _internal_kv_get, _internal_kv_put
     from ray.tune.integration.ray_train import TuneReportCallback
 
     from pipeline.train import DataPlan, build_trainer
@@ -246,8 +247,6 @@ def _trial(params: dict[str, Any], *, base: dict, trials_url: str, train_scan=No
         if train_scan.rows < cfg.global_batch:
             raise ConfigError(f"batch_size {cfg.batch_size} x {cfg.num_workers} workers exceeds the "
                               f"{train_scan.rows} training samples")
-    from ray.experimental.internal_kv import _internal_kv_del, _internal_kv_get, _internal_kv_put
-
     class ForwardToTune(TuneReportCallback):
         """TuneReportCallback (runs in the Train controller) that also notes that it reported."""
 
@@ -308,7 +307,11 @@ def init_local_ray(num_cpus: int, num_gpus: int = 0, **kwargs) -> str | None:
               "trials stopped early may not free their workers (ray#54305)", flush=True)
         ray.init(num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=False, **kwargs)
         return None
-    return _dashboard_url()
+    actual = _dashboard_url()
+    if actual and actual != env[STATE_API_ENV]:  # the dashboard moved to another port (taken)
+        print(f"[cacr] note: the dashboard runs at {actual}, not {env[STATE_API_ENV]}; Tune trials "
+              "get the right address, other jobs' processes may not", flush=True)
+    return actual
 
 
 def _dashboard_url(wait_s: float = 15.0) -> str | None:
