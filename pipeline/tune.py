@@ -593,8 +593,6 @@ def _summarise(grid, tc: TuneConfig, base: Config, search_url: str, trials_url: 
         if row["error"]:
             print(f"[cacr] {row['trial']} {row['status']}: {row['error']}", flush=True)
 
-    _hparams_for_unfinished(rows, tc, base, trials_url)
-
     count = {s: sum(row["status"] == s for row in rows)
              for s in ("DONE", "STOPPED", "DIVERGED", "ERROR", "UNFINISHED")}
     best_config_url = None
@@ -622,27 +620,6 @@ def _summarise(grid, tc: TuneConfig, base: Config, search_url: str, trials_url: 
     }
     _write_text(_join(search_url, "summary.json"), json.dumps(summary, indent=1, default=str), base)
     return summary
-
-
-def _hparams_for_unfinished(rows: list[dict], tc: TuneConfig, base: Config, trials_url: str) -> None:
-    """The train loop writes its HParams record at the last epoch (or on divergence); trials that
-    the scheduler stopped or that errored get theirs here, so the HParams view lists every trial."""
-    from pipeline.monitor import TensorBoard
-    from pipeline.train import _hparams
-
-    for row in rows:
-        if row["status"] not in ("STOPPED", "ERROR") or row["epochs"] < 1:
-            continue
-        try:
-            cfg = apply_flat(base, row["params"])
-            tb = TensorBoard(_join(trials_url, row["trial"], "tensorboard"), base.storage)
-            metrics = {"hparam/knn_top1": row.get("knn_top1") if row.get("knn_top1") is not None else -1.0,
-                       "hparam/loss": row["loss"] if row["loss"] is not None else -1.0}
-            tb.hparams(_hparams(cfg), metrics)
-            tb.scalars(metrics, int(row["step"] or row["epochs"]))
-            tb.close()
-        except Exception as e:  # noqa: BLE001 - a missing HParams row must not fail the search
-            print(f"[cacr] warning: no HParams record for {row['trial']}: {_error_line(e)}", flush=True)
 
 
 def _read_text(url: str, cfg: Config) -> str | None:

@@ -123,7 +123,11 @@ def ray_session(s3_server, tmp_path_factory):
         s.bind(("127.0.0.1", 0))
         dashboard_port = s.getsockname()[1]
     try:
-        ray.init(include_dashboard=True, dashboard_port=dashboard_port, **kwargs)
+        # Pin the State API of every process of this session (Train's placement-group cleaner
+        # included) to OUR dashboard, even when other Ray instances run on the machine.
+        ray.init(include_dashboard=True, dashboard_port=dashboard_port,
+                 runtime_env={"env_vars": {"RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{dashboard_port}"}},
+                 **kwargs)
     except Exception:  # noqa: BLE001 - dashboard deps missing or port trouble: Train still works
         if ray.is_initialized():
             ray.shutdown()
