@@ -62,7 +62,7 @@ QUICK = {"overrides": ["batch_size=64", "data.image_size=16", "augment.crop_size
 # ResNet-50 / 224 px / V = 2 on the GPU: conf/imagenet.yaml made single-worker and local.
 GPU_OVERRIDES = ["num_workers=1", "cpus_per_worker=1", "loss.num_positives=1", "data.data_resource=null",
                  "data.decode_num_cpus=1.0", "model.sync_batchnorm=false", "keep_checkpoints=1",
-                 "max_failures=0"]
+                 "max_failures=0", "optim.warmup_epochs=0.5"]
 
 
 def _threads() -> int:
