@@ -15,12 +15,20 @@ Same model, batch, augmentation, loss, optimiser and torch threads on both sides
   before and once after the pipeline run and the epochs of both are pooled, so slow phases of a
   shared machine hit both sides alike.
 
-``ratio`` = pipeline / bare (target >= 0.9). Threads: ``torch_threads = max(1, cores // 2)`` on
+``ratio`` = pipeline / bare (target >= 0.9). Diagnostics on the same line (Linux, when this
+process started Ray): ``cpu_time_ratio`` = bare CPU-s per sample / the train worker process's
+CPU-s per sample (sampled from /proc; ~1.0 means the worker loop itself adds no work, and a
+lower wall ``ratio`` then comes from waiting or from losing the core to other processes),
+``worker_cpu_share`` per epoch (worker CPU time / epoch wall time), ``decode_processes_started``
+and ``ray_worker_processes_started`` (Ray worker processes started during the run: each one
+imports the decode function's modules). ``load_avg_1m`` before/after: on a shared machine read
+the figures with it. Threads: ``torch_threads = max(1, cores // 2)`` on
 both sides, leaving the other cores to Ray Data's decode tasks and Ray itself (as ``cpus_per_worker``
 would on a real node); on a 2-core machine that is 1 thread.
 
 Configs: full - the digits default (narrow_resnet width 16, 32 px, V = 5, batch 128, SGD), 5 epochs
-of 11 steps; quick - 16 px, width 8, V = 2, batch 64 (22 steps/epoch), 4 epochs (< 2 min on 2 cores).
+of 11 steps; quick - 16 px, width 8, V = 2, batch 64 (22 steps/epoch), 4 epochs (~1.5 min on an idle
+2-core machine; quick epochs are short, so per-epoch fixed costs weigh more than in full mode).
 With CUDA (full and quick) one more pair: ResNet-50 at 224 px, V = 2, batch 128, bf16 autocast,
 channels_last, the ImageNet augmentation recipe of ``conf/imagenet.yaml``, on synthetic 224-px JPEG
 shards.
@@ -146,10 +154,8 @@ def bare_loop(cfg, images: torch.Tensor, epochs: int, device: torch.device | Non
         perm = torch.randperm(images.shape[0], generator=order_gen)
         for i in range(steps):
             batch = images[perm[i * B:(i + 1) * B]].to(device, non_blocking=True)
-            views = augment(batch, generator=aug_gen)
-            x = views.flatten(0, 1)
-            if cfg.channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
+            views = augment(batch, generator=aug_gen, channels_last=cfg.channels_last)
+            x = views.flatten(0, 1)  # channels-last strides already when cfg.channels_last
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
                 z = model(x)
             z = z.float().view(V, batch.shape[0], -1)

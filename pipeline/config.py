@@ -17,7 +17,7 @@ from typing import Any, Union
 
 import yaml
 
-from cacr.augment import AugmentConfig
+from cacr.augment_config import AugmentConfig
 
 
 class ConfigError(ValueError):
@@ -54,7 +54,8 @@ class DataConfig:
     image_size: int = _f(32, "decoded image size (square, uint8) handed to the train workers")
     val_split: str = _f("val", "split used for kNN monitoring; '' to disable")
     knn_k: int = _f(20, "neighbours for the per-epoch kNN monitor")
-    decode_num_cpus: float = _f(0.25, "logical CPUs per Ray Data decode task")
+    decode_num_cpus: float = _f(1.0, "logical CPUs per Ray Data decode task (fractions start more "
+                                     "decode processes than Ray keeps alive between epochs)")
     data_resource: str | None = _f(
         None, "custom Ray resource that decode tasks require (pin decoding to CPU-only data nodes)")
 

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from cacr.augment import AugmentConfig
+from cacr.augment_config import AugmentConfig
 
 
 def eval_tensor(images: torch.Tensor, aug: AugmentConfig) -> torch.Tensor:

@@ -217,8 +217,11 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         sum_loss = torch.zeros((), device=device)
         n_steps = 0
         epoch_skipped: dict[str, int] = {}
+        # Batches arrive on the CPU (split_batch counts skips there without a device sync) and
+        # move to the device once, pinned for an asynchronous copy when a GPU is used.
         batches = _rebatch(iter(train_shard.iter_torch_batches(batch_size=cfg.batch_size,
-                                                                prefetch_batches=2)),
+                                                                prefetch_batches=2, device="cpu",
+                                                                pin_memory=cfg.use_gpu)),
                            cfg.batch_size, epoch_skipped)
         while True:
             t_wait = time.perf_counter()
