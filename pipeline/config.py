@@ -116,7 +116,9 @@ class Config:
     fail_at_step: int | None = _f(None, "debug: raise in worker rank 1 (or 0) at this global step, once")
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
-    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    # The embedded default trains on digits: no mirror flips (a flipped digit is another glyph)
+    # and milder crops than the paper's CIFAR recipe (AugmentConfig() is that recipe, unchanged).
+    augment: AugmentConfig = field(default_factory=lambda: AugmentConfig(scale=(0.4, 1.0), flip_p=0.0))
     loss: LossConfig = field(default_factory=LossConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     storage: StorageConfig = field(default_factory=StorageConfig)

@@ -21,10 +21,11 @@ from pipeline.config import ConfigError, load_config, to_dict
 
 torch.set_num_threads(1)
 
-# As in test_train.py: 16-px decode, width-8 encoder, V = 2 views, 11 steps per epoch, 1 thread each.
+# As in test_train.py: 16-px decode, width-8 encoder, V = 2 views, 2 workers with 1 thread each.
 TINY = ["batch_size=64", "num_workers=2", "cpus_per_worker=0.5", "data.image_size=16",
         "augment.crop_size=16", "model.width=8", "model.head_hidden=64", "model.head_out=32",
-        "loss.num_positives=1", "log_every_steps=5", "optim.warmup_epochs=0.5", "torch_threads=1"]
+        "loss.num_positives=1", "log_every_steps=50", "optim.warmup_epochs=0.5", "torch_threads=1"]
+TRAIN = ["batch_size=32", "epochs=10", "optim.base_lr=0.6", "optim.warmup_epochs=1"]  # 22 steps/epoch
 EVAL = ["actors=1", "threads=1", "linear_epochs=30"]
 
 
@@ -43,7 +44,9 @@ def checkpoints(ray_session, digits_shards, tmp_path_factory):
     from pipeline.train import run_training
 
     root = tmp_path_factory.mktemp("eval")
-    cfg = load_config(None, [*TINY, f"data.url={digits_shards}", "data.source=null", "epochs=3",
+    # 10 short epochs at a higher lr: shorter runs (e.g. 3 epochs at the default lr) sometimes end no
+    # better than their init on digits, where random conv features already reach kNN@20 ~0.89
+    cfg = load_config(None, [*TINY, *TRAIN, f"data.url={digits_shards}", "data.source=null",
                              "data.val_split=", f"storage_path={root / 'runs'}",
                              f"name=e-{uuid.uuid4().hex[:6]}"])
     trained = run_training(cfg)["checkpoint"]
@@ -71,7 +74,7 @@ def test_trained_checkpoint_beats_its_random_init_local_and_s3(checkpoints, s3_b
     out = capsys.readouterr().out.strip().splitlines()
     trained = json.loads(out[-1])
     assert any(line.startswith("[cacr] kNN top-1") for line in out[:-1])
-    _check_result(trained, epoch=3)
+    _check_result(trained, epoch=10)
     assert trained["data"] == checkpoints.cfg.data.url
 
     # untrained, same network: checkpoint and data both on the S3 endpoint (a different shard URL)
@@ -81,10 +84,11 @@ def test_trained_checkpoint_beats_its_random_init_local_and_s3(checkpoints, s3_b
     assert rand["checkpoint"] == remote and rand["data"] == s3_digits_shards
     assert isinstance(parse_options(EVAL), EvalOptions)
 
-    # Digits are easy for random conv features (kNN@20 ~0.89 at 16 px); three tiny epochs gain most on
-    # the wide-neighbourhood kNN (k = 200) and the linear probe.
+    # Digits are easy for random conv features (kNN@20 0.894, kNN@200 0.763 for this init). Over 10
+    # runs of this recipe (9 single-process stand-ins + 1 Ray run) the gain was +0.036..+0.106 at
+    # k = 200 and 0.000..+0.045 at k = 20: k = 200 is the robust check, k = 20 only must not drop.
     assert trained["knn200_top1"] > rand["knn200_top1"] + 0.02, (trained, rand)
-    assert trained["knn_top1"] > rand["knn_top1"] - 0.02, (trained, rand)
+    assert trained["knn_top1"] > rand["knn_top1"] - 0.01, (trained, rand)
     assert trained["linear_top1"] > 0.5 and rand["linear_top1"] > 0.5  # chance: 0.1
 
 
