@@ -8,10 +8,10 @@ scored by :func:`pipeline.evaluate.evaluate` (frozen backbone features, weighted
 linear probe). Real trainings through :func:`pipeline.train.run_training` (Ray Train, 2 workers).
 
 * full (default): the project's default config (32 px, narrow_resnet w = 16, K = 4, batch 2 x 128,
-  SGD lr 0.12 N/256), 15 epochs, seeds 0, 1, 2, probe 100 epochs: 6 trainings, an estimated hour
+  SGD lr 0.12 N/256, the digits augmentation), 15 epochs, seeds 0, 1, 2, probe 100 epochs: 6 trainings, an estimated hour
   on 2 CPU cores (not measured here).
-* quick: 16 px, w = 8, K = 4, batch 2 x 64, 3 epochs, seed 0, probe 100 epochs: 7.4 min measured
-  on 2 shared, heavily loaded CPU cores (load average ~50); less on an idle machine.
+* quick: 16 px, w = 8, K = 4, batch 2 x 64, 3 epochs, seed 0, probe 100 epochs: 3.3 min measured
+  on 2 shared CPU cores (load average ~18). One seed of 3 epochs: a smoke figure, not a verdict.
 
 Lines (``value`` = CACR mean over seeds, ``baseline`` = the other arm's mean; ``std`` /
 ``baseline_std`` over seeds, ``values`` / ``baseline_values`` per seed):
@@ -120,6 +120,8 @@ def run(quick: bool) -> list[dict[str, Any]]:
     config = {"dataset": "digits (train 1438 / val 359)", "arch": cfg.model.arch, "width": cfg.model.width,
               "image_size": cfg.data.image_size, "views": cfg.num_views, "epochs": cfg.epochs,
               "global_batch": cfg.global_batch, "optim": f"{cfg.optim.name} base_lr {cfg.optim.base_lr}",
+              "augment": {"scale": list(cfg.augment.scale), "flip_p": cfg.augment.flip_p,
+                          "jitter_p": cfg.augment.jitter_p, "grayscale_p": cfg.augment.grayscale_p},
               "cacr": {"tau_pos": cfg.loss.tau_pos, "tau_neg": cfg.loss.tau_neg},
               "infonce": {"temperature": cfg.loss.temperature},
               "eval": {"knn_k": [eval_opts.knn_k, eval_opts.knn_k_large],

@@ -121,7 +121,7 @@ class FeatureExtractor:
         import ray
         import torch
 
-        from cacr.augment import AugmentConfig
+        from cacr.augment_config import AugmentConfig
         from cacr.model import build_torchvision_backbone
 
         if isinstance(weights, ray.ObjectRef):
