@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -208,7 +207,6 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     train_shard = ray.train.get_dataset_shard("train")
     skipped_total: dict[str, int] = {}
     run_start = time.perf_counter()
-    samples_done = 0
     knn = float("nan")
     for epoch in range(start_epoch, cfg.epochs):
         model.train()
@@ -247,7 +245,6 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             sched.step()
             sum_loss += out.loss.detach()
             n_steps += 1
-            samples_done += images.shape[0] * world
             if tb is not None and (step % cfg.log_every_steps == 0 or n_steps == 1):
                 elapsed = time.perf_counter() - epoch_start
                 m = {f"train/{k}": v for k, v in out.metrics().items()}
