@@ -113,6 +113,9 @@ class Config:
     keep_checkpoints: int = _f(2, "checkpoints kept (newest)")
     max_failures: int = _f(2, "worker-group restarts from the last checkpoint before the run fails")
     log_every_steps: int = _f(10, "TensorBoard scalar interval (steps)")
+    log_level: str = _choice("warning", ("debug", "info", "warning", "error"),
+                             "console level of Ray Train's and Ray Data's own logs (info: every "
+                             "report, checkpoint and dataset execution)")
     fail_at_step: int | None = _f(None, "debug: raise in worker rank 1 (or 0) at this global step, once")
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)

@@ -34,7 +34,6 @@ import contextlib
 import json
 import math
 import os
-import socket
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -45,13 +44,13 @@ import yaml
 
 from pipeline.config import (Config, ConfigError, _check_tree, apply_flat, from_dict, load_yaml,
                              parse_override, set_key, to_dict)
+from pipeline.ray_local import STATE_API_ENV, dashboard_url, init_local_ray, quiet_env
 
 SPACE_TYPES = ("choice", "grid", "uniform", "loguniform", "randint")
 METRICS = {"knn_top1": "max", "loss": "min", "samples_per_s": "max", "epoch_time_s": "min"}
 # Keys a trial cannot vary: the run identity, the ASHA time axis, and the per-trial resources
 # (the resource check and the concurrency are computed once for the whole search).
 FIXED_KEYS = ("name", "storage_path", "epochs", "num_workers", "cpus_per_worker", "use_gpu")
-STATE_API_ENV = "RAY_API_SERVER_ADDRESS"
 # The Tune trial actor only waits on its Train controller; Tune refuses an empty request.
 TRIAL_DRIVER_CPU = 0.01
 
@@ -279,62 +278,6 @@ def _trial(params: dict[str, Any], *, base: dict, trials_url: str, train_scan=No
 # Ray
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def init_local_ray(num_cpus: int, num_gpus: int = 0, **kwargs) -> str | None:
-    """Start a local Ray WITH the dashboard on a free port, and pin every process of this job to it.
-
-    ``RAY_API_SERVER_ADDRESS`` in the job's runtime_env reaches every worker, actor and detached
-    actor of the job (the Train controller and its PlacementGroupCleaner included), so their State
-    API calls reach this instance even when other Ray instances run on the machine. Returns the
-    dashboard URL, or None if the dashboard could not start (then stopped trials may leak)."""
-    import ray
-
-    port = _free_port()
-    url = f"http://127.0.0.1:{port}"
-    env = {STATE_API_ENV: os.environ.get(STATE_API_ENV) or url}
-    try:
-        ray.init(num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=True, dashboard_port=port,
-                 runtime_env={"env_vars": env}, **kwargs)
-    except Exception as e:  # noqa: BLE001 - e.g. dashboard deps missing: run without, say so
-        if ray.is_initialized():
-            ray.shutdown()
-        print(f"[cacr] warning: Ray with dashboard failed to start ({_error_line(e)}); without it, "
-              "trials stopped early may not free their workers (ray#54305)", flush=True)
-        ray.init(num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=False, **kwargs)
-        return None
-    actual = _dashboard_url()
-    if actual and actual != env[STATE_API_ENV]:  # the dashboard moved to another port (taken)
-        print(f"[cacr] note: the dashboard runs at {actual}, not {env[STATE_API_ENV]}; Tune trials "
-              "get the right address, other jobs' processes may not", flush=True)
-    return actual
-
-
-def _dashboard_url(wait_s: float = 15.0) -> str | None:
-    """The running dashboard's address as registered in the GCS (what the State API client
-    looks up for an explicit cluster address), or None if there is no dashboard."""
-    from ray._private import ray_constants
-    from ray.experimental.internal_kv import _internal_kv_get
-
-    deadline = time.monotonic() + wait_s
-    while True:
-        try:
-            v = _internal_kv_get(ray_constants.DASHBOARD_ADDRESS,
-                                 namespace=ray_constants.KV_NAMESPACE_DASHBOARD)
-        except Exception:  # noqa: BLE001
-            v = None
-        if v:
-            v = v.decode() if isinstance(v, bytes) else str(v)
-            return v if "://" in v else f"http://{v}"
-        if time.monotonic() > deadline:
-            return None
-        time.sleep(0.5)
-
-
 @contextlib.contextmanager
 def _env(values: dict[str, str]) -> Iterator[None]:
     """Set environment variables for the duration of the search (the caller's process may run
@@ -459,9 +402,9 @@ def run_tune(path: str, overrides: list[str] | tuple[str, ...] = (), *,
 
             init_local_ray(int(max(os.cpu_count() or 1, math.ceil(need))),
                            num_gpus=torch.cuda.device_count() if base.use_gpu else 0,
-                           log_to_driver=True)
+                           env=quiet_env(base.log_level), log_to_driver=True)
     concurrency = _check_resources(base, tc, data_cpus=base.data.decode_num_cpus + TRIAL_DRIVER_CPU)
-    dashboard = os.environ.get(STATE_API_ENV) or _dashboard_url()
+    dashboard = os.environ.get(STATE_API_ENV) or dashboard_url()
     if dashboard is None:
         print("[cacr] warning: the Ray dashboard is not running: trials stopped early may not free "
               "their workers (Train's placement-group cleaner needs the State API, ray#54305)",

@@ -177,3 +177,26 @@ def test_cli_missing_shards_is_one_clear_line(tmp_path):
     r = _cacr("train", f"data.url={tmp_path / 'nothing'}", "data.source=null")
     assert r.returncode == 2 and "nothing" in r.stderr and "cacr prepare" in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+def test_cli_train_console_is_one_line_per_epoch_then_json(digits_shards, tmp_path):
+    """The README's command as a user runs it: its own local Ray (here beside the test session's),
+    one progress line per epoch - once, not echoed by Ray's logging - Ray's per-report INFO
+    chatter off, and the summary JSON as the very last line."""
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    r = subprocess.run([sys.executable, "-m", "pipeline.cli", "train", *TINY, "epochs=2",
+                        f"data.url={digits_shards}", "data.source=null",
+                        f"storage_path={tmp_path / 'runs'}", "name=console"],
+                       capture_output=True, text=True, timeout=400, env=env)
+    out = r.stdout + r.stderr
+    assert r.returncode == 0, out[-3000:]
+    epoch_lines = [ln for ln in out.splitlines() if "[cacr] epoch " in ln]
+    assert [ln.split("[cacr] epoch ")[1].split()[0] for ln in epoch_lines] == ["1/2", "2/2"], out
+    assert all(" knn " in ln and "samples/s" in ln and "ETA" in ln for ln in epoch_lines)
+    for noise in ("Reporting training result", "Failed to query Ray Train Controller",
+                  "execution finished in", "exclude_resources"):
+        assert noise not in out, noise
+    summary = json.loads(r.stdout.strip().splitlines()[-1])
+    assert summary["epochs"] == 2 and summary["steps"] == 2 * STEPS_PER_EPOCH
+    assert Path(summary["backbone"]).exists()
+    assert "tensorboard --logdir " + summary["tensorboard_logdir"] in out
