@@ -60,6 +60,9 @@ class EvalOptions:
     threads: int = field(default=0, metadata={"help": "torch threads per CPU actor (0: cores / actors)"})
     use_gpu: bool | None = field(default=None, metadata={"help": "GPU actors (null: when the cluster has GPUs)"})
     seed: int = field(default=0, metadata={"help": "seed of the linear probe (init, batch order)"})
+    log_level: str = field(default="warning", metadata={
+        "choices": ("debug", "info", "warning", "error"),
+        "help": "console level of Ray Data's own logs (info: the plan and progress of extraction)"})
     storage: StorageConfig = field(default_factory=StorageConfig)
 
     def validate(self) -> "EvalOptions":
@@ -156,17 +159,22 @@ class FeatureExtractor:
         return out
 
 
-def _ray_init(actors: int) -> None:
+def _ray_init(actors: int, log_level: str) -> None:
     import ray
 
+    from pipeline.ray_local import quiet_driver, quiet_env
+
+    quiet_driver(log_level)
     if ray.is_initialized():
         return
     if os.environ.get("RAY_ADDRESS"):
         ray.init(log_to_driver=True)
         return
     import torch
+    env = quiet_env(log_level)
     ray.init(num_cpus=max(os.cpu_count() or 1, actors + 2), num_gpus=torch.cuda.device_count(),
-             include_dashboard=False, log_to_driver=True)
+             include_dashboard=False, log_to_driver=True,
+             runtime_env={"env_vars": env} if env else None)
 
 
 def _plan_actors(opts: EvalOptions) -> tuple[int, int, bool]:
@@ -350,7 +358,7 @@ def evaluate(checkpoint: str | dict[str, Any], data_url: str | None = None,
     echo(f"[cacr] evaluate {ckpt_name}: {m.arch} trained {state.get('epoch')} epochs with "
          f"{cfg.loss.name}; data {url} [{opts.split_train} {train_scan.rows} / {split_val} {val_scan.rows}]")
 
-    _ray_init(opts.actors)
+    _ray_init(opts.actors, opts.log_level)
     weights_ref = ray.put(weights)  # once in the object store, read by every actor
     t1 = time.perf_counter()
     tr, va = extract_features(url, [opts.split_train, split_val], weights_ref=weights_ref, spec=spec,

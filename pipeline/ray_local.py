@@ -37,6 +37,19 @@ def quiet_env(log_level: str) -> dict[str, str]:
     }
 
 
+def quiet_driver(log_level: str) -> None:
+    """The same for this process: Ray Data executions started by the driver (``cacr evaluate``'s
+    feature extraction) log their plan and progress at INFO."""
+    import logging
+
+    level = log_level.upper()
+    if level in ("DEBUG", "INFO"):
+        return
+    import ray.data  # noqa: F401 - configures its logger on import; set the level after that
+
+    logging.getLogger("ray.data").setLevel(getattr(logging, level))
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
