@@ -106,7 +106,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     ap = build_parser()
-    args = ap.parse_args(argv)
+    # `cacr evaluate CKPT --data URL k=v` / `cacr train k=v --config F k=v`: argparse ends a "*"
+    # positional at the first option, so overrides after an option come back as extras.
+    args, extras = ap.parse_known_args(argv)
+    if extras:
+        stray = [x for x in extras if x.startswith("-") or not hasattr(args, "overrides")]
+        if stray:
+            ap.error(f"unrecognized arguments: {' '.join(stray)}")
+        args.overrides = [*(args.overrides or []), *extras]
     func: Callable[[argparse.Namespace], int] = args.func
     try:
         return int(func(args) or 0)

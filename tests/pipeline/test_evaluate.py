@@ -190,3 +190,24 @@ def test_cli_bad_option_or_data_fails_before_loading_anything(tmp_path, capsys):
     assert main(["evaluate", str(ckpt), "--data", str(tmp_path / "no-shards")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "no-shards" in err[0], err
+
+
+def test_cli_evaluate_prints_our_lines_and_json_last(digits_shards, tmp_path):
+    """`cacr evaluate` as a user runs it (its own local Ray): our progress lines and the JSON as the
+    last line; Ray Data's execution plan and per-dataset INFO lines stay off by default."""
+    from pipeline.checkpoint import save_state
+
+    cfg = load_config(None, ["data.source=null", "model.width=4"])
+    ckpt = save_state(tmp_path / "ckpt", _untrained_state(cfg)).parent
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    r = subprocess.run([sys.executable, "-m", "pipeline.cli", "evaluate", str(ckpt), "--data",
+                        digits_shards, "linear_epochs=2", "threads=1", "actors=1"],
+                       capture_output=True, text=True, timeout=300, env={**env, "OMP_NUM_THREADS": "1"})
+    out = r.stdout + r.stderr
+    assert r.returncode == 0, out[-3000:]
+    assert "[cacr] features: train (1438, " in out and "[cacr] kNN top-1 " in out
+    for noise in ("Execution plan of Dataset", "execution finished in", "Total Progress"):
+        assert noise not in out, noise
+    last = json.loads(r.stdout.strip().splitlines()[-1])
+    assert last["samples"] == {"train": 1438, "val": 359} and 0.1 < last["knn_top1"] <= 1.0
+    assert 0 <= last["linear_top1"] <= 1.0
