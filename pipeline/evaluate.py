@@ -172,7 +172,8 @@ def _ray_init(actors: int, log_level: str) -> None:
         return
     import torch
     env = quiet_env(log_level)
-    ray.init(num_cpus=max(os.cpu_count() or 1, actors + 2), num_gpus=torch.cuda.device_count(),
+    ray.init(address="local",  # a new instance, not a `ray start` cluster found on this machine
+             num_cpus=max(os.cpu_count() or 1, actors + 2), num_gpus=torch.cuda.device_count(),
              include_dashboard=False, log_to_driver=True,
              runtime_env={"env_vars": env} if env else None)
 

@@ -58,8 +58,9 @@ def free_port() -> int:
 
 def init_local_ray(num_cpus: int, num_gpus: int = 0, *, env: dict[str, str] | None = None,
                    **kwargs) -> str | None:
-    """Start a local Ray WITH the dashboard on a free port, and pin every process of this job to it
-    (plus ``env``). Returns the dashboard URL, or None if the dashboard could not start (then a
+    """Start a NEW local Ray WITH the dashboard on a free port, and pin every process of this job to
+    it (plus ``env``). ``address="local"``: a cluster left by ``ray start`` on this machine is not
+    joined by accident (Ray's default; it would also refuse our CPU count); RAY_ADDRESS joins one. Returns the dashboard URL, or None if the dashboard could not start (then a
     crashed controller's placement group may leak; said on the console)."""
     import os
 
@@ -69,8 +70,8 @@ def init_local_ray(num_cpus: int, num_gpus: int = 0, *, env: dict[str, str] | No
     url = f"http://127.0.0.1:{port}"
     env_vars = {**(env or {}), STATE_API_ENV: os.environ.get(STATE_API_ENV) or url}
     try:
-        ray.init(num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=True, dashboard_port=port,
-                 runtime_env={"env_vars": env_vars}, **kwargs)
+        ray.init(address="local", num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=True,
+                 dashboard_port=port, runtime_env={"env_vars": env_vars}, **kwargs)
     except Exception as e:  # noqa: BLE001 - e.g. dashboard deps missing: run without, say so
         if ray.is_initialized():
             ray.shutdown()
@@ -78,7 +79,7 @@ def init_local_ray(num_cpus: int, num_gpus: int = 0, *, env: dict[str, str] | No
         print(f"[cacr] warning: Ray with dashboard failed to start ({first}); without it, workers "
               "of a crashed or stopped run may not be freed (ray#54305)", flush=True)
         env_vars.pop(STATE_API_ENV)
-        ray.init(num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=False,
+        ray.init(address="local", num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=False,
                  runtime_env={"env_vars": env_vars} if env_vars else None, **kwargs)
         return None
     actual = dashboard_url()

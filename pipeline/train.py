@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -133,16 +134,27 @@ def _inject_failure(cfg: Config, rank: int, world: int, step: int) -> None:
     raise RuntimeError(f"injected failure at step {step} (fail_at_step) in worker rank {rank}")
 
 
-def _quiet_train_reports(log_level: str) -> None:
-    """Ray 2.60 logs every ``ray.train.report`` at INFO through a logger named after its source
-    FILE, which escapes RunConfig's ``LoggingConfig`` filter (it matches ``ray.train.*`` names)."""
+def _say(msg: str) -> None:
+    """A console line from a worker. Straight to stdout, which Ray forwards to the driver once:
+    Ray Train's patched ``print`` goes through its root logger, which reaches the console twice
+    when the job's environment has not switched the patch off (``ray job submit`` on a cluster)."""
+    sys.stdout.write(msg + "\n")
+    sys.stdout.flush()
+
+
+def _quiet_worker_logs(log_level: str) -> None:
+    """In this worker: Ray 2.60 logs every ``ray.train.report`` at INFO through a logger named
+    after its source FILE, which escapes RunConfig's ``LoggingConfig`` filter (that matches
+    ``ray.train.*`` names); Ray Data logs each execution of the kNN monitor's datasets."""
     import logging
 
+    level = getattr(logging, log_level.upper())
+    logging.getLogger("ray.data").setLevel(level)
     try:
         from ray.train.v2._internal.execution import context as train_context
     except ImportError:  # pragma: no cover - another Ray layout: its own level rules apply
         return
-    train_context.logger.setLevel(getattr(logging, log_level.upper()))
+    train_context.logger.setLevel(level)
 
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
@@ -163,7 +175,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     _set_threads(cfg)
-    _quiet_train_reports(cfg.log_level)
+    _quiet_worker_logs(cfg.log_level)
     device = ray.train.torch.get_device()
     use_bf16 = device.type == "cuda"  # bf16 autocast on CPU is ~10x slower: GPU only
 
@@ -197,7 +209,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             aug_gen.set_state(gens[rank])
         torch.set_rng_state(state["torch_rng"])
         if rank == 0:
-            print(f"[cacr] resumed from checkpoint: epoch {start_epoch}, step {step}", flush=True)
+            _say(f"[cacr] resumed from checkpoint: epoch {start_epoch}, step {step}")
 
     model = ray.train.torch.prepare_model(model)  # moves to device, wraps in DDP when world > 1
     core = model.module if hasattr(model, "module") else model
@@ -214,7 +226,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             knn_bank = _load_eval_split("knn_bank", loop_config["knn_bank_size"])
             knn_val = _load_eval_split("knn_val", loop_config["knn_val_size"])
             if knn_bank is None or knn_val is None or int((knn_bank[1] >= 0).sum()) == 0:
-                print("[cacr] kNN monitor off: no labelled train/val samples", flush=True)
+                _say("[cacr] kNN monitor off: no labelled train/val samples")
                 knn_bank = knn_val = None
 
     train_shard = ray.train.get_dataset_shard("train")
@@ -268,7 +280,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                           "perf/data_wait_fraction": wait_s / max(elapsed, 1e-9)})
                 m.update(embedding_stats(z))
                 if not math.isfinite(m["train/loss"]):
-                    print(f"[cacr] loss is {m['train/loss']} at step {step}", flush=True)
+                    _say(f"[cacr] loss is {m['train/loss']} at step {step}")
                 tb.scalars(m, step)
 
         # ---- end of epoch: reduce metrics over workers, kNN monitor, checkpoint, report ----
@@ -309,9 +321,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             tb.scalars({f"data/skipped/{k}": v for k, v in metrics["skipped"].items()}, step)
             done_epochs = epoch + 1 - start_epoch
             eta = (time.perf_counter() - run_start) / done_epochs * (cfg.epochs - epoch - 1)
-            print(f"[cacr] epoch {epoch + 1}/{cfg.epochs}  loss {loss_mean:.4f}  "
-                  f"knn {knn:.4f}  {samples_per_s:.0f} samples/s  data-wait {wait_fraction:.0%}  "
-                  f"ETA {eta:.0f}s", flush=True)
+            _say(f"[cacr] epoch {epoch + 1}/{cfg.epochs}  loss {loss_mean:.4f}  "
+                 f"knn {knn:.4f}  {samples_per_s:.0f} samples/s  data-wait {wait_fraction:.0%}  "
+                 f"ETA {eta:.0f}s")
             tb.sync()
 
         with tempfile.TemporaryDirectory() as tmp:
