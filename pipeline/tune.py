@@ -367,6 +367,7 @@ def run_tune(path: str, overrides: list[str] | tuple[str, ...] = (), *,
     extra Ray Tune callbacks for a new search (tests use one to interrupt it)."""
     import ray
     from ray import tune
+    from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
     from pipeline import storage
@@ -414,6 +415,11 @@ def run_tune(path: str, overrides: list[str] | tuple[str, ...] = (), *,
     if dashboard:
         env[STATE_API_ENV] = dashboard
         _propagate_to_trials(STATE_API_ENV)
+    # Tune's automatic TensorBoard logger would write a second, metrics-only copy of every trial
+    # into Tune's staging dir and print a `tensorboard --logdir /tmp/ray/...` line that is not the
+    # one to use; the trials' own TensorBoard (with the HParams view) is under trials/. Tune's CSV
+    # and JSON result files stay (its ExperimentAnalysis reads them).
+    env["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = "1"
 
     fs, fs_path = storage.arrow_fs(storage_url, base.storage) if remote else (None, storage_url)
     exp_path = fs_path.rstrip("/") + "/" + tc.name
@@ -446,7 +452,9 @@ def run_tune(path: str, overrides: list[str] | tuple[str, ...] = (), *,
                 trial_name_creator=lambda t: f"trial_{t.trial_id}",
                 trial_dirname_creator=lambda t: f"trial_{t.trial_id}"),
             run_config=tune.RunConfig(name=tc.name, storage_path=fs_path, storage_filesystem=fs,
-                                      verbose=tc.verbose, callbacks=callbacks),
+                                      verbose=tc.verbose,
+                                      callbacks=[CSVLoggerCallback(), JsonLoggerCallback(),
+                                                 *(callbacks or [])]),
         )
         print(f"[cacr] search '{tc.name}': {len(tc.search_space)} keys, num_samples {tc.num_samples}, "
               f"{concurrency} trial(s) at a time, scheduler {tc.scheduler.name}, metric {tc.metric} "

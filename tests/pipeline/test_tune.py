@@ -168,6 +168,13 @@ def test_search_asha_divergence_best_config_and_rerun(ray_session, digits_shards
     assert runs == sorted(r["trial"] for r in rows), (runs, rows)
     for row in rows:
         assert _tb_has_hparams(trials_dir / row["trial"] / "tensorboard"), row
+    # ... and only there: no second, metrics-only copy from Tune's own TensorBoard logger, whose
+    # `tensorboard --logdir /tmp/ray/...` hint would point users at the wrong place.
+    search_dir = Path(out["search_dir"])
+    stray = [p for p in search_dir.rglob("events.out.tfevents*") if trials_dir not in p.parents]
+    assert not stray, stray
+    assert "To visualize your results with TensorBoard" not in printed
+    assert list(search_dir.glob("trial_*/result.json")), sorted(search_dir.iterdir())  # Tune's own logs kept
 
     # The best config is a training config that `cacr train` runs as is (1 epoch here).
     best = load_config(out["best_config"])
