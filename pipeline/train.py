@@ -321,9 +321,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             tb.scalars({f"data/skipped/{k}": v for k, v in metrics["skipped"].items()}, step)
             done_epochs = epoch + 1 - start_epoch
             eta = (time.perf_counter() - run_start) / done_epochs * (cfg.epochs - epoch - 1)
-            _say(f"[cacr] epoch {epoch + 1}/{cfg.epochs}  loss {loss_mean:.4f}  "
-                 f"knn {knn:.4f}  {samples_per_s:.0f} samples/s  data-wait {wait_fraction:.0%}  "
-                 f"ETA {eta:.0f}s")
+            knn_text = f"knn {knn:.4f}  " if math.isfinite(knn) else ""  # monitor off: no val split
+            _say(f"[cacr] epoch {epoch + 1}/{cfg.epochs}  loss {loss_mean:.4f}  {knn_text}"
+                 f"{samples_per_s:.0f} samples/s  data-wait {wait_fraction:.0%}  ETA {eta:.0f}s")
             tb.sync()
 
         with tempfile.TemporaryDirectory() as tmp:
@@ -493,6 +493,11 @@ def build_trainer(cfg: Config, *, callbacks: list | None = None, storage_path: s
     return trainer, run_url, plan
 
 
+def _finite_or_none(x: Any) -> Any:
+    """NaN (kNN monitor off: no labelled val split) is not JSON: the summary says null."""
+    return None if isinstance(x, float) and not math.isfinite(x) else x
+
+
 def run_training(cfg: Config) -> dict[str, Any]:
     """Run (or resume) one training run; prints per-epoch lines and a final JSON summary."""
     if not cfg.name:
@@ -524,10 +529,10 @@ def run_training(cfg: Config) -> dict[str, Any]:
     summary = {
         "run_dir": run_url, "tensorboard_logdir": _join(run_url, "tensorboard"),
         "epochs": metrics.get("epoch"), "steps": metrics.get("step"),
-        "knn_top1": metrics.get("knn_top1"), "loss": metrics.get("loss"),
+        "knn_top1": _finite_or_none(metrics.get("knn_top1")), "loss": metrics.get("loss"),
         "samples_per_s": metrics.get("samples_per_s"), "skipped": metrics.get("skipped", {}),
-        "resumed_from_epoch": metrics.get("resumed_from_epoch"), "wall_s": round(wall, 1), "checkpoint": result.checkpoint.path if result.checkpoint else None,
-        "backbone": backbone,
+        "resumed_from_epoch": metrics.get("resumed_from_epoch"), "wall_s": round(wall, 1),
+        "checkpoint": result.checkpoint.path if result.checkpoint else None, "backbone": backbone,
     }
     print(json.dumps(summary), flush=True)
     return summary

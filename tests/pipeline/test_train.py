@@ -80,6 +80,9 @@ def test_injected_worker_failure_recovers_from_checkpoint(ray_session, digits_sh
     # Completed with the right number of steps, restarted from the epoch-1 checkpoint (not zero).
     assert out["epochs"] == 2 and out["steps"] == 2 * STEPS_PER_EPOCH
     assert out["resumed_from_epoch"] == 1
+    # No val split, so no kNN: the summary says null, and stays strict JSON (no NaN for jq & co).
+    assert out["knn_top1"] is None
+    json.dumps(out, allow_nan=False)
 
 
 def test_stopped_run_resumes_when_rerun_with_same_name(ray_session, digits_shards, tmp_path):
