@@ -27,7 +27,6 @@ The final JSON line holds ``knn_top1`` (k = knn_k), ``knn<K>_top1`` (k = knn_k_l
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import sys
@@ -38,6 +37,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.config import ConfigError, StorageConfig
+from pipeline.console import json_line
 
 
 @dataclass
@@ -410,5 +410,5 @@ def run_evaluate(args: argparse.Namespace) -> int:
     opts = parse_options(getattr(args, "overrides", None) or [])
     result = evaluate(args.checkpoint, getattr(args, "data", None), opts)
     sys.stdout.flush()
-    print(json.dumps(result), flush=True)
+    print(json_line(result), flush=True)
     return 0

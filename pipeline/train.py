@@ -13,7 +13,6 @@ re-run with the same name resumes), and rank-0 TensorBoard logging.
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 import sys
@@ -26,6 +25,7 @@ from typing import Any, Iterator
 import torch
 
 from pipeline.config import Config, ConfigError, from_dict, to_dict
+from pipeline.console import finite_or_none, json_line
 
 
 
@@ -493,11 +493,6 @@ def build_trainer(cfg: Config, *, callbacks: list | None = None, storage_path: s
     return trainer, run_url, plan
 
 
-def _finite_or_none(x: Any) -> Any:
-    """NaN (kNN monitor off: no labelled val split) is not JSON: the summary says null."""
-    return None if isinstance(x, float) and not math.isfinite(x) else x
-
-
 def run_training(cfg: Config) -> dict[str, Any]:
     """Run (or resume) one training run; prints per-epoch lines and a final JSON summary."""
     if not cfg.name:
@@ -529,10 +524,10 @@ def run_training(cfg: Config) -> dict[str, Any]:
     summary = {
         "run_dir": run_url, "tensorboard_logdir": _join(run_url, "tensorboard"),
         "epochs": metrics.get("epoch"), "steps": metrics.get("step"),
-        "knn_top1": _finite_or_none(metrics.get("knn_top1")), "loss": metrics.get("loss"),
+        "knn_top1": finite_or_none(metrics.get("knn_top1")), "loss": metrics.get("loss"),
         "samples_per_s": metrics.get("samples_per_s"), "skipped": metrics.get("skipped", {}),
         "resumed_from_epoch": metrics.get("resumed_from_epoch"), "wall_s": round(wall, 1),
         "checkpoint": result.checkpoint.path if result.checkpoint else None, "backbone": backbone,
     }
-    print(json.dumps(summary), flush=True)
+    print(json_line(summary), flush=True)
     return summary

@@ -44,6 +44,7 @@ import yaml
 
 from pipeline.config import (Config, ConfigError, _check_tree, apply_flat, from_dict, load_yaml,
                              parse_override, set_key, to_dict)
+from pipeline.console import finite_or_none, json_line
 from pipeline.ray_local import STATE_API_ENV, dashboard_url, init_local_ray, quiet_env
 
 SPACE_TYPES = ("choice", "grid", "uniform", "loguniform", "randint")
@@ -466,7 +467,8 @@ def run_tune(path: str, overrides: list[str] | tuple[str, ...] = (), *,
                          saved=_saved_statuses(exp_path, fs), wall_s=time.perf_counter() - t0)
     if started_ray:
         ray.shutdown()  # no late worker log line after the JSON line
-    print(json.dumps(summary, default=str), flush=True)
+    summary = finite_or_none(summary)  # what is printed is what is returned: null, never NaN
+    print(json_line(summary), flush=True)
     return summary
 
 
@@ -569,7 +571,8 @@ def _summarise(grid, tc: TuneConfig, base: Config, search_url: str, trials_url: 
         "search_dir": search_url, "tensorboard_logdir": trials_url, "wall_s": round(wall_s, 1),
         "trial_table": [{k: v for k, v in row.items()} for row in rows],
     }
-    _write_text(_join(search_url, "summary.json"), json.dumps(summary, indent=1, default=str), base)
+    _write_text(_join(search_url, "summary.json"),
+                json.dumps(finite_or_none(summary), indent=1, default=str, allow_nan=False), base)
     return summary
 
 
