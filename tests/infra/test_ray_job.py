@@ -17,7 +17,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -27,18 +26,14 @@ from pathlib import Path
 
 import pytest
 
+from pipeline.ray_local import free_port as _free_port
+
 pytestmark = pytest.mark.slow
 
 RAY = str(Path(sys.executable).with_name("ray"))
 TINY = ["batch_size=64", "num_workers=2", "cpus_per_worker=0.5", "data.image_size=16",
         "augment.crop_size=16", "model.width=8", "model.head_hidden=64", "model.head_out=32",
         "loss.num_positives=1", "optim.warmup_epochs=0.5", "epochs=1", "data.source=null"]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _wait_http(url: str, timeout_s: float) -> None:
