@@ -24,7 +24,7 @@ from typing import Any, Iterator
 
 import torch
 
-from pipeline.config import Config, ConfigError, from_dict, to_dict
+from pipeline.config import Config, from_dict, to_dict
 from pipeline.console import finite_or_none, json_line
 
 
@@ -524,10 +524,11 @@ def run_training(cfg: Config) -> dict[str, Any]:
     summary = {
         "run_dir": run_url, "tensorboard_logdir": _join(run_url, "tensorboard"),
         "epochs": metrics.get("epoch"), "steps": metrics.get("step"),
-        "knn_top1": finite_or_none(metrics.get("knn_top1")), "loss": metrics.get("loss"),
+        "knn_top1": metrics.get("knn_top1"), "loss": metrics.get("loss"),
         "samples_per_s": metrics.get("samples_per_s"), "skipped": metrics.get("skipped", {}),
         "resumed_from_epoch": metrics.get("resumed_from_epoch"), "wall_s": round(wall, 1),
         "checkpoint": result.checkpoint.path if result.checkpoint else None, "backbone": backbone,
     }
+    summary = finite_or_none(summary)  # what is printed is what is returned: null, never NaN
     print(json_line(summary), flush=True)
     return summary

@@ -39,7 +39,6 @@ import math
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -106,12 +105,6 @@ def test_decode_on_data_node_and_train_workers_on_trainer_node(digits_shards, tm
 # Child process: the cluster and the run.
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _pin_train_workers(resource: str) -> None:
     """Make every ScalingConfig built from now on ask for one unit of ``resource`` per worker."""
     import ray.train
@@ -155,6 +148,8 @@ def child_main(shards: str, storage: str) -> dict:
     # RAY_ADDRESS = this cluster's head, set before any node starts so that every process of the
     # cluster inherits it: whatever resolves "the" cluster without an address (State API clients
     # such as Ray Train's PlacementGroupCleaner) finds this one, never another instance here.
+    from pipeline.ray_local import free_port as _free_port
+
     port = _free_port()
     os.environ["RAY_ADDRESS"] = f"{get_node_ip_address()}:{port}"
     mem = {"object_store_memory": 200 << 20}
