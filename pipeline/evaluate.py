@@ -38,6 +38,7 @@ import numpy as np
 
 from pipeline.config import ConfigError, StorageConfig
 from pipeline.console import json_line
+from pipeline.errors import CacrError
 
 
 @dataclass
@@ -86,7 +87,7 @@ class EvalOptions:
         return self
 
 
-class EvalError(ValueError):
+class EvalError(CacrError, ValueError):
     """Data that cannot be evaluated on (e.g. unlabelled): a one-line user error."""
 
 

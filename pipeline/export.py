@@ -37,12 +37,14 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from pipeline.errors import CacrError
+
 WEIGHTS = "backbone.safetensors"
 META = "backbone.json"
 FORMAT = "cacr-backbone/1"
 
 
-class ExportError(ValueError):
+class ExportError(CacrError, ValueError):
     """An export that cannot be written or read (user error: one-line message)."""
 
 

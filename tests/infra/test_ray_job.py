@@ -26,7 +26,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.ray_local import free_port as _free_port
+from pipeline.ray_start import free_port as _free_port
 
 pytestmark = pytest.mark.slow
 
