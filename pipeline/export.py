@@ -119,9 +119,9 @@ def export_backbone(checkpoint: str | Path | dict[str, Any], out_url: str, stora
         meta["feature_dim"] = _feature_dim(weights)
         meta["weights_sha256"] = hashlib.sha256(wpath.read_bytes()).hexdigest()
         (Path(tmp) / META).write_text(json.dumps(meta, indent=2))
-        if "://" in out_url:
-            from pipeline import storage
+        from pipeline import storage
 
+        if storage.is_remote(out_url):
             fs, path = storage.fsspec_fs(out_url, storage_cfg)
             try:
                 fs.makedirs(path, exist_ok=True)
@@ -136,7 +136,7 @@ def export_backbone(checkpoint: str | Path | dict[str, Any], out_url: str, stora
             out.mkdir(parents=True, exist_ok=True)
             for name in (WEIGHTS, META):
                 (out / name).write_bytes((Path(tmp) / name).read_bytes())
-    return out_url.rstrip("/") + "/" + WEIGHTS
+    return storage.join_url(out_url, WEIGHTS)
 
 
 def _feature_dim(weights: dict[str, Any]) -> int | None:
@@ -152,11 +152,11 @@ def load_backbone(directory: str | Path, storage_cfg=None):
 
     from cacr.model import build_torchvision_backbone
 
+    from pipeline import storage
+
     url = str(directory)
     with tempfile.TemporaryDirectory() as tmp:
-        if "://" in url:
-            from pipeline import storage
-
+        if storage.is_remote(url):
             fs, path = storage.fsspec_fs(url, storage_cfg)
             try:
                 for name in (META, WEIGHTS):
@@ -175,10 +175,16 @@ def load_backbone(directory: str | Path, storage_cfg=None):
 
 
 def run_export(args: argparse.Namespace) -> int:
-    from pipeline.config import StorageConfig
+    """CLI entry: the checkpoint (or a run dir's newest) and the target are checked up front;
+    the printed paths are absolute (or s3:// URLs)."""
+    from pipeline import storage
+    from pipeline.data.commands import storage_from_args
+    from pipeline.evaluate import resolve_checkpoint
 
-    storage_cfg = StorageConfig()
-    out = str(args.out)
-    path = export_backbone(args.checkpoint, out, storage_cfg)
-    print(json.dumps({"backbone": path, "meta": out.rstrip("/") + "/" + META}), flush=True)
+    storage_cfg = storage_from_args(args)
+    out = storage.resolve_url(str(args.out))
+    ckpt = resolve_checkpoint(str(args.checkpoint), storage_cfg)
+    storage.check_writable(out, storage_cfg)
+    path = export_backbone(ckpt, out, storage_cfg)
+    print(json.dumps({"backbone": path, "meta": storage.join_url(out, META)}), flush=True)
     return 0

@@ -89,12 +89,13 @@ def joining_cluster() -> bool:
     return bool(os.environ.get("RAY_ADDRESS"))
 
 
-def start_ray(*, num_cpus: int | None = None, use_gpu: bool = False, log_level: str = "warning",
+def start_ray(*, num_cpus: int | None = None, use_gpu: bool | None = False, log_level: str = "warning",
               dashboard: bool = True, env: dict[str, str] | None = None,
               log_to_driver: bool = True, gpu_key: str = "use_gpu", **kwargs) -> bool:
     """Join ``RAY_ADDRESS`` or start a new local Ray (see the module docstring).
 
-    ``num_cpus``: logical CPUs of a local instance (at least the machine's cores). ``env``: extra
+    ``num_cpus``: logical CPUs of a local instance (at least the machine's cores). ``use_gpu``:
+    True = the machine's GPUs, and an error if it has none; None = its GPUs, if any. ``env``: extra
     variables for every process of the job (never secrets). ``gpu_key`` names the option in the
     "no GPU" error. Returns True if this call started Ray (the caller shuts it down), False if Ray
     was already initialised in this process or a cluster was joined."""
@@ -107,7 +108,7 @@ def start_ray(*, num_cpus: int | None = None, use_gpu: bool = False, log_level: 
     if joining_cluster():
         ray.init(log_to_driver=log_to_driver, **kwargs)
         return False
-    gpus = local_gpu_count() if use_gpu else 0
+    gpus = local_gpu_count() if use_gpu is not False else 0
     if use_gpu and gpus == 0:
         raise ConfigError(f"{gpu_key}=true but this machine has no CUDA GPU (torch sees none): set "
                           f"{gpu_key}=false, or run on a GPU machine / cluster (RAY_ADDRESS)")
