@@ -325,19 +325,18 @@ def resolve_checkpoint(url: str, storage_cfg: StorageConfig | None = None, echo=
     newest checkpoint, said on the console. On S3 the endpoint / bucket is checked first (a
     one-line "cannot reach" in seconds, not "does not exist" after the data-path retries)."""
     from pipeline import storage
-    from pipeline.checkpoint import STATE_FILE, CheckpointError
+    from pipeline.checkpoint import STATE_FILE
     from pipeline.train import list_checkpoints
 
     echo = echo or (lambda m: print(m, flush=True))
     url = storage.resolve_url(url)
     if storage.is_remote(url):
         storage.check_location(url, storage_cfg, must_exist=True)
-    if url.endswith(STATE_FILE) or storage.list_files(url, storage_cfg).get(STATE_FILE) is not None:
+    if url.endswith(STATE_FILE) or STATE_FILE in storage.list_files(url, storage_cfg):
         return url
     found = list_checkpoints(url, storage_cfg)
-    if not found:
-        raise CheckpointError(f"no checkpoint at '{url}': pass a checkpoint directory (…/checkpoint_*/), "
-                              f"its {STATE_FILE}, or a run directory holding checkpoint_* directories")
+    if not found:  # a file, or nothing there: load_checkpoint says which, in one line
+        return url
     names = [c.rstrip("/").rsplit("/", 1)[-1] for c in found]
     echo(f"[cacr] {url} is a run directory: using its newest checkpoint {names[-1]}"
          + (f" (others: {', '.join(names[:-1])})" if len(names) > 1 else ""))

@@ -102,7 +102,9 @@ def inspect_shards(url: str, split: str = "train", *, storage: StorageConfig | N
     started = start_ray(log_level=log_level, dashboard=False, log_to_driver=False,
                         logging_level=getattr(logging, log_level.upper()))
     if log_level.upper() not in ("DEBUG", "INFO"):
-        ctx = ray.data.DataContext.get_current()  # no progress bars / plan lines on the console
+        from ray.data import DataContext
+
+        ctx = DataContext.get_current()  # no progress bars / plan lines on the console
         ctx.enable_progress_bars = False
         ctx.print_on_execution_start = False
     try:

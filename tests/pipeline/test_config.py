@@ -30,7 +30,7 @@ def test_overrides_are_typed(tmp_path):
 
 
 @pytest.mark.parametrize("override, fragment", [
-    ("optim.base_lrr=0.1", "unknown config key 'optim.base_lrr' (did you mean 'base_lr'?)"),
+    ("optim.base_lrr=0.1", "unknown config key 'optim.base_lrr' (did you mean 'optim.base_lr'?)"),
     ("epochs=three", "'epochs'"),
     ("epochs=0", "'epochs'"),
     ("loss.name=triplet", "'loss.name'"),

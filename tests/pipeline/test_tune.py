@@ -56,14 +56,14 @@ def test_embedded_default_loads_and_matches_the_rayjob():
 
     tc, base = load_tune_config(str(ROOT / "conf/tune/digits.yaml"))
     assert tc.scheduler.name == "asha" and tc.metric == "knn_top1" and tc.mode == "max"
-    assert base.data.source == "digits" and base.epochs > tc.scheduler.grace_period
+    assert base.data.source == "auto" and base.epochs > tc.scheduler.grace_period
     assert {"optim.base_lr", "loss.tau_pos", "loss.tau_neg"} <= set(tc.search_space)
     rayjob = (ROOT / "infra/k8s/rayjob-tune.yaml").read_text()
     assert "cacr tune --config conf/tune/digits.yaml" in rayjob
 
 
 @pytest.mark.parametrize("over,match", [
-    ({"search_space": {"optim.base_lrr": {"type": "choice", "values": [0.1]}}}, "did you mean 'base_lr'"),
+    ({"search_space": {"optim.base_lrr": {"type": "choice", "values": [0.1]}}}, "did you mean 'optim.base_lr'"),
     ({"search_space": {"loss.tau_pos": {"type": "normal", "values": [1]}}}, "expected {type"),
     ({"search_space": {"loss.tau_pos": {"type": "uniform", "low": -1.0, "high": 1.0}}}, "loss.tau_pos"),
     ({"search_space": {"loss.tau_neg": {"type": "loguniform", "low": 0.0, "high": 1.0}}}, "low > 0"),
@@ -72,7 +72,7 @@ def test_embedded_default_loads_and_matches_the_rayjob():
     ({"search_space": {}}, "at least one key"),
     ({"metric": "accuracy"}, "metric"),
     ({"scheduler": {"name": "hyperband"}}, "scheduler.name"),
-    ({"train": {"optim.base_lrr": 0.1}}, "did you mean 'base_lr'"),
+    ({"train": {"optim.base_lrr": 0.1}}, "did you mean 'optim.base_lr'"),
 ])
 def test_bad_tune_configs_fail_before_ray(tmp_path, over, match):
     from pipeline.tune import load_tune_config
