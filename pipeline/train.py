@@ -535,7 +535,7 @@ def list_checkpoints(run_url: str, storage_cfg=None) -> list[str]:
             if n.startswith(CHECKPOINT_PREFIX)]
 
 
-def _failure(cfg: Config, run_url: str, error: BaseException) -> TrainingFailed:
+def training_failed(cfg: Config, run_url: str, error: BaseException) -> TrainingFailed:
     """The one line for a failed run; "re-run to resume" only when a checkpoint exists to resume."""
     first = next((ln.strip() for ln in reversed(str(error).strip().splitlines()) if ln.strip()),
                  type(error).__name__)
@@ -570,7 +570,7 @@ def run_training(cfg: Config) -> dict[str, Any]:
         error = e
     wall = time.perf_counter() - t0
     if error is not None:
-        raise _failure(cfg, run_url, error)
+        raise training_failed(cfg, run_url, error)
     metrics = result.metrics or {}
     from pipeline.export import export_backbone
 
