@@ -16,6 +16,10 @@
   (``copy_shards``) before damaging it.
 * ``s3_digits_shards`` (session): the same shard set uploaded to a bucket; returns its s3:// URL.
 * ``copy_shards`` / ``upload_to_s3``: helpers (as fixtures) to copy a shard set locally / to S3.
+* ``fresh_user(secret) -> (env, [work, home, ray_tmp])``: the environment of a user on a fresh
+  machine with AWS keys exported (``secret`` as the secret key; moto accepts any), an empty HOME
+  and a private ``RAY_TMPDIR``, for a command run as a subprocess in ``work``.
+* ``find_secret(secret, dirs, s3_prefixes=()) -> [paths]``: every file / object holding it.
 """
 from __future__ import annotations
 
@@ -23,6 +27,7 @@ import logging
 import os
 import shutil
 import uuid
+from pathlib import Path
 
 import pytest
 
@@ -132,6 +137,49 @@ def ray_session(s3_server, tmp_path_factory):
         yield ray
     finally:
         ray.shutdown()
+
+
+@pytest.fixture
+def fresh_user(s3_server, tmp_path):
+    import tempfile
+
+    made = []
+
+    def make(secret: str):
+        work, home = tmp_path / "work", tmp_path / "home"
+        work.mkdir()
+        home.mkdir()
+        ray_tmp = Path(tempfile.mkdtemp(prefix="ru", dir="/tmp"))  # short: Ray's socket paths
+        made.append(ray_tmp)
+        env = {k: v for k, v in os.environ.items()
+               if k not in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS", "RAY_AUTH_MODE")}
+        env.update(HOME=str(home), RAY_TMPDIR=str(ray_tmp), AWS_ACCESS_KEY_ID="AKIACACRTESTKEY",
+                   AWS_SECRET_ACCESS_KEY=secret, OMP_NUM_THREADS="1")
+        return env, [work, home, ray_tmp]
+
+    yield make
+    for d in made:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.fixture
+def find_secret():
+    def find(secret: str, dirs, s3_prefixes=()) -> list[str]:
+        from pipeline.storage import fsspec_fs
+
+        hits, needle = [], secret.encode()
+        for d in dirs:
+            for p in Path(d).rglob("*"):
+                try:
+                    if p.is_file() and not p.is_symlink() and needle in p.read_bytes():
+                        hits.append(str(p))
+                except OSError:
+                    pass  # a socket, or a file Ray removed meanwhile
+        for url in s3_prefixes:
+            fs, path = fsspec_fs(url)
+            hits += [f"s3://{key}" for key in fs.find(path) if needle in fs.cat_file(key)]
+        return hits
+    return find
 
 
 @pytest.fixture(scope="session")
