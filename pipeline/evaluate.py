@@ -353,15 +353,14 @@ def evaluate(checkpoint: str | dict[str, Any], data_url: str | None = None,
     import torch
 
     from cacr.knn import knn_top1
-    from pipeline.checkpoint import load_checkpoint
-    from pipeline.export import backbone_state
+    from pipeline.export import backbone_state, read_checkpoint
 
     echo = echo or (lambda m: print(m, flush=True))
     opts = opts or EvalOptions()
     t0 = time.perf_counter()
     if not isinstance(checkpoint, dict):
         checkpoint = resolve_checkpoint(str(checkpoint), opts.storage, echo)
-    state = checkpoint if isinstance(checkpoint, dict) else load_checkpoint(checkpoint, opts.storage)
+    state = checkpoint if isinstance(checkpoint, dict) else read_checkpoint(checkpoint, opts.storage)
     cfg = _checkpoint_config(state)
     weights = backbone_state(state)
     m = cfg.model

@@ -48,6 +48,23 @@ class ExportError(CacrError, ValueError):
     """An export that cannot be written or read (user error: one-line message)."""
 
 
+def read_checkpoint(url: str, storage_cfg=None) -> dict[str, Any]:
+    """:func:`pipeline.checkpoint.load_checkpoint` for the commands: its one-line error never
+    passes on PyTorch's advice to re-run ``torch.load`` with ``weights_only=False`` (that would
+    execute whatever a pickle holds) nor a bare unpickling detail such as ``KeyError: 101``."""
+    from pipeline.checkpoint import CheckpointError, load_checkpoint
+
+    try:
+        return load_checkpoint(url, storage_cfg)
+    except CheckpointError as e:
+        msg = str(e)
+        if "weights_only" in msg or "Weights only" in msg or "KeyError" in msg:
+            head = msg.split(" (", 1)[0]
+            raise CheckpointError(f"{head} (not a PyTorch checkpoint written by `cacr train`, or a "
+                                  "damaged one; cacr only reads tensors, never pickled code)") from None
+        raise
+
+
 def backbone_state(state: dict[str, Any]) -> dict[str, Any]:
     """The ``backbone.*`` tensors of a checkpoint's model, prefix stripped, contiguous, on CPU."""
     prefix = "backbone."
@@ -106,9 +123,7 @@ def export_backbone(checkpoint: str | Path | dict[str, Any], out_url: str, stora
     returns the weights URL. ``checkpoint`` is a checkpoint URL/path or a loaded state dict."""
     from safetensors.torch import save_file
 
-    from pipeline.checkpoint import load_checkpoint
-
-    state = checkpoint if isinstance(checkpoint, dict) else load_checkpoint(str(checkpoint), storage_cfg)
+    state = checkpoint if isinstance(checkpoint, dict) else read_checkpoint(str(checkpoint), storage_cfg)
     weights, meta = backbone_state(state), export_metadata(state)
     out_url = str(out_url)
     with tempfile.TemporaryDirectory() as tmp:
