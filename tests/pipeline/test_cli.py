@@ -212,3 +212,16 @@ def test_train_as_a_user_runs_it_relative_paths_and_no_credentials(s3_digits_sha
     assert Path(summary["checkpoint"]).is_dir() and Path(summary["backbone"]).is_file()
     assert list(dirs[-1].rglob("*.log")), "Ray wrote nothing under the private RAY_TMPDIR"
     assert find_secret(secret, dirs) == [] and secret not in out
+
+
+def test_the_driver_resolves_relative_paths_before_ray(digits_shards, copy_shards, tmp_path, monkeypatch):
+    """The config that goes to Ray (and into checkpoints) carries absolute paths: a Ray Train
+    worker's cwd is Ray's artifacts dir, where ./runs would be somewhere else entirely."""
+    from pipeline.config import load_config
+    from pipeline.train import prepare_run
+
+    monkeypatch.chdir(tmp_path)
+    copy_shards(digits_shards, tmp_path / "data" / "digits")   # the default ./data/digits
+    cfg, plan = prepare_run(load_config(None, ["name=r"]))
+    assert cfg.storage_path == str(tmp_path / "runs") and cfg.data.url == str(tmp_path / "data" / "digits")
+    assert plan.train_scan.rows == 1438
