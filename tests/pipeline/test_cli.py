@@ -225,3 +225,23 @@ def test_the_driver_resolves_relative_paths_before_ray(digits_shards, copy_shard
     cfg, plan = prepare_run(load_config(None, ["name=r"]))
     assert cfg.storage_path == str(tmp_path / "runs") and cfg.data.url == str(tmp_path / "data" / "digits")
     assert plan.train_scan.rows == 1438
+
+
+@pytest.mark.slow
+def test_inspect_is_quiet_by_default_and_takes_log_level(digits_shards):
+    """`cacr inspect` starts its own Ray through the one start-up (never joining a `ray start`
+    cluster); by default none of Ray Data's INFO lines reach the console, the JSON is last."""
+    import json
+
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    r = subprocess.run([sys.executable, "-m", "pipeline.cli", "inspect", digits_shards, "--split", "val"],
+                       capture_output=True, text=True, timeout=300, env=env)
+    out = r.stdout + r.stderr
+    assert r.returncode == 0, out[-3000:]
+    noise = [ln for ln in out.splitlines() if " INFO " in ln or "Execution plan" in ln
+             or "Registered dataset logger" in ln]
+    assert noise == [], noise
+    assert json.loads(r.stdout.strip().splitlines()[-1])["samples"] == 359
+    help_text = subprocess.run([sys.executable, "-m", "pipeline.cli", "inspect", "--help"],
+                               capture_output=True, text=True, timeout=60).stdout
+    assert "--log-level" in help_text

@@ -266,7 +266,7 @@ def test_tune_on_s3_writes_no_credentials_anywhere(s3_bucket, s3_digits_shards, 
                       scheduler={"name": "fifo"})
     r = subprocess.run([sys.executable, "-m", "pipeline.cli", "tune", "--config", path,
                         "train.epochs=1", f"train.storage_path={bucket}/runs"],
-                       cwd=work, env=env, capture_output=True, text=True, timeout=480)
+                       cwd=work, env=env, capture_output=True, text=True, timeout=900)
     out = r.stdout + r.stderr
     assert r.returncode == 0, out[-4000:]
     summary = json.loads(r.stdout.strip().splitlines()[-1])
