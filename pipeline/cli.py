@@ -22,14 +22,9 @@ def user_errors() -> tuple[type[BaseException], ...]:
 
 
 def _keys_epilog() -> str:
-    from pipeline.config import describe_keys
+    from pipeline.config import keys_help
 
-    rows = describe_keys()
-    width = max(len(k) for k, _, _ in rows)
-    lines = ["config keys (set as key=value; nested keys are dotted):"]
-    for key, default, help_ in rows:
-        lines.append(f"  {key:<{width}}  {help_} (default: {default})")
-    return "\n".join(lines)
+    return keys_help()
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:

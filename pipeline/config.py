@@ -479,3 +479,10 @@ def describe_keys(cls: type = Config, prefix: str = "", inst: Any = None) -> lis
             rows.append((prefix + f.name, yaml.safe_dump(shown, default_flow_style=True).strip()
                          .removesuffix("...").strip(), help_))
     return rows
+
+
+def keys_help(cls: type = Config, title: str = "config keys (set as key=value; nested keys are dotted):") -> str:
+    """The key table of a ``--help`` epilog: one line per dotted key, help text, default."""
+    rows = describe_keys(cls)
+    width = max(len(k) for k, _, _ in rows)
+    return "\n".join([title, *(f"  {k:<{width}}  {h} (default: {d})" for k, d, h in rows)])

@@ -99,12 +99,9 @@ class TuneConfig:
 
 def tune_keys_epilog() -> str:
     """``cacr tune --help``: the tune keys, then how to reach the training keys."""
-    from pipeline.config import describe_keys
+    from pipeline.config import keys_help
 
-    rows = describe_keys(TuneConfig)
-    width = max(len(k) for k, _, _ in rows)
-    lines = ["tune keys (set in the tune YAML or as key=value):"]
-    lines += [f"  {k:<{width}}  {h} (default: {d})" for k, d, h in rows]
+    lines = [keys_help(TuneConfig, "tune keys (set in the tune YAML or as key=value):")]
     lines.append("training keys: train.<key>=value, any key `cacr train --help` lists "
                  "(e.g. train.epochs=2, train.optim.base_lr=0.1)")
     return "\n".join(lines)
