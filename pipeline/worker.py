@@ -5,7 +5,7 @@
       resume      the last checkpoint Ray hands over, if any (method, optimiser, schedule, RNGs)
       prepare     DDP around the method; rank 0: TensorBoard, the kNN monitor's two splits
       per epoch:
-        run_epoch      batches -> view groups -> train_step, the step agreement one step ahead
+        run_epoch      agreed_batches -> view groups -> train_step (steps agreed one step ahead)
         end_of_epoch   loss / timings / skip counts reduced over workers; rank 0: kNN, TB, console
         checkpoint     state (rank 0) + metrics through ray.train.report; then the divergence check
 
@@ -350,12 +350,12 @@ def _next_batch(batches: Iterator[tuple], stats: EpochStats) -> tuple | None:
     return item
 
 
-def run_epoch(st: WorkerState) -> EpochStats:
-    """Steps until some worker runs out of batches (agreed one step ahead, see StepAgreement)."""
-    st.model.train()
-    stats = EpochStats(start=time.perf_counter(), sum_loss=torch.zeros((), device=st.device))
-    agree = StepAgreement(st.group)
-    batches = _epoch_batches(st, stats.skipped)
+def agreed_batches(batches: Iterator[tuple], agree: StepAgreement, stats: EpochStats) -> Iterator[tuple]:
+    """The batches of ``batches`` for which EVERY worker has one (see :class:`StepAgreement`).
+
+    The vote for step k+1 is cast before step k is handed out, so its round trip runs while the
+    caller computes step k; ``stats`` books the iterator's time as data wait and the vote's
+    remaining wait as collective wait."""
     item = _next_batch(batches, stats)
     agree.post(item is not None)
     while True:
@@ -363,10 +363,18 @@ def run_epoch(st: WorkerState) -> EpochStats:
         go = agree.result()
         stats.collective_wait_s += time.perf_counter() - t
         if not go:
-            break  # some worker ran out: everyone ends the epoch after the same step
+            return  # some worker ran out: everyone ends the epoch after the same step
         current, item = item, _next_batch(batches, stats)
-        agree.post(item is not None)  # vote for the next step while this one computes
-        _step(st, stats, current)
+        agree.post(item is not None)
+        yield current
+
+
+def run_epoch(st: WorkerState) -> EpochStats:
+    st.model.train()
+    stats = EpochStats(start=time.perf_counter(), sum_loss=torch.zeros((), device=st.device))
+    batches = _epoch_batches(st, stats.skipped)
+    for batch in agreed_batches(batches, StepAgreement(st.group), stats):
+        _step(st, stats, batch)
     return stats
 
 
