@@ -56,6 +56,7 @@ def test_two_worker_run_logs_checkpoints_and_exports(ray_session, digits_shards,
     scalars = set(ea.Tags()["scalars"])
     for tag in ["train/loss", "train/attraction", "train/repulsion", "train/lr", "train/alignment",
                 "train/uniformity", "perf/samples_per_s", "perf/data_wait_fraction",
+                "perf/collective_wait_fraction", "perf/epoch_collective_wait_fraction",
                 "embedding/std_mean", "val/knn_top1", "epoch/loss"]:
         assert tag in scalars, (tag, sorted(scalars))
     assert any("eff_pos" in t for t in scalars) and any("eff_neg" in t for t in scalars)
