@@ -7,7 +7,9 @@ Same model, batch, augmentation, loss, optimiser and torch threads on both sides
   ``log_every_steps``, a checkpoint per epoch. Figure: the per-epoch ``samples_per_s`` the worker
   itself reports (read back from the run's TensorBoard events, ``perf/epoch_samples_per_s``), the
   first epoch excluded (warm-up: Ray Data start, kernel/allocator warm-up), median of the rest.
-  ``data_wait_fraction`` is the share of epoch time the loop spent waiting for its next batch.
+  ``data_wait_fraction`` is the share of epoch time the loop spent waiting for its next batch;
+  ``pipeline_epochs_collective_wait`` the share spent waiting for the other workers' step vote
+  (``pipeline.worker.StepAgreement``; ~0 with one worker).
 * ``bare`` - a plain Python loop over the same images held in memory as one uint8 tensor (a
   fresh random permutation per epoch): ``MultiViewAugment`` -> ``CACRModel`` -> ``cacr_loss`` /
   ``infonce_loss`` -> backward -> optimiser and scheduler step, written out here with the plain
@@ -197,7 +199,9 @@ def _epoch_scalars(logdir: str) -> list[dict]:
     ea.Reload()
     sps = ea.Scalars("perf/epoch_samples_per_s")
     wait = {e.step: e.value for e in ea.Scalars("perf/epoch_data_wait_fraction")}
-    return [{"samples_per_s": e.value, "data_wait_fraction": wait.get(e.step, float("nan")), "step": e.step,
+    coll = {e.step: e.value for e in ea.Scalars("perf/epoch_collective_wait_fraction")}
+    return [{"samples_per_s": e.value, "data_wait_fraction": wait.get(e.step, float("nan")),
+             "collective_wait_fraction": coll.get(e.step, float("nan")), "step": e.step,
              "wall_time": e.wall_time} for e in sorted(sps, key=lambda e: e.step)]
 
 
@@ -353,6 +357,7 @@ def _compare(name: str, cfg, images: torch.Tensor, device: torch.device, context
         "data_wait_fraction": round(wait, 3), **cpu, **procs,
         "pipeline_epochs_samples_per_s": [round(e["samples_per_s"], 1) for e in pipe],
         "pipeline_epochs_data_wait": [round(e["data_wait_fraction"], 3) for e in pipe],
+        "pipeline_epochs_collective_wait": [round(e["collective_wait_fraction"], 3) for e in pipe],
         "bare_epochs_samples_per_s": [round(e["samples_per_s"], 1) for e in bare_a + bare_b],
         "best_epoch_ratio": round(max(pipe_vals) / max(bare_vals), 3),
         "pipeline_wall_s": summary.get("wall_s"), "steps_per_epoch": images.shape[0] // cfg.batch_size,
