@@ -94,6 +94,25 @@ def test_view_groups_get_the_valid_sizes_and_feed_one_step(tmp_path):
     assert torch.isfinite(out.loss)
 
 
+def test_rebatch_keeps_each_images_valid_size_with_it():
+    """Rows dropped as bad leave with their ``hw``; re-cut batches keep image i with its size."""
+    from pipeline.data.read import OK, UNDECODABLE_IMAGE
+    from pipeline.worker import _rebatch
+
+    def batch(first: int, bad: list[int]):
+        ids = torch.arange(first, first + 4)
+        skip = torch.full((4,), OK, dtype=torch.int8)
+        skip[bad] = UNDECODABLE_IMAGE
+        return {"image": ids.view(4, 1, 1, 1).expand(4, 2, 2, 3).to(torch.uint8), "label": ids,
+                "skip": skip, "hw": torch.stack([ids, ids + 100], 1)}
+    skipped: dict[str, int] = {}
+    out = list(_rebatch(iter([batch(0, [1]), batch(4, [0, 3])]), 2, skipped))
+    assert skipped == {"undecodable_image": 3} and len(out) == 2
+    for images, labels, hw in out:
+        assert torch.equal(images[:, 0, 0, 0].long(), labels) and torch.equal(hw[:, 0], labels)
+    assert torch.cat([o[1] for o in out]).tolist() == [0, 2, 3, 5]
+
+
 def test_optimizer_must_see_exactly_the_trainable_parameters(tmp_path):
     from pipeline.worker import build_optimizer_for
 
