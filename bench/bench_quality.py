@@ -76,7 +76,8 @@ def run(quick: bool) -> list[dict[str, Any]]:
     from pipeline.config import load_config, to_dict
     from pipeline.data import prepare
     from pipeline.evaluate import evaluate, parse_options
-    from pipeline.train import _build_model, run_training
+    from pipeline.train import run_training
+    from pipeline.worker import method_from_config
 
     seeds = [0] if quick else [0, 1, 2]
     threads = max(1, (os.cpu_count() or 2) // 2)
@@ -107,7 +108,7 @@ def run(quick: bool) -> list[dict[str, Any]]:
                          + f" (train {walls[loss][-1]:.0f}s)")
                 torch.manual_seed(seed)  # the init the runs of this seed started from
                 rand_dir = os.path.join(tmp, f"random-s{seed}")
-                save_state(rand_dir, {"model": _build_model(cfg).state_dict(), "config": to_dict(cfg),
+                save_state(rand_dir, {"model": method_from_config(cfg).model_state(), "config": to_dict(cfg),
                                       "epoch": 0, "step": 0, "metrics": {}})
                 r = evaluate(rand_dir, shards, eval_opts, echo=_log)
                 for m in METRICS:

@@ -7,11 +7,15 @@ Same model, batch, augmentation, loss, optimiser and torch threads on both sides
   ``log_every_steps``, a checkpoint per epoch. Figure: the per-epoch ``samples_per_s`` the worker
   itself reports (read back from the run's TensorBoard events, ``perf/epoch_samples_per_s``), the
   first epoch excluded (warm-up: Ray Data start, kernel/allocator warm-up), median of the rest.
-  ``data_wait_fraction`` is the share of epoch time the loop spent waiting for its next batch.
+  ``data_wait_fraction`` is the share of epoch time the loop spent waiting for its next batch;
+  ``pipeline_epochs_collective_wait`` the share spent waiting for the other workers' step vote
+  (``pipeline.worker.StepAgreement``; ~0 with one worker).
 * ``bare`` - a plain Python loop over the same images held in memory as one uint8 tensor (a
-  fresh random permutation per epoch): ``MultiViewAugment`` -> model -> loss -> backward -> optimiser
-  and scheduler step, exactly the worker's calls (``_build_model``, ``_loss_fn``, ``build_optimizer``,
-  ``warmup_cosine``), timed per epoch the same way (first epoch excluded, median). It runs once
+  fresh random permutation per epoch): ``MultiViewAugment`` -> ``CACRModel`` -> ``cacr_loss`` /
+  ``infonce_loss`` -> backward -> optimiser and scheduler step, written out here with the plain
+  ``cacr/`` building blocks and NOT through ``cacr.methods`` / ``pipeline.worker.train_step`` on
+  purpose (it is the yardstick the method layer and the worker loop are measured against), timed
+  per epoch the same way (first epoch excluded, median). It runs once
   before and once after the pipeline run and the epochs of both are pooled, so slow phases of a
   shared machine hit both sides alike.
 
@@ -121,14 +125,17 @@ def _sync(device: torch.device) -> None:
 def bare_loop(cfg, images: torch.Tensor, epochs: int, device: torch.device | None = None) -> list[dict]:
     """The worker's step without Ray: per-epoch ``samples_per_s`` and ``epoch_time_s``."""
     from cacr.augment import MultiViewAugment
+    from cacr.loss import cacr_loss, infonce_loss
+    from cacr.model import CACRModel
     from cacr.optim import build_optimizer, warmup_cosine
-    from pipeline.train import _build_model, _loss_fn, _set_threads
 
     device = device or torch.device("cpu")
-    _set_threads(cfg)
+    torch.set_num_threads(cfg.torch_threads or _threads())
     use_bf16 = device.type == "cuda"
     torch.manual_seed(cfg.seed)
-    model = _build_model(cfg)
+    m, lc = cfg.model, cfg.loss
+    model = CACRModel(m.arch, small_images=m.small_images, width=m.width, head_hidden=m.head_hidden,
+                      head_out=m.head_out, head_layers=m.head_layers, norm=m.norm)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     model = model.to(device)
@@ -140,7 +147,13 @@ def bare_loop(cfg, images: torch.Tensor, epochs: int, device: torch.device | Non
     sched = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_cosine(
         s, warmup_steps=warmup, total_steps=steps * epochs, min_ratio=cfg.optim.min_lr_ratio))
     augment = MultiViewAugment(cfg.augment, V)
-    loss_fn = _loss_fn(cfg)
+    if lc.name == "cacr":
+        def loss_fn(z):
+            return cacr_loss(z, alpha=lc.alpha, beta=lc.beta, tau_pos=lc.tau_pos, tau_neg=lc.tau_neg,
+                             detach_weights=lc.detach_weights, same_view_negatives=lc.same_view_negatives)
+    else:
+        def loss_fn(z):
+            return infonce_loss(z, temperature=lc.temperature)
     aug_gen = torch.Generator(device="cpu")
     aug_gen.manual_seed(cfg.seed * 1000)
     order_gen = torch.Generator(device="cpu")
@@ -186,7 +199,9 @@ def _epoch_scalars(logdir: str) -> list[dict]:
     ea.Reload()
     sps = ea.Scalars("perf/epoch_samples_per_s")
     wait = {e.step: e.value for e in ea.Scalars("perf/epoch_data_wait_fraction")}
-    return [{"samples_per_s": e.value, "data_wait_fraction": wait.get(e.step, float("nan")), "step": e.step,
+    coll = {e.step: e.value for e in ea.Scalars("perf/epoch_collective_wait_fraction")}
+    return [{"samples_per_s": e.value, "data_wait_fraction": wait.get(e.step, float("nan")),
+             "collective_wait_fraction": coll.get(e.step, float("nan")), "step": e.step,
              "wall_time": e.wall_time} for e in sorted(sps, key=lambda e: e.step)]
 
 
@@ -342,6 +357,7 @@ def _compare(name: str, cfg, images: torch.Tensor, device: torch.device, context
         "data_wait_fraction": round(wait, 3), **cpu, **procs,
         "pipeline_epochs_samples_per_s": [round(e["samples_per_s"], 1) for e in pipe],
         "pipeline_epochs_data_wait": [round(e["data_wait_fraction"], 3) for e in pipe],
+        "pipeline_epochs_collective_wait": [round(e["collective_wait_fraction"], 3) for e in pipe],
         "bare_epochs_samples_per_s": [round(e["samples_per_s"], 1) for e in bare_a + bare_b],
         "best_epoch_ratio": round(max(pipe_vals) / max(bare_vals), 3),
         "pipeline_wall_s": summary.get("wall_s"), "steps_per_epoch": images.shape[0] // cfg.batch_size,

@@ -17,20 +17,23 @@ from cacr.augment_config import AugmentConfig
 
 
 def eval_tensor(images: torch.Tensor, aug: AugmentConfig) -> torch.Tensor:
-    """uint8 (B, H, W, C) -> normalised float (B, 3, crop, crop): center crop, no randomness."""
+    """uint8 (B, H, W, C) -> normalised float (B, 3, crop, crop), no randomness: resize the short
+    side to ``crop_size`` (bilinear, antialiased; the long side keeps the aspect ratio), then
+    center-crop ``crop_size`` x ``crop_size``. Images already ``crop_size`` square pass unchanged.
+
+    This is what backbone.json's ``preprocessing.resize`` tells users of an export. (It is not
+    the ImageNet "resize to crop / 0.875" recipe: the monitor sees the whole short side.)"""
     x = images.permute(0, 3, 1, 2).float().div_(255.0)
     if x.shape[1] == 1:
         x = x.expand(-1, 3, -1, -1)
     h, w = x.shape[-2:]
     c = aug.crop_size
+    if min(h, w) != c:
+        scale = c / min(h, w)
+        x = F.interpolate(x, size=(max(c, round(h * scale)), max(c, round(w * scale))),
+                          mode="bilinear", antialias=True, align_corners=False)
+        h, w = x.shape[-2:]
     if (h, w) != (c, c):
-        # Resize the short side to crop / 0.875 then center-crop, the usual eval recipe; for
-        # stored images already at the crop size this is the identity.
-        if min(h, w) != c:
-            scale = c / min(h, w)
-            x = F.interpolate(x, size=(max(c, round(h * scale)), max(c, round(w * scale))),
-                              mode="bilinear", antialias=True, align_corners=False)
-            h, w = x.shape[-2:]
         top, left = (h - c) // 2, (w - c) // 2
         x = x[:, :, top:top + c, left:left + c]
     mean = torch.tensor(aug.mean, device=x.device).view(1, 3, 1, 1)
@@ -39,16 +42,17 @@ def eval_tensor(images: torch.Tensor, aug: AugmentConfig) -> torch.Tensor:
 
 
 @torch.no_grad()
-def extract_features(model: torch.nn.Module, images: torch.Tensor, aug: AugmentConfig,
+def extract_features(backbone: torch.nn.Module, images: torch.Tensor, aug: AugmentConfig,
                      device: torch.device, batch_size: int = 512) -> torch.Tensor:
-    """Backbone features of uint8 images (eval mode, no augmentation)."""
-    was_training = model.training
-    model.eval()
+    """Pooled features of uint8 images through ``backbone`` (a method's ``backbone``: its forward
+    gives the features), in eval mode, without augmentation (:func:`eval_tensor`)."""
+    was_training = backbone.training
+    backbone.eval()
     out = []
     for i in range(0, images.shape[0], batch_size):
         x = eval_tensor(images[i:i + batch_size].to(device), aug)
-        out.append(model.features(x).float().cpu())
-    model.train(was_training)
+        out.append(backbone(x).float().cpu())
+    backbone.train(was_training)
     return torch.cat(out) if out else torch.empty(0)
 
 

@@ -63,6 +63,12 @@ class Method(nn.Module):
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]
 
+    def model_state(self) -> dict[str, torch.Tensor]:
+        """A checkpoint's ``"model"`` entry: the exported network's weights under ``backbone.*``
+        (the keys pipeline/export.py and pipeline/evaluate.py read). The full ``state_dict()``,
+        for a resume, is stored beside it; both share tensors, so nothing is written twice."""
+        return {f"backbone.{k}": v for k, v in self.backbone.state_dict().items()}
+
     def last_embeddings(self) -> torch.Tensor | None:
         """The detached, L2-normalised (V, n, D) embeddings of the last forward (diagnostics:
         alignment, uniformity, per-dimension std), or None."""

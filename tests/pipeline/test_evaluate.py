@@ -31,10 +31,10 @@ EVAL = ["actors=1", "threads=1", "linear_epochs=30"]
 
 def _untrained_state(cfg) -> dict:
     """What `cacr train` would have saved before its first step: same config, seed and init."""
-    from pipeline.train import _build_model
+    from pipeline.worker import method_from_config
 
     torch.manual_seed(cfg.seed)
-    return {"model": _build_model(cfg).state_dict(), "config": to_dict(cfg), "epoch": 0, "step": 0,
+    return {"model": method_from_config(cfg).model_state(), "config": to_dict(cfg), "epoch": 0, "step": 0,
             "metrics": {}}
 
 

@@ -22,17 +22,18 @@ def _checkpoint(directory: Path, *overrides: str) -> tuple[Path, torch.nn.Module
     """An untrained checkpoint written like `cacr train` writes one, with non-trivial BatchNorm
     running statistics (a few train-mode forwards) so that eval-mode features test them too."""
     from pipeline.checkpoint import save_state
-    from pipeline.train import _build_model
+    from pipeline.worker import method_from_config
 
     cfg = load_config(None, ["data.source=null", *overrides])
     torch.manual_seed(0)
-    model = _build_model(cfg)
+    method = method_from_config(cfg)
+    model = method.backbone  # its forward gives the pooled features
     model.train()
     with torch.no_grad():
         for _ in range(3):
             model(torch.randn(8, 3, cfg.augment.crop_size, cfg.augment.crop_size) * 2 + 0.5)
-    save_state(directory, {"model": model.state_dict(), "config": to_dict(cfg), "epoch": 3, "step": 30,
-                           "metrics": {"knn_top1": 0.5}})
+    save_state(directory, {"model": method.model_state(), "method": method.state_dict(),
+                           "config": to_dict(cfg), "epoch": 3, "step": 30, "metrics": {"knn_top1": 0.5}})
     return directory, model.eval()
 
 
@@ -74,7 +75,7 @@ def test_resnet18_export_loads_into_stock_torchvision_with_the_readme_lines(tmp_
 
     x = torch.randn(4, 3, 32, 32)
     with torch.no_grad():
-        want = model.features(x)
+        want = model(x)
         assert want.shape == (4, 512)
         torch.testing.assert_close(net(x), want, rtol=1e-5, atol=1e-5)
         net2, meta2 = load_backbone(out)
@@ -100,7 +101,7 @@ def test_export_from_s3_checkpoint_to_s3(s3_bucket, upload_to_s3, tmp_path, caps
     assert meta["backbone"]["norm"] == "group" and meta["feature_dim"] == 64
     x = torch.randn(3, 3, 32, 32)
     with torch.no_grad():
-        torch.testing.assert_close(net(x), model.features(x), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(net(x), model(x), rtol=1e-5, atol=1e-5)
     # and an s3 export downloaded to a local directory is the same export
     assert main(["export", remote_ckpt, str(tmp_path / "local")]) == 0
     assert json.loads((tmp_path / "local" / "backbone.json").read_text()) == meta

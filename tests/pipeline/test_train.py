@@ -56,6 +56,7 @@ def test_two_worker_run_logs_checkpoints_and_exports(ray_session, digits_shards,
     scalars = set(ea.Tags()["scalars"])
     for tag in ["train/loss", "train/attraction", "train/repulsion", "train/lr", "train/alignment",
                 "train/uniformity", "perf/samples_per_s", "perf/data_wait_fraction",
+                "perf/collective_wait_fraction", "perf/epoch_collective_wait_fraction",
                 "embedding/std_mean", "val/knn_top1", "epoch/loss"]:
         assert tag in scalars, (tag, sorted(scalars))
     assert any("eff_pos" in t for t in scalars) and any("eff_neg" in t for t in scalars)
@@ -131,7 +132,8 @@ def test_cacr_beats_random_init_and_infonce_trains(ray_session, digits_shards, t
     from pipeline.checkpoint import load_checkpoint
     from pipeline.data import build_dataset, split_batch
     from pipeline.monitor import extract_features
-    from pipeline.train import _build_model, run_training
+    from pipeline.train import run_training
+    from pipeline.worker import method_from_config
 
     cfg = _cfg(digits_shards, str(tmp_path / "runs"), "epochs=3")
     cacr = run_training(cfg)
@@ -144,7 +146,7 @@ def test_cacr_beats_random_init_and_infonce_trains(ray_session, digits_shards, t
         return torch.cat(xs), torch.cat(ys)
     (xb, yb), (xv, yv) = split("train"), split("val")
     torch.manual_seed(123)
-    rand = _build_model(cfg)
+    rand = method_from_config(cfg).backbone
     dev = torch.device("cpu")
     random_knn = knn_top1(extract_features(rand, xb, cfg.augment, dev), yb,
                           extract_features(rand, xv, cfg.augment, dev), yv, k=20)

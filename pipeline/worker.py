@@ -1,0 +1,598 @@
+"""The Ray Train worker of `cacr train`: what every training process runs, top to bottom.
+
+    train_loop_per_worker(loop_config)
+      set_up      config, threads, the method (cacr.methods) + optimiser + schedule, the CPU group
+      resume      the last checkpoint Ray hands over, if any (method, optimiser, schedule, RNGs)
+      prepare     DDP around the method; rank 0: TensorBoard, the kNN monitor's two splits
+      per epoch:
+        run_epoch      agreed_batches -> view groups -> train_step (steps agreed one step ahead)
+        end_of_epoch   loss / timings / skip counts reduced over workers; rank 0: kNN, TB, console
+        checkpoint     state (rank 0) + metrics through ray.train.report; then the divergence check
+
+Everything that is the METHOD (networks, loss, after-step update, what is exported) lives in
+``cacr/methods/``; this file only drives it: :func:`train_step` is the whole optimisation step,
+also what the step benchmark's pipeline side runs (through this loop).
+
+The driver half (planning the data, building the ``TorchTrainer``) is :mod:`pipeline.train`.
+"""
+from __future__ import annotations
+
+import math
+import os
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+import torch
+from torch import nn
+
+from cacr.loss import LossOutput
+from cacr.methods import Method, build_method
+from pipeline.config import Config, from_dict, to_dict
+
+# ----------------------------------------------------------------------------------------------
+# The method and its step
+
+
+def method_from_config(cfg: Config) -> Method:
+    """The method ``cfg.loss.name`` built from the config's ``model`` / ``loss`` sections (seed
+    the torch RNG first: every worker must start from the same weights)."""
+    extra: dict[str, Any] = {"num_views": cfg.num_views}
+    if getattr(cfg, "momentum", None) is not None:  # the momentum-encoder methods' own section
+        extra["momentum"] = to_dict(cfg.momentum)
+    return build_method(cfg.loss.name, model=to_dict(cfg.model), loss=to_dict(cfg.loss), **extra)
+
+
+def train_step(model: nn.Module, views: list[torch.Tensor], optimizer: torch.optim.Optimizer,
+               scheduler: Any, *, progress: float, bf16: bool = False) -> tuple[LossOutput, dict[str, float]]:
+    """One optimisation step of a method: its loss on ``views`` (a list of ``(V_g, n, C, H, W)``
+    groups), backward, optimiser and schedule step, then the method's after-step update (EMA /
+    queue) at ``progress`` = step / total steps. ``model`` is the method or its DDP wrapper.
+
+    Returns the loss output (tensors, still on the device) and what ``after_step`` reported. No
+    host sync happens here: reading the loss is left to whoever logs it. bf16 autocast covers the
+    networks; the losses compute in float32 regardless (cacr/loss.py)."""
+    method = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+    with torch.autocast(views[0].device.type, dtype=torch.bfloat16, enabled=bf16):
+        out = model(views)
+    optimizer.zero_grad(set_to_none=True)
+    out.loss.backward()
+    optimizer.step()
+    scheduler.step()
+    return out, method.after_step(min(1.0, progress))
+
+
+def build_optimizer_for(method: Method, cfg: Config) -> torch.optim.Optimizer:
+    """``cfg.optim`` over the method's trainable parameters, peak lr scaled by global batch / 256.
+
+    :func:`cacr.optim.build_optimizer` is given the method module (its parameter-group rules may
+    look at names); it takes the parameters that require grad, which must be exactly
+    ``method.trainable_parameters()`` (checked: a momentum network stepped by the optimiser would
+    train silently wrong)."""
+    from cacr.optim import build_optimizer
+
+    o = cfg.optim
+    opt = build_optimizer(o.name, method, lr=o.base_lr * cfg.global_batch / 256, momentum=o.momentum,
+                          weight_decay=o.weight_decay)
+    seen = {id(p) for g in opt.param_groups for p in g["params"]}
+    if seen != {id(p) for p in method.trainable_parameters()}:
+        raise TypeError(f"method {method.name!r}: the optimiser's parameters differ from "
+                        "trainable_parameters(); mark the others requires_grad=False")
+    return opt
+
+
+def warmup_cosine_scheduler(optimizer: torch.optim.Optimizer, cfg: Config, steps_per_epoch: int):
+    from cacr.optim import warmup_cosine
+
+    total = steps_per_epoch * cfg.epochs
+    warmup = int(round(cfg.optim.warmup_epochs * steps_per_epoch))
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_cosine(
+        s, warmup_steps=warmup, total_steps=total, min_ratio=cfg.optim.min_lr_ratio))
+
+
+def make_views(augment: Any, images: torch.Tensor, hw: torch.Tensor | None, *,
+               generator: torch.Generator, channels_last: bool) -> list[torch.Tensor]:
+    """The view groups of a batch: ``augment.view_groups`` (multi-crop: one group per crop size),
+    or the one ``(V, n, 3, H, W)`` group of an augmenter without it."""
+    if hasattr(augment, "view_groups"):
+        return list(augment.view_groups(images, generator=generator, channels_last=channels_last,
+                                        valid_hw=hw))
+    return [augment(images, generator=generator, channels_last=channels_last)]
+
+
+# ----------------------------------------------------------------------------------------------
+# Agreeing on the number of steps
+
+
+class StepAgreement:
+    """Does every worker have a batch for the next step? Asked one step ahead, never blocking.
+
+    All workers must take the same number of steps per epoch (the loss all-gathers, DDP
+    all-reduces), yet how many full batches a worker gets is known only as it reads them: samples
+    found bad at decode are dropped (:func:`_rebatch`) and the workers' splits need not hold the
+    same number of good rows. A count agreed up front would need those numbers before decoding,
+    so it cannot be exact; this asks instead.
+
+    Each worker votes ``has a batch for step k+1`` into an asynchronous MIN all-reduce as soon as
+    it has fetched that batch, BEFORE it computes step k, and reads the result only before step
+    k+1: the round trip overlaps step k's compute, and whatever wait is left (a slower worker) is
+    measured apart from the data wait. The vote is a CPU tensor on a gloo group created once, so
+    nothing waits for the GPU. Every worker casts exactly one vote per step, the final "no"
+    included, so all see the same minimum and stop after the same step; the one that ran out
+    first is not left waiting in a collective. Without a process group (one worker) the vote is
+    its own answer.
+    """
+
+    def __init__(self, group: Any | None):
+        self.group = group
+        self._flag = torch.zeros(1, dtype=torch.int32)
+        self._work: Any = None
+
+    def post(self, has_batch: bool) -> None:
+        import torch.distributed as dist
+
+        self._flag = torch.tensor([1 if has_batch else 0], dtype=torch.int32)
+        if self.group is not None:
+            self._work = dist.all_reduce(self._flag, op=dist.ReduceOp.MIN, group=self.group, async_op=True)
+
+    def result(self) -> bool:
+        if self._work is not None:
+            self._work.wait()
+            self._work = None
+        return bool(self._flag[0])
+
+
+def cpu_group(world: int) -> Any | None:
+    """A gloo process group over all workers for small CPU-side collectives (the step vote, the
+    end-of-epoch reductions), so they never touch the device or queue behind DDP's traffic.
+    Collective: every worker calls it once, at set-up."""
+    import torch.distributed as dist
+
+    if world == 1 or not (dist.is_available() and dist.is_initialized()):
+        return None
+    return dist.new_group(backend="gloo")
+
+
+# ----------------------------------------------------------------------------------------------
+# Worker state and set-up
+
+
+@dataclass
+class WorkerState:
+    """Everything the loop carries from one function to the next."""
+
+    cfg: Config
+    rank: int
+    world: int
+    device: torch.device
+    method: Method                 # the method itself: after_step, backbone, state_dict
+    model: nn.Module               # what the step runs: the method, or DDP around it
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    augment: Any
+    aug_gen: torch.Generator
+    group: Any | None              # gloo group of cpu_group(), None with one worker
+    steps_per_epoch: int
+    scan_skipped: dict[str, int]
+    start_epoch: int = 0
+    step: int = 0
+    tb: Any = None                 # rank 0: pipeline.monitor.TensorBoard
+    knn: tuple | None = None       # rank 0: (bank images, bank labels, val images, val labels)
+    knn_top1: float = float("nan")
+    skipped_total: dict[str, int] = field(default_factory=dict)
+    run_start: float = field(default_factory=time.perf_counter)
+
+    @property
+    def total_steps(self) -> int:
+        return self.steps_per_epoch * self.cfg.epochs
+
+    @property
+    def bf16(self) -> bool:
+        return self.device.type == "cuda"  # bf16 autocast on CPU is ~10x slower: GPU only
+
+
+def set_up(loop_config: dict[str, Any]) -> WorkerState:
+    import ray.train
+    import ray.train.torch
+
+    from cacr.augment import MultiViewAugment
+
+    cfg: Config = from_dict(Config, loop_config["config"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    _set_threads(cfg)
+    _quiet_worker_logs(cfg.log_level)
+    torch.manual_seed(cfg.seed)  # same init on every rank (DDP also broadcasts from rank 0)
+    method = method_from_config(cfg)
+    if cfg.model.sync_batchnorm and world > 1:
+        method = torch.nn.SyncBatchNorm.convert_sync_batchnorm(method)
+    if cfg.channels_last:
+        method = method.to(memory_format=torch.channels_last)
+    optimizer = build_optimizer_for(method, cfg)
+    scheduler = warmup_cosine_scheduler(optimizer, cfg, loop_config["steps_per_epoch"])
+    aug_gen = torch.Generator(device="cpu")
+    aug_gen.manual_seed(cfg.seed * 1000 + rank)
+    return WorkerState(cfg=cfg, rank=rank, world=world, device=ray.train.torch.get_device(),
+                       method=method, model=method, optimizer=optimizer, scheduler=scheduler,
+                       augment=MultiViewAugment(cfg.augment, cfg.num_views), aug_gen=aug_gen,
+                       group=cpu_group(world), steps_per_epoch=loop_config["steps_per_epoch"],
+                       scan_skipped=dict(loop_config.get("scan_skipped", {})))
+
+
+def resume(st: WorkerState) -> None:
+    """Continue from the checkpoint Ray hands over (a restart after a failure, or a re-run with the
+    same name). Checkpoints of earlier versions hold no ``"method"`` entry: their ``"model"`` is
+    the whole network state then, and the method loads it."""
+    import ray.train
+
+    from pipeline.checkpoint import load_state_file
+
+    ckpt = ray.train.get_checkpoint()
+    if ckpt is None:
+        return
+    with ckpt.as_directory() as d:
+        state = load_state_file(d)
+    st.method.load_state_dict(state["method"] if "method" in state else state["model"])
+    st.optimizer.load_state_dict(state["optimizer"])
+    st.scheduler.load_state_dict(state["scheduler"])
+    st.start_epoch, st.step = int(state["epoch"]), int(state["step"])
+    gens = state.get("aug_rng", [])
+    if st.rank < len(gens):
+        st.aug_gen.set_state(gens[st.rank])
+    torch.set_rng_state(state["torch_rng"])
+    if st.rank == 0:
+        _say(f"[cacr] resumed from checkpoint: epoch {st.start_epoch}, step {st.step}")
+
+
+def prepare(st: WorkerState, loop_config: dict[str, Any]) -> None:
+    """DDP around the method (moves it to the device); rank 0 opens TensorBoard and reads the kNN
+    monitor's splits once."""
+    import ray.train.torch
+
+    from pipeline.monitor import TensorBoard
+
+    st.model = ray.train.torch.prepare_model(st.method)  # DDP when world > 1
+    st.method = st.model.module if isinstance(st.model, nn.parallel.DistributedDataParallel) else st.model
+    if st.rank != 0:
+        return
+    st.tb = TensorBoard(loop_config["tensorboard_url"], st.cfg.storage)
+    # Written first, so runs stopped early (ASHA) appear in the HParams view as well; the metric
+    # columns are read from these scalar tags as they are logged.
+    st.tb.hparams(_hparams(st.cfg), ["val/knn_top1", "epoch/loss"])
+    if st.cfg.data.val_split:
+        bank = _load_eval_split("knn_bank", loop_config["knn_bank_size"])
+        val = _load_eval_split("knn_val", loop_config["knn_val_size"])
+        if bank is None or val is None or int((bank[1] >= 0).sum()) == 0:
+            _say("[cacr] kNN monitor off: no labelled train/val samples")
+        else:
+            st.knn = (*bank, *val)
+
+
+def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
+    """Ray Train's entry point on every worker (see the module docstring for the flow)."""
+    st = set_up(loop_config)
+    resume(st)
+    prepare(st, loop_config)
+    for epoch in range(st.start_epoch, st.cfg.epochs):
+        stats = run_epoch(st)
+        metrics = end_of_epoch(st, epoch, stats)
+        checkpoint(st, epoch, metrics)
+        if not math.isfinite(metrics["loss"]):
+            raise FloatingPointError(f"loss diverged to {metrics['loss']} in epoch {epoch + 1}; "
+                                     "lower optim.base_lr or check the data")
+    if st.tb is not None:
+        st.tb.close()
+
+
+# ----------------------------------------------------------------------------------------------
+# One epoch
+
+
+@dataclass
+class EpochStats:
+    """One worker's running totals for the epoch (the loss stays on the device until its end)."""
+
+    start: float
+    sum_loss: torch.Tensor
+    steps: int = 0
+    data_wait_s: float = 0.0
+    collective_wait_s: float = 0.0
+    skipped: dict[str, int] = field(default_factory=dict)
+
+
+def _rebatch(batches: Iterator[dict], batch_size: int, skipped: dict[str, int]) -> Iterator[tuple]:
+    """Drop skipped samples (counting them by reason) and re-cut full batches of good ones:
+    ``(images, labels, hw or None)``.
+
+    Every worker must take the same number of steps (the loss all-gathers), so partial batches are
+    never yielded; :class:`StepAgreement` settles when the epoch ends for everyone."""
+    from pipeline.data import split_batch
+
+    bufs: list[list[torch.Tensor]] = [[], [], []]
+    have = 0
+    for batch in batches:
+        x, y, counts = split_batch(batch)
+        for k, v in counts.items():
+            skipped[k] = skipped.get(k, 0) + int(v)
+        if x.shape[0] == 0:
+            continue
+        hw = batch.get("hw")
+        if hw is not None and hw.shape[0] != x.shape[0]:  # the same rows dropped as for the images
+            hw = split_batch({"image": hw, "label": batch["label"], "skip": batch["skip"]})[0]
+        for buf, t in zip(bufs, (x, y, hw)):
+            if t is not None:
+                buf.append(t)
+        have += x.shape[0]
+        while have >= batch_size:
+            cut = [torch.cat(b) if b else None for b in bufs]
+            yield tuple(t[:batch_size] if t is not None else None for t in cut)
+            bufs = [[t[batch_size:]] if t is not None else [] for t in cut]
+            have -= batch_size
+
+
+def _epoch_batches(st: WorkerState, skipped: dict[str, int]) -> Iterator[tuple]:
+    import ray.train
+
+    # Batches arrive on the CPU (split_batch counts skips there without a device sync) and move
+    # to the device once, pinned for an asynchronous copy when a GPU is used.
+    shard = ray.train.get_dataset_shard("train")
+    raw = shard.iter_torch_batches(batch_size=st.cfg.batch_size, prefetch_batches=2, device="cpu",
+                                   pin_memory=st.cfg.use_gpu)
+    return _rebatch(iter(raw), st.cfg.batch_size, skipped)
+
+
+def _next_batch(batches: Iterator[tuple], stats: EpochStats) -> tuple | None:
+    t = time.perf_counter()
+    item = next(batches, None)
+    stats.data_wait_s += time.perf_counter() - t  # data wait: the iterator only
+    return item
+
+
+def agreed_batches(batches: Iterator[tuple], agree: StepAgreement, stats: EpochStats) -> Iterator[tuple]:
+    """The batches of ``batches`` for which EVERY worker has one (see :class:`StepAgreement`).
+
+    The vote for step k+1 is cast before step k is handed out, so its round trip runs while the
+    caller computes step k; ``stats`` books the iterator's time as data wait and the vote's
+    remaining wait as collective wait."""
+    item = _next_batch(batches, stats)
+    agree.post(item is not None)
+    while True:
+        t = time.perf_counter()
+        go = agree.result()
+        stats.collective_wait_s += time.perf_counter() - t
+        if not go:
+            return  # some worker ran out: everyone ends the epoch after the same step
+        current, item = item, _next_batch(batches, stats)
+        agree.post(item is not None)
+        yield current
+
+
+def run_epoch(st: WorkerState) -> EpochStats:
+    st.model.train()
+    stats = EpochStats(start=time.perf_counter(), sum_loss=torch.zeros((), device=st.device))
+    batches = _epoch_batches(st, stats.skipped)
+    for batch in agreed_batches(batches, StepAgreement(st.group), stats):
+        _step(st, stats, batch)
+    return stats
+
+
+def _step(st: WorkerState, stats: EpochStats, batch: tuple) -> None:
+    cfg = st.cfg
+    images, _labels, hw = batch
+    images = images.to(st.device, non_blocking=True)
+    views = make_views(st.augment, images, hw, generator=st.aug_gen, channels_last=cfg.channels_last)
+    if st.step == 0 and st.tb is not None:
+        from pipeline.monitor import denormalise_grid
+
+        st.tb.image("augment/views", denormalise_grid(views[0], cfg.augment), 0)
+    st.step += 1
+    _inject_failure(cfg, st.rank, st.world, st.step)
+    out, updates = train_step(st.model, views, st.optimizer, st.scheduler,
+                              progress=st.step / max(1, st.total_steps), bf16=st.bf16)
+    stats.sum_loss += out.loss.detach()
+    stats.steps += 1
+    if st.tb is not None and (st.step % cfg.log_every_steps == 0 or stats.steps == 1):
+        _log_step(st, stats, out, updates, images.shape[0])
+
+
+def _log_step(st: WorkerState, stats: EpochStats, out: LossOutput, updates: dict[str, float],
+              n: int) -> None:
+    """Rank 0, every ``log_every_steps``: the only per-step host syncs (reading the loss)."""
+    from cacr.loss import alignment, uniformity
+    from pipeline.monitor import embedding_stats
+
+    elapsed = max(time.perf_counter() - stats.start, 1e-9)
+    m = {f"train/{k}": v for k, v in out.metrics().items()}
+    m.update({f"train/{k}": float(v) for k, v in updates.items()})
+    m.update({"train/lr": st.optimizer.param_groups[0]["lr"],
+              "perf/samples_per_s": stats.steps * n * st.world / elapsed,
+              "perf/data_wait_fraction": stats.data_wait_s / elapsed,
+              "perf/collective_wait_fraction": stats.collective_wait_s / elapsed})
+    z = st.method.last_embeddings()
+    if z is not None:
+        m.update({"train/alignment": float(alignment(z)), "train/uniformity": float(uniformity(z))})
+        m.update(embedding_stats(z))
+    if not math.isfinite(m["train/loss"]):
+        _say(f"[cacr] loss is {m['train/loss']} at step {st.step}")
+    st.tb.scalars(m, st.step)
+
+
+# ----------------------------------------------------------------------------------------------
+# End of epoch and checkpoint
+
+
+def _reduce(st: WorkerState, stats: EpochStats, epoch_time: float) -> tuple[list[float], list[dict]]:
+    """Sums over workers of (loss, steps, data wait, collective wait, epoch time), and every
+    worker's skip counts (each counts only the samples it saw)."""
+    import torch.distributed as dist
+
+    t = torch.tensor([float(stats.sum_loss), float(stats.steps), stats.data_wait_s,
+                      stats.collective_wait_s, epoch_time], dtype=torch.float64)
+    if st.group is None:
+        return t.tolist(), [stats.skipped]
+    dist.all_reduce(t, group=st.group)
+    gathered: list[dict] = [None] * st.world  # type: ignore[list-item]
+    dist.all_gather_object(gathered, stats.skipped, group=st.group)
+    return t.tolist(), gathered
+
+
+def end_of_epoch(st: WorkerState, epoch: int, stats: EpochStats) -> dict[str, Any]:
+    """The epoch's metrics (what ``ray.train.report`` gets); rank 0 also runs the kNN monitor and
+    writes TensorBoard and the console line."""
+    from pipeline.data import merge_counts
+
+    epoch_time = time.perf_counter() - stats.start
+    (loss, steps, wait, coll, time_sum), gathered = _reduce(st, stats, epoch_time)
+    st.skipped_total = merge_counts(st.skipped_total, *gathered)
+    metrics: dict[str, Any] = {
+        "epoch": epoch + 1, "step": st.step, "resumed_from_epoch": st.start_epoch,
+        "loss": loss / max(steps, 1), "samples_per_s": stats.steps * st.cfg.global_batch / max(epoch_time, 1e-9),
+        "data_wait_fraction": wait / max(time_sum, 1e-9), "epoch_time_s": epoch_time,
+        "skipped": merge_counts(st.scan_skipped, st.skipped_total),
+    }
+    if st.rank == 0:
+        _monitor_epoch(st, epoch, metrics, coll / max(time_sum, 1e-9))
+    return metrics
+
+
+def _monitor_epoch(st: WorkerState, epoch: int, metrics: dict[str, Any], collective_wait: float) -> None:
+    from pipeline.monitor import extract_features
+
+    cfg, tb = st.cfg, st.tb
+    if st.knn is not None:
+        from cacr.knn import knn_top1
+
+        xb, yb, xv, yv = st.knn
+        fb = extract_features(st.method.backbone, xb, cfg.augment, st.device)
+        fv = extract_features(st.method.backbone, xv, cfg.augment, st.device)
+        st.knn_top1 = knn_top1(fb, yb, fv, yv, k=cfg.data.knn_k)
+        tb.scalars({"val/knn_top1": st.knn_top1}, st.step)
+    knn, loss, sps, wait = st.knn_top1, metrics["loss"], metrics["samples_per_s"], metrics["data_wait_fraction"]
+    metrics["knn_top1"] = knn
+    tb.scalars({"epoch/loss": loss, "perf/epoch_samples_per_s": sps, "perf/epoch_data_wait_fraction": wait,
+                "perf/epoch_collective_wait_fraction": collective_wait}, st.step)
+    tb.scalars({f"data/skipped/{k}": v for k, v in metrics["skipped"].items()}, st.step)
+    done = epoch + 1 - st.start_epoch
+    eta = (time.perf_counter() - st.run_start) / done * (cfg.epochs - epoch - 1)
+    knn_text = f"knn {knn:.4f}  " if math.isfinite(knn) else ""  # monitor off: no val split
+    _say(f"[cacr] epoch {epoch + 1}/{cfg.epochs}  loss {loss:.4f}  {knn_text}"
+         f"{sps:.0f} samples/s  data-wait {wait:.0%}  ETA {eta:.0f}s")
+    tb.sync()
+
+
+def checkpoint_state(st: WorkerState, epoch: int, metrics: dict[str, Any], aug_rng: list) -> dict[str, Any]:
+    """What a checkpoint holds. ``"model"``: the exported network's weights in the layout
+    export / evaluate read (``backbone.*``; + ``head.*`` for the CACRModel methods); ``"method"``:
+    the method's whole ``state_dict`` (momentum networks and queues included), what a resume
+    loads. The two share tensors, so torch.save writes each weight once."""
+    m = st.method
+    return {"model": m.model_state(), "method": m.state_dict(), "backbone_spec": m.backbone_spec(),
+            "optimizer": st.optimizer.state_dict(), "scheduler": st.scheduler.state_dict(),
+            "epoch": epoch + 1, "step": st.step, "config": to_dict(st.cfg),
+            "torch_rng": torch.get_rng_state(), "aug_rng": aug_rng,
+            "metrics": {k: v for k, v in metrics.items() if k != "skipped"}}
+
+
+def checkpoint(st: WorkerState, epoch: int, metrics: dict[str, Any]) -> None:
+    """Rank 0 writes the checkpoint (every worker's augmentation RNG gathered into it); every
+    worker reports the metrics (Ray Train needs the report from all of them)."""
+    import ray.train
+    import torch.distributed as dist
+
+    from pipeline.checkpoint import save_state
+
+    aug_rng = [st.aug_gen.get_state()]
+    if st.group is not None:
+        aug_rng = [None] * st.world
+        dist.all_gather_object(aug_rng, st.aug_gen.get_state(), group=st.group)
+    with tempfile.TemporaryDirectory() as tmp:
+        ckpt = None
+        if st.rank == 0:
+            save_state(tmp, checkpoint_state(st, epoch, metrics, aug_rng))
+            ckpt = ray.train.Checkpoint.from_directory(tmp)
+        ray.train.report(metrics, checkpoint=ckpt)
+
+
+# ----------------------------------------------------------------------------------------------
+# Small helpers
+
+
+def _set_threads(cfg: Config) -> None:
+    n = cfg.torch_threads or max(1, (os.cpu_count() or 1) // max(1, cfg.num_workers))
+    torch.set_num_threads(n)
+
+
+def _load_eval_split(name: str, limit: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Rank 0 reads a small labelled split once (kNN bank / queries) as uint8 images."""
+    import ray.train
+
+    from pipeline.data import split_batch
+
+    try:
+        ds = ray.train.get_dataset_shard(name)
+    except Exception:
+        return None
+    if ds is None:
+        return None
+    xs, ys, n = [], [], 0
+    for batch in ds.iter_torch_batches(batch_size=512):
+        x, y, _ = split_batch(batch)
+        xs.append(x)
+        ys.append(y)
+        n += x.shape[0]
+        if n >= limit:
+            break
+    if not xs:
+        return None
+    return torch.cat(xs)[:limit], torch.cat(ys)[:limit].long()
+
+
+def _inject_failure(cfg: Config, rank: int, world: int, step: int) -> None:
+    """Debug option ``fail_at_step``: raise once in the last worker at that step (tests recovery)."""
+    if cfg.fail_at_step is None or step != cfg.fail_at_step or rank != world - 1:
+        return
+    from ray.experimental.internal_kv import _internal_kv_get, _internal_kv_put
+
+    key = f"cacr:injected-failure:{cfg.name}".encode()
+    if _internal_kv_get(key):
+        return
+    _internal_kv_put(key, b"1")
+    raise RuntimeError(f"injected failure at step {step} (fail_at_step) in worker rank {rank}")
+
+
+def _say(msg: str) -> None:
+    """A console line from a worker. Straight to stdout, which Ray forwards to the driver once:
+    Ray Train's patched ``print`` goes through its root logger, which reaches the console twice
+    when the job's environment has not switched the patch off (``ray job submit`` on a cluster)."""
+    sys.stdout.write(msg + "\n")
+    sys.stdout.flush()
+
+
+def _quiet_worker_logs(log_level: str) -> None:
+    """In this worker: Ray 2.60 logs every ``ray.train.report`` at INFO through a logger named
+    after its source FILE, which escapes RunConfig's ``LoggingConfig`` filter (that matches
+    ``ray.train.*`` names); Ray Data logs each execution of the kNN monitor's datasets."""
+    import logging
+
+    level = getattr(logging, log_level.upper())
+    logging.getLogger("ray.data").setLevel(level)
+    try:
+        from ray.train.v2._internal.execution import context as train_context
+    except ImportError:  # pragma: no cover - another Ray layout: its own level rules apply
+        return
+    train_context.logger.setLevel(level)
+
+
+def _hparams(cfg: Config) -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+
+    def walk(d: dict, prefix: str) -> None:
+        for k, v in d.items():
+            if isinstance(v, dict):
+                walk(v, prefix + k + ".")
+            elif k not in ("name", "storage_path", "url", "source") and not prefix.startswith("storage."):
+                flat[prefix + k] = v
+    walk(to_dict(cfg), "")
+    return flat
