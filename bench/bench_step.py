@@ -30,7 +30,7 @@ Configs: full - the digits default (narrow_resnet width 16, 32 px, V = 5, batch 
 of 11 steps; quick - 16 px, width 8, V = 2, batch 64 (22 steps/epoch), 4 epochs (~1.5 min on an idle
 2-core machine; quick epochs are short, so per-epoch fixed costs weigh more than in full mode).
 With CUDA (full and quick) one more pair: ResNet-50 at 224 px, V = 2, batch 128, bf16 autocast,
-channels_last, the ImageNet augmentation recipe of ``conf/imagenet.yaml``, on synthetic 224-px JPEG
+channels_last, the ImageNet augmentation recipe of ``conf/imagenet-symmetric.yaml``, on synthetic 224-px JPEG
 shards.
 
 Starts Ray itself when it is not running (``num_cpus = max(4, cores)``). Data and runs live in temp
@@ -67,7 +67,7 @@ FULL = {"overrides": [], "epochs": 5}
 QUICK = {"overrides": ["batch_size=64", "data.image_size=16", "augment.crop_size=16", "model.width=8",
                        "model.head_hidden=64", "model.head_out=32", "loss.num_positives=1"],
          "epochs": 4}
-# ResNet-50 / 224 px / V = 2 on the GPU: conf/imagenet.yaml made single-worker and local.
+# ResNet-50 / 224 px / V = 2 on the GPU: conf/imagenet-symmetric.yaml made single-worker and local.
 GPU_OVERRIDES = ["num_workers=1", "cpus_per_worker=1", "loss.num_positives=1", "data.data_resource=null",
                  "data.decode_num_cpus=1.0", "model.sync_batchnorm=false", "keep_checkpoints=1",
                  "max_failures=0", "optim.warmup_epochs=0.5"]
