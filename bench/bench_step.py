@@ -398,7 +398,7 @@ def _gpu_resnet50(tmp: str, quick: bool) -> dict:
     shards = os.path.join(tmp, "synthetic224")
     _synthetic_shards(shards, n, 224)
     cfg = _config(shards, os.path.join(tmp, "runs"), [*GPU_OVERRIDES, "use_gpu=true"], 3 if quick else 4,
-                  path=str(REPO / "conf" / "imagenet.yaml"))
+                  path=str(REPO / "conf" / "imagenet-symmetric.yaml"))
     images = _load_images(cfg)
     return _compare("step.cuda.resnet50_224_v2_bf16", cfg, images, torch.device("cuda", 0),
                     {"data": f"synthetic224 jpeg x{n}", "gpu": torch.cuda.get_device_name(0)})

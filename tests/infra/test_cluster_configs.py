@@ -31,7 +31,7 @@ LAUNCHER_FILES = sorted((INFRA / "cluster").glob("*.yaml"))
 K8S_FILES = sorted((INFRA / "k8s").glob("*.yaml"))
 DOCKERFILE = INFRA / "docker" / "Dockerfile"
 README = INFRA / "README.md"
-TRAIN_CONFIG = ROOT / "conf" / "imagenet.yaml"
+TRAIN_CONFIG = ROOT / "conf" / "imagenet-symmetric.yaml"
 
 CACR_SUBCOMMANDS = {"prepare", "inspect", "train", "tune", "evaluate", "export"}
 # Subcommands whose --config is a training config (pipeline.config.Config); tune configs have
