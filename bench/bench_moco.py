@@ -117,7 +117,7 @@ def run(quick: bool) -> list[dict]:
                        baseline_is="symmetric cacr step", **ctx))
     t_ema = _median_ms(lambda: moco.update_target(0.99), max(reps, 5))
     lines.append(_line("moco_ema_ms", t_ema, t_moco, "ms", baseline_is="whole cacr_moco step", **ctx))
-    nv, rv = (1, 1) if quick else (2, 2)
+    nv, rv = (2, 1) if quick else (4, 2)               # BatchNorm needs n >= 2
     _, vit_step = _stepper("moco", "vit_small", nv, 224)
     _, r50_step = _stepper("moco", "resnet50", nv, 224)
     lines.append(_line("vit_small_step_ms", _median_ms(vit_step, rv), _median_ms(r50_step, rv), "ms",
