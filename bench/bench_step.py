@@ -34,7 +34,7 @@ Configs: full - the digits default (narrow_resnet width 16, 32 px, V = 5, batch 
 of 11 steps; quick - 16 px, width 8, V = 2, batch 64 (22 steps/epoch), 4 epochs (~1.5 min on an idle
 2-core machine; quick epochs are short, so per-epoch fixed costs weigh more than in full mode).
 With CUDA (full and quick) one more pair: ResNet-50 at 224 px, V = 2, batch 128, bf16 autocast,
-channels_last, the ImageNet augmentation recipe of ``conf/imagenet.yaml``, on synthetic 224-px JPEG
+channels_last, the ImageNet augmentation recipe of ``conf/imagenet-symmetric.yaml``, on synthetic 224-px JPEG
 shards.
 
 Starts Ray itself when it is not running (``num_cpus = max(4, cores)``). Data and runs live in temp
@@ -71,7 +71,7 @@ FULL = {"overrides": [], "epochs": 5}
 QUICK = {"overrides": ["batch_size=64", "data.image_size=16", "augment.crop_size=16", "model.width=8",
                        "model.head_hidden=64", "model.head_out=32", "loss.num_positives=1"],
          "epochs": 4}
-# ResNet-50 / 224 px / V = 2 on the GPU: conf/imagenet.yaml made single-worker and local.
+# ResNet-50 / 224 px / V = 2 on the GPU: conf/imagenet-symmetric.yaml made single-worker and local.
 GPU_OVERRIDES = ["num_workers=1", "cpus_per_worker=1", "loss.num_positives=1", "data.data_resource=null",
                  "data.decode_num_cpus=1.0", "model.sync_batchnorm=false", "keep_checkpoints=1",
                  "max_failures=0", "optim.warmup_epochs=0.5"]
@@ -414,7 +414,7 @@ def _gpu_resnet50(tmp: str, quick: bool) -> dict:
     shards = os.path.join(tmp, "synthetic224")
     _synthetic_shards(shards, n, 224)
     cfg = _config(shards, os.path.join(tmp, "runs"), [*GPU_OVERRIDES, "use_gpu=true"], 3 if quick else 4,
-                  path=str(REPO / "conf" / "imagenet.yaml"))
+                  path=str(REPO / "conf" / "imagenet-symmetric.yaml"))
     images = _load_images(cfg)
     return _compare("step.cuda.resnet50_224_v2_bf16", cfg, images, torch.device("cuda", 0),
                     {"data": f"synthetic224 jpeg x{n}", "gpu": torch.cuda.get_device_name(0)})

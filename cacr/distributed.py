@@ -40,6 +40,7 @@ __all__ = [
     "check_equal_sizes",
     "global_offset",
     "gather_with_grad",
+    "gather_no_grad",
 ]
 
 
@@ -165,3 +166,20 @@ def gather_with_grad(x: torch.Tensor, *, dim: int = 0, group=None,
     if check_sizes:
         check_equal_sizes(x.shape[dim], device=x.device, group=group)
     return _GatherWithGrad.apply(x, dim, group)
+
+
+@torch.no_grad()
+def gather_no_grad(x: torch.Tensor, *, dim: int = 0, group=None) -> torch.Tensor:
+    """All-gather ``x`` (detached) along ``dim``, same layout as :func:`gather_with_grad` (row ``i``
+    of rank ``r`` at ``r·n + i``) but with NO autograd edge: for tensors that are constants of the
+    loss, such as a momentum encoder's keys.  Returns ``x.detach()`` when not distributed.
+    """
+    x = x.detach()
+    if not is_distributed(group):
+        return x
+    dim = dim % x.dim()
+    world = dist.get_world_size(group)
+    moved = x.movedim(dim, 0).contiguous()
+    flat = moved.new_empty((world * moved.shape[0],) + tuple(moved.shape[1:]))
+    _all_gather_single(flat, moved, group)
+    return flat.movedim(0, dim)

@@ -1,5 +1,5 @@
 """CACR loss (Contrastive Attraction + Contrastive Repulsion), the multi-view InfoNCE baseline and
-the alignment / uniformity diagnostics.  Specification: /work/shared/METHOD.md (our notation).
+the alignment / uniformity diagnostics.  Specification: docs/METHOD.md (our notation).
 
 Input convention (all losses): ``z`` of shape ``(V, n, D)``, ``z[v, i]`` = L2-normalised embedding of
 view ``v`` of image ``i``, LOCAL to this process.  When torch.distributed is initialised with more
@@ -15,7 +15,7 @@ Every per-rank loss is a MEAN over this rank's own query rows.  With the same ``
     one-process gradient on all ``N`` images (derivation in ``cacr.distributed``).
 tests/cacr/test_distributed.py checks both with two real gloo processes.
 
-Squared distances are computed as ``d = 2 − 2·a·b`` (valid for unit vectors, METHOD.md); the losses
+Squared distances are computed as ``d = 2 − 2·a·b`` (valid for unit vectors, docs/METHOD.md); the losses
 do not re-normalise ``z``.  Half / bfloat16 inputs are up-cast to float32 and autocast is disabled
 inside the losses: the softmaxes over thousands of negatives need float32.
 """
@@ -29,9 +29,9 @@ from dataclasses import dataclass, fields
 import torch
 from torch import Tensor
 
-from cacr.distributed import gather_with_grad, world_info
+from cacr.distributed import gather_no_grad, gather_with_grad, world_info
 
-__all__ = ["LossOutput", "cacr_loss", "infonce_loss", "alignment", "uniformity"]
+__all__ = ["LossOutput", "cacr_loss", "cacr_moco_loss", "infonce_loss", "alignment", "uniformity"]
 
 
 @dataclass
@@ -194,7 +194,7 @@ def _cacr_from_gathered(q: Tensor, keys: Tensor, offset: int, *, alpha: float = 
 def cacr_loss(z: Tensor, *, alpha: float = 1.0, beta: float = 1.0, tau_pos: float = 1.0,
               tau_neg: float = 0.9, detach_weights: bool = False, same_view_negatives: bool = False,
               group=None) -> LossOutput:
-    r"""CACR loss of METHOD.md on local embeddings ``z`` (V, n, D), unit norm, ``V >= 2``.
+    r"""CACR loss of docs/METHOD.md on local embeddings ``z`` (V, n, D), unit norm, ``V >= 2``.
 
     Notation: ``d(a, b) = ‖a − b‖² = 2 − 2 a·b``; ``Z`` (V, N, D) = all ranks' ``z`` gathered with
     gradient (``Z = z`` in one process); rank ``r``'s image ``i`` is global image ``g = r·n + i``.
@@ -306,6 +306,105 @@ def infonce_loss(z: Tensor, *, temperature: float = 0.2, group=None) -> LossOutp
     rank, _ = world_info(group)
     keys = gather_with_grad(z, dim=1, group=group)
     return _infonce_from_gathered(z, keys, rank * z.shape[1], temperature=temperature)
+
+
+# ----------------------------------------------------------------------------------------------
+# Momentum-encoder CACR (the authors' ImageNet setup on MoCo v3)
+# ----------------------------------------------------------------------------------------------
+
+def _check_moco(q: Tensor, k: Tensor, temperature: float) -> None:
+    if not isinstance(q, Tensor) or not isinstance(k, Tensor) or q.dim() != 3 or k.dim() != 3:
+        raise ValueError("cacr_moco_loss: q must be (V, n, D) queries and k (A, n, D) keys; got "
+                         f"{tuple(getattr(q, 'shape', ()))} and {tuple(getattr(k, 'shape', ()))}")
+    if not (q.is_floating_point() and k.is_floating_point()):
+        raise ValueError(f"cacr_moco_loss: q and k must be floating point; got {q.dtype}, {k.dtype}")
+    V, n, D = q.shape
+    A = k.shape[0]
+    if V < 2 or n < 1 or D < 1:
+        raise ValueError(f"cacr_moco_loss: needs V >= 2 query views and a non-empty batch; got q {tuple(q.shape)}")
+    if not 1 <= A <= V or k.shape[1:] != (n, D):
+        raise ValueError(f"cacr_moco_loss: keys {tuple(k.shape)} must be (A, n, D) with 1 <= A <= V "
+                         f"for queries {tuple(q.shape)} (targets are views 0..A-1)")
+    if not temperature > 0:
+        raise ValueError(f"cacr_moco_loss: temperature must be > 0; got {temperature}")
+
+
+def _moco_from_gathered(q: Tensor, keys: Tensor, offset: int, *, temperature: float) -> LossOutput:
+    """``cacr_moco_loss`` on local queries ``q`` (V, n, D) and gathered constant ``keys`` (A, N, D),
+    this rank's rows at columns ``offset .. offset + n − 1``.  Separate so that benchmarks can time
+    the n × N blocks without processes; see ``cacr_moco_loss`` for the math."""
+    V, n, D = q.shape
+    A, N, _ = keys.shape
+    if not 0 <= offset <= N - n:
+        raise ValueError(f"cacr_moco: offset {offset} does not fit {n} rows in {N} key columns")
+    _check_global(N, "cacr_moco_loss")
+    dtype = _compute_dtype(q.dtype)
+    inv_t = 1.0 / temperature
+    idx = torch.arange(n, device=q.device)
+    own = _own_column_mask(n, N, offset, q.device)[:, 0]                # (n, N): the positive column
+    with torch.autocast(device_type=q.device.type, enabled=False):
+        q = q.to(dtype)
+        keys = keys.to(dtype)
+        att_sum = q.new_zeros(())
+        rep_sum = q.new_zeros(())
+        eff_pos = q.new_zeros(())
+        eff_neg = q.new_zeros(())
+        for a in range(A):
+            others = [v for v in range(V) if v != a]
+            qa = q[others]                                              # (V−1, n, D)
+            # logits[v, i, j] = q_v(i)·k_a(j) / T over the GLOBAL keys: one GEMM per target.
+            logits = (qa @ keys[a].T).mul_(inv_t)                       # (V−1, n, N)
+            pos = logits[:, idx, offset + idx]                          # (V−1, n): q_v(i)·k_a(i)/T
+            lse = torch.logsumexp(logits, dim=-1)                       # (V−1, n)
+            with torch.no_grad():
+                # p_{a,v}(i) = softmax_{v≠a}( ‖q_v(i) − k_a(i)‖² / T ),  ‖·‖² = 2 − 2 q·k
+                p = torch.softmax((2.0 - 2.0 * temperature * pos) * inv_t, dim=0)
+                eff_pos += (-torch.special.xlogy(p, p).sum(0)).exp().sum()
+                w_neg = torch.softmax(logits.masked_fill(own, float("-inf")), dim=-1)
+                eff_neg += (-torch.special.xlogy(w_neg, w_neg).sum(-1)).exp().sum()
+            # Σ_v mean_i p · CE, CE = −pos + lse, split into its two parts.
+            att_sum = att_sum - (p * pos).sum() / n
+            rep_sum = rep_sum + (p * lse).sum() / n
+        scale = 2.0 * temperature / A                                   # factor 2T, mean over targets
+        attraction = scale * att_sum
+        repulsion = scale * rep_sum
+    return LossOutput(loss=attraction + repulsion, attraction=attraction, repulsion=repulsion,
+                      eff_positives=eff_pos / (A * n),
+                      eff_negatives=eff_neg / (A * (V - 1) * n))
+
+
+def cacr_moco_loss(q: Tensor, k: Tensor, *, temperature: float, group=None) -> LossOutput:
+    r"""Momentum-encoder CACR (docs/METHOD.md, "Momentum-encoder CACR").
+
+    ``q`` (V, n, D): L2-normalised predictor outputs of all V views, LOCAL rows.  ``k`` (A, n, D):
+    L2-normalised momentum keys of the target views ``0 .. A−1`` (the first A query views), LOCAL
+    rows.  Keys are constants: they are detached and, with several ranks, all-gathered WITHOUT
+    gradient into ``K`` (A, N, D), rank ``r``'s image ``i`` at column ``g = r·n + i``.
+
+    For target ``a`` the query views are ``v ≠ a``; with ``T`` the one temperature::
+
+        p_{a,v}(i)  = softmax_{v≠a}( ‖q_v(i) − k_a(i)‖² / T )         detached; far positives weigh more
+        CE_{a,v}(i) = − q_v(i)·K_a(g)/T + log Σ_j exp( q_v(i)·K_a(j)/T )   (InfoNCE, label g)
+        L_a         = 2T · Σ_{v≠a} mean_i p_{a,v}(i) · CE_{a,v}(i)
+        loss        = mean over the A targets of L_a
+
+    ``attraction`` is the ``−q·k/T`` part, ``repulsion`` the log-partition part (same weights, same
+    factor 2T); ``loss = attraction + repulsion``.  With V = A = 2, p ≡ 1 and the loss is half of
+    MoCo v3's ``ctr(q₁, k₂) + ctr(q₂, k₁)`` (``ctr`` = 2T · cross-entropy).
+
+    Diagnostics (detached): ``eff_positives`` = exp(entropy) of p over the V − 1 query views, mean
+    over (a, i) (V − 1 when uniform); ``eff_negatives`` = exp(entropy) of the InfoNCE softmax
+    restricted to (renormalised over) the N − 1 negative keys, mean over (a, v, i).
+
+    Distributed: mean over this rank's rows; the mean over ranks of the values is the one-process
+    loss and DDP-averaged gradients are the one-process gradients (no gradient crosses ranks: the
+    keys are constants).  All ranks must hold the same ``n``.  Cost per rank: A GEMMs of
+    ((V−1)·n) × N × D; memory O((V−1)·n·N) per target.
+    """
+    _check_moco(q, k, temperature)
+    rank, _ = world_info(group)
+    keys = gather_no_grad(k, dim=1, group=group)           # (A, N, D), detached
+    return _moco_from_gathered(q, keys, rank * q.shape[1], temperature=temperature)
 
 
 # ----------------------------------------------------------------------------------------------

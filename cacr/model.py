@@ -1,6 +1,9 @@
-"""Encoder f (a ResNet) + projection head g for CACR: z = g(f(x)) / ||g(f(x))||.
+"""Encoder f + projection head g for CACR: z = g(f(x)) / ||g(f(x))||, and the ONE backbone
+registry (`ARCHS`) and builder (`build_backbone`).
 
-Backbones are torchvision ResNets, always built with `weights=None` (never a download):
+ViT backbones ("vit_small", "vit_base", patch 16) live in `cacr.vit`; the momentum-encoder heads
+in `cacr.heads`.  ResNet backbones are torchvision ResNets, always built with `weights=None`
+(never a download):
 
 | arch            | blocks               | widths            | feature_dim | backbone params* |
 |-----------------|----------------------|-------------------|-------------|------------------|
@@ -43,17 +46,21 @@ import torch.nn.functional as F
 import torchvision.models as tvm
 from torchvision.models.resnet import BasicBlock, ResNet
 
+from cacr.archs import ARCHS, NORMS, RESNET_ARCHS, VIT_ARCHS  # the one registry (torch-free)
+
 __all__ = [
     "ARCHS",
     "NORMS",
+    "RESNET_ARCHS",
+    "VIT_ARCHS",
+    "build_backbone",
+    "zero_init_residual_",
     "CACRModel",
     "ProjectionHead",
     "build_torchvision_backbone",
     "model_info",
 ]
 
-ARCHS = ("narrow_resnet", "resnet18", "resnet34", "resnet50")
-NORMS = ("batch", "group", "none")
 
 _FEATURE_DIMS = {"resnet18": 512, "resnet34": 512, "resnet50": 2048}
 
@@ -96,20 +103,8 @@ def _init_resnet_(model: nn.Module) -> None:
             nn.init.constant_(m.bias, 0)
 
 
-def build_torchvision_backbone(
-    arch: str = "narrow_resnet",
-    small_images: bool = True,
-    *,
-    width: int = 16,
-    norm: str = "batch",
-) -> ResNet:
-    """The plain torchvision ResNet used as CACR backbone, with `fc = nn.Identity()`.
-
-    Output of `forward`: (B, feature_dim) pooled features. `width` only affects "narrow_resnet".
-    Weights are randomly initialised (weights=None): nothing is downloaded, ever.
-    """
-    if arch not in ARCHS:
-        raise ValueError(f"arch must be one of {ARCHS}, got {arch!r}")
+def _build_resnet(arch: str, small_images: bool, width: int, norm: str, zero_init_residual: bool) -> ResNet:
+    """A torchvision ResNet with ``fc = nn.Identity()`` (see the module docstring)."""
     if not isinstance(width, int) or isinstance(width, bool) or width < 1:
         raise ValueError(f"width must be an int >= 1, got {width!r}")
     norm_layer = _norm_2d(norm)
@@ -132,8 +127,59 @@ def build_torchvision_backbone(
         net.maxpool = nn.Identity()
     net.fc = nn.Identity()
     _init_resnet_(net)
+    if zero_init_residual:
+        zero_init_residual_(net)
     net.feature_dim = feature_dim  # plain attribute, not in the state_dict
     return net
+
+
+def zero_init_residual_(net: nn.Module) -> int:
+    """Zero the scale of the last norm layer of every residual block (Goyal et al. 2017; the
+    authors' ResNet-50 setup), so each block starts as the identity.  Returns how many were zeroed
+    (0 with ``norm="none"``: there is nothing to zero)."""
+    from torchvision.models.resnet import Bottleneck
+
+    count = 0
+    for m in net.modules():
+        last = m.bn3 if isinstance(m, Bottleneck) else m.bn2 if isinstance(m, BasicBlock) else None
+        if last is not None and getattr(last, "weight", None) is not None:
+            nn.init.zeros_(last.weight)
+            count += 1
+    return count
+
+
+def build_backbone(
+    arch: str = "narrow_resnet",
+    small_images: bool = True,
+    *,
+    width: int = 16,
+    norm: str = "batch",
+    zero_init_residual: bool = False,
+    img_size: int = 224,
+    depth: int | None = None,
+    freeze_patch_embed: bool = False,
+) -> nn.Module:
+    """THE backbone builder: every arch of :data:`ARCHS`, randomly initialised (never a download).
+
+    ``forward(x)`` -> (B, feature_dim) pooled features; ``net.feature_dim`` says how many.
+    ResNets (:data:`RESNET_ARCHS`) read ``small_images``, ``width`` (narrow_resnet only), ``norm``
+    and ``zero_init_residual``.  ViTs (:data:`VIT_ARCHS`, ``cacr.vit``) read ``img_size``, ``depth``
+    (None: the arch's 12) and ``freeze_patch_embed``; they accept and ignore the ResNet keys, so
+    one ``backbone_spec`` dict (arch, small_images, width, norm, ...) rebuilds either kind.
+    """
+    if arch not in ARCHS:
+        raise ValueError(f"arch must be one of {ARCHS}, got {arch!r}")
+    if norm not in NORMS:
+        raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
+    if arch in VIT_ARCHS:
+        from cacr.vit import build_vit
+
+        return build_vit(arch, img_size=img_size, depth=depth, freeze_patch_embed=freeze_patch_embed)
+    return _build_resnet(arch, small_images, width, norm, zero_init_residual)
+
+
+#: The name export.py / evaluate.py and the README's loading snippet use; same function.
+build_torchvision_backbone = build_backbone
 
 
 class ProjectionHead(nn.Sequential):
@@ -179,7 +225,7 @@ class CACRModel(nn.Module):
         self.arch = arch
         self.norm = norm
         self.backbone_spec = {"arch": arch, "small_images": bool(small_images), "width": width, "norm": norm}
-        self.backbone = build_torchvision_backbone(arch, small_images, width=width, norm=norm)
+        self.backbone = build_backbone(arch, small_images, width=width, norm=norm)
         self.feature_dim: int = self.backbone.feature_dim
         self.head_out = head_out
         self.head = ProjectionHead(self.feature_dim, head_hidden, head_out, head_layers, norm)

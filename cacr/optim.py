@@ -1,8 +1,10 @@
 """Optimisers and the learning-rate schedule used for pretraining.
 
 LARS (You et al. 2017): per-parameter trust ratio η·‖w‖ / (‖g‖ + wd·‖w‖) scales the SGD step of
-weight matrices; biases and normalisation parameters (1-D tensors) are excluded from both weight
-decay and adaptation, as in SimCLR/BYOL practice.
+weight matrices; biases, normalisation parameters and the ViT's position embedding / class token
+are excluded from both weight decay and adaptation, as in SimCLR/BYOL/MoCo-v3 practice
+(``is_no_decay``: 1-D tensors, or a name ending in ``pos_embed`` / ``cls_token``; ``param_groups``
+marks each group with ``lars_adapt`` and LARS follows the mark).
 
 Schedule: linear warm-up from 0 to the peak over ``warmup_steps``, then cosine decay to
 ``min_ratio``·peak at ``total_steps``:
@@ -28,11 +30,14 @@ class LARS(torch.optim.Optimizer):
     def step(self, closure=None):
         loss = closure() if closure is not None else None
         for group in self.param_groups:
+            adapt = group.get("lars_adapt")
             for p in group["params"]:
                 if p.grad is None:
                     continue
                 g = p.grad
-                if p.ndim > 1:  # weights: decay + trust ratio; biases / norms: plain SGD
+                # weights: decay + trust ratio; biases / norms / tokens: plain SGD.  Groups from
+                # param_groups say which; a bare parameter list falls back to the ndim rule.
+                if (p.ndim > 1) if adapt is None else adapt:
                     g = g.add(p, alpha=group["weight_decay"])
                     w_norm, g_norm = torch.linalg.vector_norm(p), torch.linalg.vector_norm(g)
                     trust = torch.where((w_norm > 0) & (g_norm > 0),
@@ -48,13 +53,23 @@ class LARS(torch.optim.Optimizer):
         return loss
 
 
+NO_DECAY_NAMES = ("pos_embed", "cls_token")
+
+
+def is_no_decay(name: str, p: torch.Tensor) -> bool:
+    """Biases and norm scales (1-D) and the ViT's ``pos_embed`` / ``cls_token`` (3-D, by name)."""
+    return p.ndim <= 1 or name.rsplit(".", 1)[-1] in NO_DECAY_NAMES
+
+
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """No weight decay on biases and normalisation parameters (1-D tensors)."""
+    """Two groups of the trainable parameters: decayed + LARS-adapted weights, and the rest
+    (``is_no_decay``) with no weight decay and no LARS scaling.  Frozen parameters are left out."""
     decay, no_decay = [], []
-    for p in model.parameters():
+    for name, p in model.named_parameters():
         if p.requires_grad:
-            (no_decay if p.ndim <= 1 else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+            (no_decay if is_no_decay(name, p) else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay, "lars_adapt": True},
+            {"params": no_decay, "weight_decay": 0.0, "lars_adapt": False}]
 
 
 def build_optimizer(name: str, model: torch.nn.Module, *, lr: float, momentum: float,

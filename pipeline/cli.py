@@ -62,6 +62,12 @@ def _cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_import(args: argparse.Namespace) -> int:
+    from pipeline.import_moco import run_import
+
+    return run_import(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
         prog="cacr",
@@ -110,6 +116,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out", help="output directory (local or s3://)")
     data_commands.add_storage_args(p)
     p.set_defaults(func=_cmd_export)
+
+    p = sub.add_parser("import", help="convert the authors' MoCo-v3-layout checkpoint into an export")
+    p.add_argument("checkpoint", help="local .pth.tar (torch dict with state_dict module.base_encoder.*)")
+    p.add_argument("out", help="output directory (local or s3://), as `cacr export` writes")
+    p.set_defaults(func=_cmd_import)
     return ap
 
 

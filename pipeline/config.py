@@ -17,6 +17,7 @@ from typing import Any, Union
 
 import yaml
 
+from cacr.archs import ARCHS, HEADS, NORMS
 from cacr.augment_config import AugmentConfig
 from pipeline.errors import CacrError
 
@@ -65,20 +66,38 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    arch: str = _choice("narrow_resnet", ("narrow_resnet", "resnet18", "resnet34", "resnet50"),
-                        "encoder architecture")
+    arch: str = _choice("narrow_resnet", ARCHS, "encoder architecture (cacr.archs.ARCHS)")
     small_images: bool = _f(True, "small-image stem: 3x3 stride-1 conv, no max-pool")
     width: int = _f(16, "base width of narrow_resnet")
-    norm: str = _choice("batch", ("batch", "group", "none"), "normalisation layers of the encoder")
+    norm: str = _choice("batch", NORMS, "normalisation layers of the encoder")
     head_hidden: int = _f(512, "hidden width of the projection head")
     head_out: int = _f(128, "embedding dimension D")
     head_layers: int = _f(2, "layers of the projection head (1 = linear)")
     sync_batchnorm: bool = _f(False, "SyncBatchNorm across workers")
+    head: str = _choice("mlp", HEADS, "heads: mlp (the symmetric loss's projection head) | moco "
+                        "(projector + predictor of the momentum setup, cacr.heads; needed by cacr_moco)")
+    predictor_hidden: int = _f(4096, "hidden width of the predictor (model.head=moco)")
+    freeze_patch_embed: bool = _f(False, "ViT: freeze the patch projection (stop-grad conv1)")
+    zero_init_residual: bool = _f(True, "ResNet in cacr_moco: zero-init the last BN of each residual block")
+    vit_depth: int = _f(0, "ViT blocks (0: the arch's 12; smaller only for tests / benchmarks)")
+
+
+#: ``loss.name`` choices (methods registered in cacr.methods; cacr_queue is the queue setup's slot)
+LOSS_NAMES = ("cacr", "infonce", "cacr_moco")
+
+
+@dataclass
+class MomentumConfig:
+    """Momentum (EMA) target network of ``loss.name=cacr_moco``."""
+
+    base: float = _f(0.99, "m0: EMA momentum at the start (authors: 0.996 ResNet-50, 0.99 ViT)")
+    cosine: bool = _f(True, "cosine schedule m = 1 - (1 + cos(pi t)) (1 - m0) / 2, t = progress, to 1")
 
 
 @dataclass
 class LossConfig:
-    name: str = _choice("cacr", ("cacr", "infonce"), "loss: CACR or the InfoNCE baseline")
+    name: str = _choice("cacr", LOSS_NAMES, "method: symmetric CACR, the InfoNCE baseline, or "
+                        "momentum-encoder CACR (cacr_moco)")
     num_positives: int = _f(4, "K, positive views per query; V = K + 1 views per image")
     alpha: float = _f(1.0, "weight of contrastive attraction")
     beta: float = _f(1.0, "weight of contrastive repulsion")
@@ -86,7 +105,9 @@ class LossConfig:
     tau_neg: float = _f(0.9, "repulsion sharpness tau- (0.9 CIFAR-10-like, 2.0 CIFAR-100 / STL-10)")
     detach_weights: bool = _f(False, "stop gradients through the attraction/repulsion weights")
     same_view_negatives: bool = _f(False, "also use same-view views of other images as negatives")
-    temperature: float = _f(0.2, "InfoNCE temperature (loss.name=infonce)")
+    temperature: float = _f(0.2, "temperature of infonce and cacr_moco (authors: 1.0 ResNet-50, 0.2 ViT)")
+    targets: str = _choice("light", ("light", "full"), "cacr_moco targets: light = the 2 global crops, "
+                           "full = every view")
 
 
 @dataclass
@@ -129,6 +150,7 @@ class Config:
     loss: LossConfig = field(default_factory=LossConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     storage: StorageConfig = field(default_factory=StorageConfig)
+    momentum: MomentumConfig = field(default_factory=MomentumConfig)
 
     def validate(self) -> "Config":
         _check_tree(self, "")
@@ -160,6 +182,11 @@ class Config:
             ("optim.warmup_epochs", 0 <= self.optim.warmup_epochs <= self.epochs,
              "must be in [0, epochs]"),
             ("optim.min_lr_ratio", 0 <= self.optim.min_lr_ratio <= 1, "must be in [0, 1]"),
+            ("momentum.base", 0 <= self.momentum.base <= 1, "must be in [0, 1]"),
+            ("model.predictor_hidden", self.model.predictor_hidden >= 1, "must be >= 1"),
+            ("model.vit_depth", self.model.vit_depth >= 0, "must be >= 0 (0: the arch's depth)"),
+            ("model.head", self.loss.name != "cacr_moco" or self.model.head == "moco",
+             "loss.name=cacr_moco needs model.head=moco"),
         ]
         for key, ok, msg in checks:
             if not ok:

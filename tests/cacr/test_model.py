@@ -7,7 +7,7 @@ import torch
 import torch.nn as nn
 import torchvision
 
-from cacr.model import ARCHS, CACRModel, ProjectionHead, build_torchvision_backbone, model_info
+from cacr.model import RESNET_ARCHS, CACRModel, ProjectionHead, build_torchvision_backbone, model_info
 
 _FEATURE_DIM = {"narrow_resnet": 128, "resnet18": 512, "resnet34": 512, "resnet50": 2048}
 
@@ -33,7 +33,7 @@ def no_network(monkeypatch):
     monkeypatch.setattr(torch.hub, "load_state_dict_from_url", refuse)
 
 
-@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("arch", RESNET_ARCHS)  # ViTs: tests/cacr/test_vit.py
 def test_shapes_every_arch(arch, no_network):
     torch.manual_seed(0)
     model = CACRModel(arch, small_images=True, head_hidden=64, head_out=32)

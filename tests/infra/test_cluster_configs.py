@@ -31,7 +31,7 @@ LAUNCHER_FILES = sorted((INFRA / "cluster").glob("*.yaml"))
 K8S_FILES = sorted((INFRA / "k8s").glob("*.yaml"))
 DOCKERFILE = INFRA / "docker" / "Dockerfile"
 README = INFRA / "README.md"
-TRAIN_CONFIG = ROOT / "conf" / "imagenet.yaml"
+TRAIN_CONFIG = ROOT / "conf" / "imagenet-symmetric.yaml"
 
 CACR_SUBCOMMANDS = {"prepare", "inspect", "train", "tune", "evaluate", "export"}
 # Subcommands whose --config is a training config (pipeline.config.Config); tune configs have
@@ -92,7 +92,7 @@ def _cluster_specs() -> Iterator[tuple[str, dict[str, Any]]]:
 def _data_resource() -> str:
     """The custom resource decode tasks require, as the cluster-scale config names it."""
     value = _load_yaml(TRAIN_CONFIG)["data"]["data_resource"]
-    assert isinstance(value, str) and value, "conf/imagenet.yaml must set data.data_resource"
+    assert isinstance(value, str) and value, "conf/imagenet-symmetric.yaml must set data.data_resource"
     return value
 
 
@@ -471,7 +471,7 @@ def test_rayjob_working_dir_is_the_project_copy_in_the_image():
 
 def test_invocation_checker_catches_mistakes():
     bad = [
-        "cacr trian --config conf/imagenet.yaml",
+        "cacr trian --config conf/imagenet-symmetric.yaml",
         "cacr train --config conf/no-such-file.yaml",
         "cacr tune --config conf/tune/no-such-file.yaml",
         "cacr train",
@@ -480,7 +480,7 @@ def test_invocation_checker_catches_mistakes():
         (sub, args), = cacr_invocations(cmd)
         with pytest.raises(AssertionError):
             check_invocation(sub, args, cmd)
-    (sub, args), = cacr_invocations("cd /x && ray job submit -- cacr train -c conf/imagenet.yaml epochs=0")
+    (sub, args), = cacr_invocations("cd /x && ray job submit -- cacr train -c conf/imagenet-symmetric.yaml epochs=0")
     with pytest.raises(ValueError):  # ConfigError: the override makes the config invalid
         check_invocation(sub, args, "override")
 
