@@ -97,6 +97,7 @@ class AugmentParams:
     blur: torch.Tensor
     blur_sigma: torch.Tensor
     solarize: torch.Tensor
+    valid_hw: torch.Tensor | None = None  # (B, 2) int64: each image's (height, width) on the canvas
 
     _TENSORS = (
         "top", "left", "height", "width", "flip", "jitter", "brightness", "contrast", "saturation",
@@ -113,6 +114,10 @@ class AugmentParams:
 
     @property
     def area_fraction(self) -> torch.Tensor:
+        """Crop area / area of its image (the image's valid region when `valid_hw` is set)."""
+        if self.valid_hw is not None:
+            hw = self.valid_hw.to(self.height.device).double()
+            return (self.height * self.width).double() / (hw[:, 0] * hw[:, 1])
         h, w = self.image_size
         return (self.height * self.width).double() / (h * w)
 
@@ -123,7 +128,64 @@ class AugmentParams:
 
     def to(self, device: torch.device | str) -> "AugmentParams":
         moved = {n: getattr(self, n).to(device, non_blocking=True) for n in self._TENSORS}
-        return AugmentParams(image_size=self.image_size, **moved)
+        hw = None if self.valid_hw is None else self.valid_hw.to(device, non_blocking=True)
+        return AugmentParams(image_size=self.image_size, valid_hw=hw, **moved)
+
+
+def check_valid_hw(valid_hw, batch_size: int, image_size: tuple[int, int]) -> torch.Tensor:
+    """`valid_hw` as an (n, 2) int64 tensor on its device; ValueError for a malformed one.
+
+    Row b = (height, width) of image b, which occupies the top-left corner of the (H, W) canvas.
+    """
+    H, W = int(image_size[0]), int(image_size[1])
+    if not isinstance(valid_hw, torch.Tensor):
+        valid_hw = torch.as_tensor(valid_hw)
+    if valid_hw.shape != (batch_size, 2):
+        raise ValueError(f"valid_hw must have shape (n, 2) = ({batch_size}, 2) (each image's height, "
+                         f"width), got {tuple(valid_hw.shape)}")
+    if valid_hw.dtype.is_floating_point or valid_hw.dtype.is_complex or valid_hw.dtype == torch.bool:
+        raise ValueError(f"valid_hw must hold integers, got {valid_hw.dtype}")
+    valid_hw = valid_hw.long()
+    if batch_size:
+        lo = valid_hw.amin(0).tolist()
+        hi = valid_hw.amax(0).tolist()
+        if min(lo) < 1 or hi[0] > H or hi[1] > W:
+            raise ValueError(f"valid_hw must lie in [1, {H}] x [1, {W}] (the canvas), got heights "
+                             f"{lo[0]}..{hi[0]} and widths {lo[1]}..{hi[1]}")
+    return valid_hw
+
+
+def _crop_boxes(cfg: AugmentConfig, u64: torch.Tensor, Hs: torch.Tensor, Ws: torch.Tensor):
+    """RandomResizedCrop boxes (top, left, height, width), float64 integers, of shape (V, B).
+
+    Vectorised torchvision rule, per image of size (Hs, Ws) (float64, broadcast against (V, B)):
+    10 candidates with area A = U(scale) * Hs * Ws and aspect r = exp(U(log ratio));
+    w = round(sqrt(A r)), h = round(sqrt(A / r)) (round half to even, as Python's round); the first
+    candidate with 0 < w <= Ws and 0 < h <= Hs is taken, top ~ U{0..Hs-h}, left ~ U{0..Ws-w}; if
+    none fits, the centre crop of the whole image with its aspect clamped to `ratio`.
+    """
+    T = _MAX_CROP_TRIES
+    Ha, Wa = Hs.unsqueeze(-1), Ws.unsqueeze(-1)
+    target = u64[..., :T].mul(cfg.scale[1] - cfg.scale[0]).add_(cfg.scale[0]).mul_(Ha * Wa)
+    log_lo, log_hi = math.log(cfg.ratio[0]), math.log(cfg.ratio[1])
+    aspect = u64[..., T : 2 * T].mul(log_hi - log_lo).add_(log_lo).exp_()
+    cw = torch.sqrt(target * aspect).round_()
+    ch = torch.sqrt(target / aspect).round_()
+    fits = (cw > 0) & (cw <= Wa) & (ch > 0) & (ch <= Ha)
+    first = fits.to(torch.uint8).argmax(dim=-1, keepdim=True)  # first True (0 if none)
+    found = fits.any(dim=-1)
+    # fallback: too narrow -> full width, too wide -> full height, else the whole image
+    rmin, rmax = min(cfg.ratio), max(cfg.ratio)
+    in_ratio = Ws / Hs
+    fw = torch.where(in_ratio > rmax, torch.round(Hs * rmax), Ws)
+    fh = torch.where(in_ratio < rmin, torch.round(Ws / rmin), Hs)
+    width = torch.where(found, cw.gather(-1, first).squeeze(-1), fw)
+    height = torch.where(found, ch.gather(-1, first).squeeze(-1), fh)
+    top = torch.minimum(torch.floor(u64[..., 2 * T] * (Hs - height + 1)), Hs - height)
+    left = torch.minimum(torch.floor(u64[..., 2 * T + 1] * (Ws - width + 1)), Ws - width)
+    top = torch.where(found, top, torch.div(Hs - height, 2, rounding_mode="floor"))
+    left = torch.where(found, left, torch.div(Ws - width, 2, rounding_mode="floor"))
+    return top, left, height, width
 
 
 def sample_params(
@@ -134,6 +196,7 @@ def sample_params(
     *,
     generator: torch.Generator | None = None,
     device: torch.device | str | None = None,
+    valid_hw: torch.Tensor | None = None,
 ) -> AugmentParams:
     """Draw the random parameters of `num_views` x `batch_size` views of (H, W) images.
 
@@ -141,10 +204,11 @@ def sample_params(
     global RNG. The sequence of draws does not depend on the probabilities, so changing e.g.
     `grayscale_p` does not reshuffle the crops of the same seed.
 
-    Crop rule (torchvision RandomResizedCrop, vectorised): for each view, 10 candidates with area
-    fraction ~ U(scale) and log aspect ratio ~ U(log ratio); w = round(sqrt(A * r)),
-    h = round(sqrt(A / r)); the first candidate that fits is taken, with top/left uniform over the
-    valid integer positions; if none fits, the centre crop with the ratio clamped to `ratio`.
+    Crop rule: torchvision's RandomResizedCrop, vectorised (see `_crop_boxes`), against the whole
+    (H, W) image, or with `valid_hw` ((B, 2) ints) against each image's own (height, width) in the
+    top-left corner of the (H, W) canvas: area fractions and aspect ratios are those of the image,
+    not of the canvas. Per-view probabilities (`blur_p`, `solarize_p` lists) follow
+    `cfg.per_view`: view v uses p[v % len(p)].
     """
     if num_views < 1 or batch_size < 0:
         raise ValueError(f"need num_views >= 1 and batch_size >= 0, got {num_views}, {batch_size}")
@@ -157,35 +221,19 @@ def sample_params(
     shape = (num_views, batch_size)
     T = _MAX_CROP_TRIES
     g = generator
+    if valid_hw is not None:
+        valid_hw = check_valid_hw(valid_hw, batch_size, (H, W))
+        hw = valid_hw.to(device).double()
+        Hs, Ws = hw[:, 0], hw[:, 1]  # (B,), broadcast against (V, B)
+    else:
+        Hs = torch.full((1,), float(H), dtype=torch.float64, device=device)
+        Ws = torch.full((1,), float(W), dtype=torch.float64, device=device)
 
     # two draws in all: float64 for the crop geometry (exact integer boxes on every device), float32
     # for the rest; columns: [0, T) area, [T, 2T) log-ratio, 2T top, 2T + 1 left
     u64 = torch.rand(shape + (2 * T + 2,), generator=g, device=device, dtype=torch.float64)
     u = torch.rand(shape + (15,), generator=g, device=device)
-
-    # --- random-resized crop ---
-    area = float(H * W)
-    target = u64[..., :T].mul(cfg.scale[1] - cfg.scale[0]).add_(cfg.scale[0]).mul_(area)
-    log_lo, log_hi = math.log(cfg.ratio[0]), math.log(cfg.ratio[1])
-    aspect = u64[..., T : 2 * T].mul(log_hi - log_lo).add_(log_lo).exp_()
-    cw = torch.sqrt(target * aspect).round_()
-    ch = torch.sqrt(target / aspect).round_()
-    fits = (cw > 0) & (cw <= W) & (ch > 0) & (ch <= H)
-    first = fits.to(torch.uint8).argmax(dim=-1, keepdim=True)  # first True (0 if none)
-    found = fits.any(dim=-1)
-    in_ratio = W / H
-    if in_ratio < min(cfg.ratio):
-        fw, fh = W, int(round(W / min(cfg.ratio)))
-    elif in_ratio > max(cfg.ratio):
-        fw, fh = int(round(H * max(cfg.ratio))), H
-    else:
-        fw, fh = W, H
-    width = torch.where(found, cw.gather(-1, first).squeeze(-1), float(fw))
-    height = torch.where(found, ch.gather(-1, first).squeeze(-1), float(fh))
-    top = torch.minimum(torch.floor(u64[..., 2 * T] * (H - height + 1)), H - height)
-    left = torch.minimum(torch.floor(u64[..., 2 * T + 1] * (W - width + 1)), W - width)
-    top = torch.where(found, top, torch.div(H - height, 2, rounding_mode="floor"))
-    left = torch.where(found, left, torch.div(W - width, 2, rounding_mode="floor"))
+    top, left, height, width = _crop_boxes(cfg, u64, Hs, Ws)
 
     # --- flip, colour jitter, grayscale, blur, solarize ---
     def uniform(col: int, lo: float, hi: float) -> torch.Tensor:
@@ -202,9 +250,12 @@ def sample_params(
     else:
         order = torch.arange(4, device=device).expand(shape + (4,)).clone()
     gray = u[..., 10] < cfg.grayscale_p
-    blur = u[..., 11] < cfg.blur_p
+    def per_view(name: str) -> torch.Tensor:  # (V, 1) probabilities, float32 like u
+        return torch.tensor(cfg.per_view(name, num_views), device=device).view(num_views, 1)
+
+    blur = u[..., 11] < per_view("blur_p")
     sigma = uniform(12, cfg.blur_sigma[0], cfg.blur_sigma[1])
-    solarize = u[..., 13] < cfg.solarize_p  # column 14: spare
+    solarize = u[..., 13] < per_view("solarize_p")  # column 14: spare
 
     one = torch.ones((), device=device)
     return AugmentParams(
@@ -221,6 +272,7 @@ def sample_params(
         blur=blur,
         blur_sigma=sigma,
         solarize=solarize,
+        valid_hw=valid_hw,
     )
 
 
