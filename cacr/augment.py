@@ -361,10 +361,19 @@ def _gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, ksize: int) -> torch.Te
 class MultiViewAugment:
     """V augmented views per image, batched. See the module docstring for the exact semantics.
 
-    Call: `aug(images, generator=None, *, layout="BHWC", channels_last=False)` with uint8 images
-    (B, H, W, C) (or (B, C, H, W) with layout="BCHW"), C in {1, 3}; returns float32
+    Call: `aug(images, generator=None, *, layout="BHWC", channels_last=False, valid_hw=None)` with
+    uint8 images (B, H, W, C) (or (B, C, H, W) with layout="BCHW"), C in {1, 3}; returns float32
     (V, B, 3, crop, crop), contiguous (or with channels-last strides per view if asked: then
-    `out[v]` and `out.flatten(0, 1)` are channels_last 4-D tensors).
+    `out[v]` and `out.flatten(0, 1)` are channels_last 4-D tensors): the global views only.
+
+    `view_groups(images, ...)` returns every group of the step: [global (V, B, 3, crop, crop),
+    local (L, B, 3, local_size, local_size)] with `cfg.local_crops = L > 0`, else [global]. Its
+    global group equals `aug(images, generator)` for the same generator state (the local
+    parameters are drawn after the global ones).
+
+    `valid_hw`: None (each image fills the (H, W) input), or an (B, 2) int tensor of each image's
+    real (height, width) on a fixed-size canvas, top-left aligned; crop boxes are then drawn against
+    each image's own area and aspect, and never read outside it.
 
     `chunk_elements`: images are processed in chunks of about this many float view elements
     (CPU: cache-sized by default; other devices: `device_chunk_elements`, bounding scratch
@@ -383,6 +392,7 @@ class MultiViewAugment:
         cfg.validate()
         if not isinstance(num_views, int) or isinstance(num_views, bool) or num_views < 1:
             raise ValueError(f"num_views must be an int >= 1, got {num_views!r}")
+        cfg.check_views(num_views)
         self.cfg = cfg
         self.num_views = num_views
         self.chunk_elements = max(1, int(chunk_elements))
@@ -394,9 +404,20 @@ class MultiViewAugment:
             on and cfg.saturation > 0,
             on and cfg.hue > 0,
         )
+        # the local views are a second, plain (single-group) augmenter sharing the input chunks
+        self.local = (
+            MultiViewAugment(cfg.local_config(num_views), cfg.local_crops,
+                             chunk_elements=chunk_elements, device_chunk_elements=device_chunk_elements)
+            if cfg.local_crops else None
+        )
 
     def __repr__(self) -> str:
         return f"MultiViewAugment(num_views={self.num_views}, cfg={self.cfg})"
+
+    @property
+    def groups(self) -> list["MultiViewAugment"]:
+        """The single-group augmenters of a step: [global] or [global, local]."""
+        return [self] if self.local is None else [self, self.local]
 
     # -- public API ----------------------------------------------------------------------------
 
@@ -406,11 +427,27 @@ class MultiViewAugment:
         image_size: tuple[int, int],
         generator: torch.Generator | None = None,
         device: torch.device | str | None = None,
+        valid_hw: torch.Tensor | None = None,
     ) -> AugmentParams:
-        """`sample_params(self.cfg, self.num_views, ...)`."""
+        """`sample_params(self.cfg, self.num_views, ...)`: the global views only."""
         return sample_params(
-            self.cfg, self.num_views, batch_size, image_size, generator=generator, device=device
+            self.cfg, self.num_views, batch_size, image_size, generator=generator, device=device,
+            valid_hw=valid_hw,
         )
+
+    def sample_groups(
+        self,
+        batch_size: int,
+        image_size: tuple[int, int],
+        generator: torch.Generator | None = None,
+        device: torch.device | str | None = None,
+        valid_hw: torch.Tensor | None = None,
+    ) -> list[AugmentParams]:
+        """Parameters of every group, in `groups` order (global first, so its draws come first)."""
+        return [
+            a.sample_params(batch_size, image_size, generator=generator, device=device, valid_hw=valid_hw)
+            for a in self.groups
+        ]
 
     def __call__(
         self,
@@ -419,12 +456,31 @@ class MultiViewAugment:
         *,
         layout: str = "BHWC",
         channels_last: bool = False,
+        valid_hw: torch.Tensor | None = None,
     ) -> torch.Tensor:
         B, _, H, W = self._check(images, layout)
         params = self.sample_params(
-            B, (H, W), generator=generator, device=None if generator is not None else images.device
+            B, (H, W), generator=generator, device=None if generator is not None else images.device,
+            valid_hw=valid_hw,
         )
         return self.apply(images, params, layout=layout, channels_last=channels_last)
+
+    def view_groups(
+        self,
+        images: torch.Tensor,
+        *,
+        generator: torch.Generator | None = None,
+        channels_last: bool = False,
+        valid_hw: torch.Tensor | None = None,
+        layout: str = "BHWC",
+    ) -> list[torch.Tensor]:
+        """[global (V, B, 3, S, S), local (L, B, 3, s, s)] (just [global] when L = 0)."""
+        B, _, H, W = self._check(images, layout)
+        params = self.sample_groups(
+            B, (H, W), generator=generator, device=None if generator is not None else images.device,
+            valid_hw=valid_hw,
+        )
+        return self.apply_groups(images, params, layout=layout, channels_last=channels_last)
 
     def apply(
         self,
@@ -435,29 +491,21 @@ class MultiViewAugment:
         channels_last: bool = False,
     ) -> torch.Tensor:
         """Deterministic part: augment `images` with the given parameters (moved to its device)."""
-        B, C, H, W = self._check(images, layout)
-        V, c = self.num_views, self.cfg.crop_size
-        if params.num_views != V or params.batch_size != B or tuple(params.image_size) != (H, W):
-            raise ValueError(
-                f"params are for V={params.num_views}, B={params.batch_size}, "
-                f"size={tuple(params.image_size)}; got V={V}, B={B}, size={(H, W)}"
-            )
-        device = images.device
-        with torch.no_grad():  # not inference_mode: the views feed autograd
-            if channels_last:
-                out = torch.empty((V, B, c, c, 3), device=device).permute(0, 1, 4, 2, 3)
-            else:
-                out = torch.empty((V, B, 3, c, c), device=device)
-            if B == 0:
-                return out
-            if params.top.device != device:
-                params = params.to(device)
-            budget = self.chunk_elements if device.type == "cpu" else self.device_chunk_elements
-            step = max(1, min(B, budget // (V * 3 * c * c)))
-            run = _Run(self, params, layout, C, H, W, step, device)
-            for b0 in range(0, B, step):
-                run.chunk(images[b0 : min(B, b0 + step)], layout, b0, out)
-        return out
+        return _apply([(self, params)], images, layout, channels_last)[0]
+
+    def apply_groups(
+        self,
+        images: torch.Tensor,
+        params: list[AugmentParams],
+        *,
+        layout: str = "BHWC",
+        channels_last: bool = False,
+    ) -> list[torch.Tensor]:
+        """Deterministic part of `view_groups`: `params` as returned by `sample_groups`."""
+        groups = self.groups
+        if len(params) != len(groups):
+            raise ValueError(f"params hold {len(params)} groups; this augmenter has {len(groups)}")
+        return _apply(list(zip(groups, params)), images, layout, channels_last)
 
     # -- internals -----------------------------------------------------------------------------
 
@@ -480,22 +528,75 @@ class MultiViewAugment:
             raise ValueError(f"images must be non-empty, got {tuple(images.shape)}")
         return B, C, H, W
 
-    def prefilter_size(self, H: int, W: int) -> tuple[int, int] | None:
+    def prefilter_size(self, H: int, W: int, valid_hw: torch.Tensor | None = None) -> tuple[int, int] | None:
         """Size to which (H, W) inputs are reduced (antialiased) before bilinear sampling, or None.
 
         Chosen so that the smallest crop `sample_params` can draw still spans >= crop_size pixels
         of the reduced image; used only when that shrinks the image by >= 1.5x (antialias=True).
+        With `valid_hw` the smallest crop is that of the batch's smallest image (one reduction
+        factor for the whole canvas batch keeps it a single batched resize).
         """
         cfg = self.cfg
         if not cfg.antialias:
             return None
-        area = H * W * cfg.scale[0]
-        min_w = min(math.sqrt(area * cfg.ratio[0]), W)
-        min_h = min(math.sqrt(area / cfg.ratio[1]), H)
-        k = min(min_w, min_h) / cfg.crop_size
+        if valid_hw is None:
+            hs = torch.tensor([float(H)], dtype=torch.float64)
+            ws = torch.tensor([float(W)], dtype=torch.float64)
+        elif valid_hw.shape[0] == 0:
+            return None
+        else:
+            hs, ws = valid_hw[:, 0].double(), valid_hw[:, 1].double()
+        area = hs * ws * cfg.scale[0]
+        min_w = torch.minimum(torch.sqrt(area * cfg.ratio[0]), ws)
+        min_h = torch.minimum(torch.sqrt(area / cfg.ratio[1]), hs)
+        k = float(torch.minimum(min_w, min_h).min()) / cfg.crop_size
         if k < 1.5:
             return None
         return max(1, math.ceil(H / k)), max(1, math.ceil(W / k))
+
+
+def _apply(
+    jobs: list[tuple[MultiViewAugment, AugmentParams]], images: torch.Tensor, layout: str,
+    channels_last: bool,
+) -> list[torch.Tensor]:
+    """Augment `images` for every (augmenter, params) group; one pass over chunks of images.
+
+    Groups whose input needs the same preparation (the same prefilter size) share one float copy
+    of each chunk.
+    """
+    B, C, H, W = MultiViewAugment._check(images, layout)
+    device = images.device
+    for aug, params in jobs:
+        V = aug.num_views
+        if params.num_views != V or params.batch_size != B or tuple(params.image_size) != (H, W):
+            raise ValueError(
+                f"params are for V={params.num_views}, B={params.batch_size}, "
+                f"size={tuple(params.image_size)}; got V={V}, B={B}, size={(H, W)}"
+            )
+    with torch.no_grad():  # not inference_mode: the views feed autograd
+        outs = []
+        for aug, _ in jobs:
+            V, c = aug.num_views, aug.cfg.crop_size
+            if channels_last:
+                outs.append(torch.empty((V, B, c, c, 3), device=device).permute(0, 1, 4, 2, 3))
+            else:
+                outs.append(torch.empty((V, B, 3, c, c), device=device))
+        if B == 0:
+            return outs
+        jobs = [(aug, p if p.top.device == device else p.to(device)) for aug, p in jobs]
+        aug0 = jobs[0][0]
+        budget = aug0.chunk_elements if device.type == "cpu" else aug0.device_chunk_elements
+        per_image = sum(aug.num_views * 3 * aug.cfg.crop_size ** 2 for aug, _ in jobs)
+        step = max(1, min(B, budget // per_image))
+        runs = [_Run(aug, p, layout, C, H, W, step, device) for aug, p in jobs]
+        for b0 in range(0, B, step):
+            imgs = images[b0 : min(B, b0 + step)]
+            inputs: dict = {}
+            for run, out in zip(runs, outs):
+                if run.size_p not in inputs:
+                    inputs[run.size_p] = run.load(imgs, layout, b0)
+                run.views(inputs[run.size_p], b0, out)
+    return outs
 
 
 def _axis_coords(start, length, c: int, s: float, size_p: int, flip) -> torch.Tensor:
@@ -519,6 +620,17 @@ def _axis_coords(start, length, c: int, s: float, size_p: int, flip) -> torch.Te
     return u.mul_(2.0 / size_p).add_(1.0 / size_p - 1.0).float()
 
 
+def _replicate_edges(src: torch.Tensor, valid_hw: torch.Tensor) -> torch.Tensor:
+    """(Bc, C, H, W) canvas -> copy with pixel (y, x) of image b := (min(y, h_b - 1), min(x, w_b - 1))."""
+    Bc, _, H, W = src.shape
+    hw = valid_hw.to(src.device)
+    rows = torch.minimum(torch.arange(H, device=src.device), hw[:, :1] - 1)  # (Bc, H)
+    cols = torch.minimum(torch.arange(W, device=src.device), hw[:, 1:] - 1)  # (Bc, W)
+    b = torch.arange(Bc, device=src.device).view(Bc, 1, 1)
+    # advanced indices around the channel slice: the result is (Bc, H, W, C)
+    return src[b, :, rows.unsqueeze(2), cols.unsqueeze(1)].permute(0, 3, 1, 2)
+
+
 class _Run:
     """Per-call state: per-view tables for the whole batch, constants and scratch buffers."""
 
@@ -532,7 +644,8 @@ class _Run:
         self.device = device
 
         # geometry, for the whole batch: (B, V, c) coordinates
-        self.size_p = aug.prefilter_size(H, W)
+        self.size_p = aug.prefilter_size(H, W, p.valid_hw)
+        self.valid_hw = p.valid_hw
         hp, wp = self.size_p if self.size_p is not None else (H, W)
         self.hp, self.wp = hp, wp
         self.gx = _axis_coords(p.left.T, p.width.T, c, W / wp, wp, p.flip.T)
@@ -541,6 +654,9 @@ class _Run:
         # per-view tables, natural order (v, b): float factors and int flags
         self.factors = torch.stack((p.brightness, p.contrast, p.saturation, p.hue, p.blur_sigma), -1)
         self.flags = torch.stack((p.grayscale, p.blur, p.solarize), -1)
+        self.use_gray = cfg.grayscale_p > 0
+        self.use_blur = max(cfg.per_view("blur_p", V)) > 0
+        self.use_solarize = max(cfg.per_view("solarize_p", V)) > 0
         self.order = p.jitter_order
 
         # constants
@@ -565,25 +681,35 @@ class _Run:
         if layout == "BHWC":
             self.xin = self.xin.permute(0, 3, 1, 2)
 
-    def chunk(self, imgs: torch.Tensor, layout: str, b0: int, out: torch.Tensor) -> None:
-        cfg, V, c, C, dev = self.cfg, self.V, self.c, self.C, self.device
-        Bc = imgs.shape[0]
-        n = V * Bc
-        b1 = b0 + Bc
+    def load(self, imgs: torch.Tensor, layout: str, b0: int) -> torch.Tensor:
+        """Step 1: uint8 chunk -> float in [0, 1], (Bc, C, hp, wp), optionally area-reduced.
 
-        # 1. uint8 -> float in [0, 1], (Bc, C, hp, wp), with the optional area reduction (on CPU
-        #    on uint8 by the vectorised antialiased resize, before the float cast)
+        The reduction runs on CPU on uint8 (the vectorised antialiased resize, before the float
+        cast). On a canvas (`valid_hw`) the image's last row / column are first replicated over the
+        padding, so that the filter does not blend padding into the image's border pixels.
+        """
+        Bc = imgs.shape[0]
         src = imgs.permute(0, 3, 1, 2) if layout == "BHWC" else imgs
         x = self.xin[:Bc]
         if self.size_p is None:
             torch.mul(src, 1.0 / 255.0, out=x)  # channels_last buffer for BHWC input: no transpose
-        elif dev.type == "cpu":
+            return x
+        if self.valid_hw is not None:
+            src = _replicate_edges(src, self.valid_hw[b0 : b0 + Bc])
+        if self.device.type == "cpu":
             small = F.interpolate(src.contiguous(memory_format=torch.channels_last), size=self.size_p,
                                   mode="bilinear", antialias=True, align_corners=False)
             torch.mul(small, 1.0 / 255.0, out=x)
-        else:
-            x = F.interpolate(torch.mul(src, 1.0 / 255.0), size=self.size_p, mode="bilinear",
-                              antialias=True, align_corners=False)
+            return x
+        return F.interpolate(torch.mul(src, 1.0 / 255.0), size=self.size_p, mode="bilinear",
+                             antialias=True, align_corners=False)
+
+    def views(self, x: torch.Tensor, b0: int, out: torch.Tensor) -> None:
+        """Steps 2-6 for the chunk of images b0 .. b0 + Bc (x from `load`), written into out."""
+        cfg, V, c, C, dev = self.cfg, self.V, self.c, self.C, self.device
+        Bc = x.shape[0]
+        n = V * Bc
+        b1 = b0 + Bc
 
         # 2. geometry: one grid_sample; the V grids of an image are stacked along the height
         grid = self.grid[:Bc]
@@ -634,21 +760,21 @@ class _Run:
                     s0 += cnt
 
         # 5. grayscale / blur / solarize, on the selected rows only
-        if cfg.grayscale_p > 0 or cfg.blur_p > 0 or cfg.solarize_p > 0:
+        if self.use_gray or self.use_blur or self.use_solarize:
             flags = self.flags[:, b0:b1].reshape(n, 3)[rows]
             flat = xv.view(n, -1)
-            if cfg.grayscale_p > 0:
+            if self.use_gray:
                 sel = flags[:, 0].nonzero().squeeze(1)
                 if sel.numel():
                     xs = xv.index_select(0, sel)
                     g = _gray_into(xs, torch.empty((sel.numel(), c, c), device=dev))
                     flat.index_copy_(0, sel, g.unsqueeze(1).expand(-1, 3, c, c).reshape(sel.numel(), -1))
-            if cfg.blur_p > 0:
+            if self.use_blur:
                 sel = flags[:, 1].nonzero().squeeze(1)
                 if sel.numel():
                     blurred = _gaussian_blur(xv.index_select(0, sel), fac[sel, 4], cfg.kernel_size())
                     flat.index_copy_(0, sel, blurred.reshape(sel.numel(), -1))
-            if cfg.solarize_p > 0:
+            if self.use_solarize:
                 sel = flags[:, 2].nonzero().squeeze(1)
                 if sel.numel():
                     xs = flat.index_select(0, sel)
