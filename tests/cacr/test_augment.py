@@ -516,9 +516,9 @@ def test_per_view_probabilities_statistics_cycle_over_global_then_local_views():
     cfg = AugmentConfig(crop_size=16, blur_p=[1.0, 0.1], solarize_p=[0.0, 0.2], local_crops=3,
                         local_size=8)
     assert cfg.blur_p == (1.0, 0.1)  # lists are stored as tuples
-    V, B = 4, 5000
+    V, B = 3, 5000  # odd V: the local views' values depend on their offset V
     glob, loc = MultiViewAugment(cfg, V).sample_groups(B, (32, 32), generator=_gen(21))
-    blur = torch.cat([glob.blur, loc.blur]).sum(1).tolist()  # per view, views 0..6
+    blur = torch.cat([glob.blur, loc.blur]).sum(1).tolist()  # per view, views 0..5
     sol = torch.cat([glob.solarize, loc.solarize]).sum(1).tolist()
     for i in range(V + 3):
         pb, ps = (1.0, 0.0) if i % 2 == 0 else (0.1, 0.2)
