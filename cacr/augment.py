@@ -11,6 +11,22 @@ Input: uint8 (B, H, W, C) (the data pipeline's layout) or (B, C, H, W) with layo
 C = 3, or C = 1 (replicated to RGB). Output: float32 (V, B, 3, crop, crop), contiguous; with
 `channels_last=True` each view out[v] (and out.flatten(0, 1)) has channels-last strides.
 
+Recipes beyond the symmetric one:
+- Per-view probabilities: `blur_p` / `solarize_p` may be lists, view i using p[i % len(p)] (MoCo
+  v3's asymmetric two crops: blur [1.0, 0.1], solarize [0.0, 0.2]); drawn as one (V, B) uniform
+  compared with a (V, 1) column of probabilities, so still one draw for all views.
+- Multi-crop: with `local_crops = L > 0`, `view_groups` also returns L local views of
+  `local_size` px cropped with `local_scale` areas, [global (V, B, 3, S, S), local (L, B, 3, s, s)].
+  The local views are a second single-group augmenter (`cfg.local_config(V)`, its per-view values
+  continuing at view index V); both groups run in the same pass over chunks of images and share
+  each chunk's float copy when their input preparation agrees.
+- Canvases: `valid_hw` (B, 2) gives each image's real (height, width) inside a fixed-size canvas,
+  top-left aligned (aspect-preserving shard sets). Crop boxes are then drawn per image against its
+  own whole area and aspect (torchvision's RandomResizedCrop rule with per-image H_b, W_b, fallback
+  included), so they never touch the padding; bilinear taps are clamped to the box, and before the
+  antialias prefilter the image's last row / column are replicated over the padding. One prefilter
+  factor serves the batch (from its smallest image), keeping it one batched resize.
+
 How it is computed (vectorised over images x views; the only Python loops are over chunks of
 images and over the 4 x 4 (jitter step, op) slots):
 - Parameters are drawn for all V*B views at once by `sample_params` (torchvision's rules: see its

@@ -487,6 +487,7 @@ def test_params_on_generator_device_and_move():
     assert torch.equal(q.top, p.top) and q.image_size == p.image_size
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_matches_cpu():
     cfg = AugmentConfig(blur_p=0.5, solarize_p=0.2)
@@ -505,6 +506,26 @@ def test_cuda_matches_cpu():
     aug = MultiViewAugment(AugmentConfig(crop_size=16), 2)
     big = _images(4, 96)
     torch.testing.assert_close(aug(big.cuda(), _gen(2)).cpu(), aug(big, _gen(2)), atol=0.05, rtol=0)
+    # the new paths: per-view probabilities, local crops, canvases (valid_hw, on either device)
+    cfg = AugmentConfig(crop_size=24, blur_p=[1.0, 0.1], solarize_p=[0.0, 0.2], local_crops=3,
+                        local_size=12)
+    aug = MultiViewAugment(cfg, 2)
+    canvas = _images(16, 40, 48)
+    g = _gen(7)
+    hw = torch.stack([torch.randint(8, 41, (16,), generator=g), torch.randint(8, 49, (16,), generator=g)], 1)
+    cpu = aug.view_groups(canvas, generator=_gen(5), valid_hw=hw)
+    for dev_hw in (hw, hw.cuda()):
+        gpu = aug.view_groups(canvas.cuda(), generator=_gen(5), valid_hw=dev_hw)
+        assert [g.device.type for g in gpu] == ["cuda", "cuda"]
+        for c, g in zip(cpu, gpu):
+            torch.testing.assert_close(g.cpu(), c, atol=1e-4, rtol=0)
+    # the canvas prefilter path (edge replication + resize on CUDA): close, not identical
+    aug = MultiViewAugment(AugmentConfig(crop_size=8, local_crops=2, local_size=4), 2)
+    big = _images(4, 96, 80)
+    hw = torch.tensor([[96, 60], [50, 80], [96, 80], [70, 70]])
+    for c, g in zip(aug.view_groups(big, generator=_gen(2), valid_hw=hw),
+                    aug.view_groups(big.cuda(), generator=_gen(2), valid_hw=hw.cuda())):
+        torch.testing.assert_close(g.cpu(), c, atol=0.05, rtol=0)
 
 
 # ---------------------------------------------------------------------------------------------
