@@ -24,7 +24,8 @@ Recipes beyond the symmetric one:
   top-left aligned (aspect-preserving shard sets). Crop boxes are then drawn per image against its
   own whole area and aspect (torchvision's RandomResizedCrop rule with per-image H_b, W_b, fallback
   included), so they never touch the padding; bilinear taps are clamped to the box, and before the
-  antialias prefilter the image's last row / column are replicated over the padding. One prefilter
+  antialias prefilter the image's last row / column are replicated over the padding band that the
+  filter can reach (`_replicate_edges`). One prefilter
   factor serves the batch (from its smallest image), keeping it one batched resize.
 
 How it is computed (vectorised over images x views; the only Python loops are over chunks of
@@ -636,15 +637,31 @@ def _axis_coords(start, length, c: int, s: float, size_p: int, flip) -> torch.Te
     return u.mul_(2.0 / size_p).add_(1.0 / size_p - 1.0).float()
 
 
-def _replicate_edges(src: torch.Tensor, valid_hw: torch.Tensor) -> torch.Tensor:
-    """(Bc, C, H, W) canvas -> copy with pixel (y, x) of image b := (min(y, h_b - 1), min(x, w_b - 1))."""
+def _replicate_edges(src: torch.Tensor, valid_hw: torch.Tensor, size_p: tuple[int, int]) -> torch.Tensor:
+    """Copy of a (Bc, C, H, W) canvas whose padding next to each image repeats its last row / column.
+
+    Reducing by k = H / hp with the antialiased (triangle) filter, an output pixel reads input
+    pixels within k of its centre; the bilinear taps of a crop reach output pixels whose centre is
+    at most ~k past the image's last pixel, so only a band of ceil(2k) + 2 rows (columns) past the
+    image can reach a view: only that band is filled (rows first, then columns, so the corner is
+    filled too). Indices past the canvas are clamped to its last row / column, which then receive
+    the same replicated value (or, for a full-size image, its own value).
+    """
     Bc, _, H, W = src.shape
-    hw = valid_hw.to(src.device)
-    rows = torch.minimum(torch.arange(H, device=src.device), hw[:, :1] - 1)  # (Bc, H)
-    cols = torch.minimum(torch.arange(W, device=src.device), hw[:, 1:] - 1)  # (Bc, W)
-    b = torch.arange(Bc, device=src.device).view(Bc, 1, 1)
-    # advanced indices around the channel slice: the result is (Bc, H, W, C)
-    return src[b, :, rows.unsqueeze(2), cols.unsqueeze(1)].permute(0, 3, 1, 2)
+    dev = src.device
+    hw = valid_hw.to(dev)
+    h, w = hw[:, 0], hw[:, 1]
+    band_h = min(H, math.ceil(2 * H / size_p[0]) + 2)
+    band_w = min(W, math.ceil(2 * W / size_p[1]) + 2)
+    y = src.permute(0, 2, 3, 1).clone(memory_format=torch.contiguous_format)  # (Bc, H, W, C)
+    b = torch.arange(Bc, device=dev)
+    rows = torch.clamp_max(h.unsqueeze(1) + torch.arange(band_h, device=dev), H - 1)  # (Bc, band)
+    y[b.unsqueeze(1), rows] = y[b, h - 1].unsqueeze(1).expand(-1, band_h, -1, -1)
+    cols = torch.clamp_max(w.unsqueeze(1) + torch.arange(band_w, device=dev), W - 1)
+    last = y[b, :, w - 1]  # (Bc, H, C): advanced indices around a slice go first
+    y[b.view(-1, 1, 1), torch.arange(H, device=dev).view(1, -1, 1), cols.unsqueeze(1)] = (
+        last.unsqueeze(2).expand(-1, -1, band_w, -1))
+    return y.permute(0, 3, 1, 2)
 
 
 class _Run:
@@ -702,7 +719,7 @@ class _Run:
 
         The reduction runs on CPU on uint8 (the vectorised antialiased resize, before the float
         cast). On a canvas (`valid_hw`) the image's last row / column are first replicated over the
-        padding, so that the filter does not blend padding into the image's border pixels.
+        padding next to it, so that the filter does not blend padding into the image's border.
         """
         Bc = imgs.shape[0]
         src = imgs.permute(0, 3, 1, 2) if layout == "BHWC" else imgs
@@ -711,7 +728,7 @@ class _Run:
             torch.mul(src, 1.0 / 255.0, out=x)  # channels_last buffer for BHWC input: no transpose
             return x
         if self.valid_hw is not None:
-            src = _replicate_edges(src, self.valid_hw[b0 : b0 + Bc])
+            src = _replicate_edges(src, self.valid_hw[b0 : b0 + Bc], self.size_p)
         if self.device.type == "cpu":
             small = F.interpolate(src.contiguous(memory_format=torch.channels_last), size=self.size_p,
                                   mode="bilinear", antialias=True, align_corners=False)
