@@ -791,11 +791,13 @@ def test_canvas_crop_pixels_match_torchvision_resized_crop():
 
 @pytest.mark.parametrize("crop", [24, 6])  # 6 px from 64 px: the antialias prefilter path
 def test_canvas_padding_never_reaches_the_views(crop):
-    cfg = AugmentConfig(crop_size=crop, local_crops=2, local_size=crop // 2, blur_p=0.5)
-    aug = MultiViewAugment(cfg, 2)
-    hw = torch.tensor([[64, 40], [30, 64], [50, 50], [64, 64], [40, 56]])
-    imgs = _images(5, 64, 64, seed=9)
-    garbage = _images(5, 64, 64, seed=10)
+    # enough images x views that crops touch every image's bottom / right edge: a replicated band
+    # of 2 rows (instead of ceil(2k) + 2 = 8 at k = 2.8) already lets padding through
+    cfg = AugmentConfig(crop_size=crop, local_crops=4, local_size=crop // 2, blur_p=0.5)
+    aug = MultiViewAugment(cfg, 4)
+    hw = torch.tensor([[64, 40], [30, 64], [50, 50], [64, 64], [40, 56]]).repeat(4, 1)
+    imgs = _images(20, 64, 64, seed=9)
+    garbage = _images(20, 64, 64, seed=10)
     mask = (torch.arange(64).view(1, 64, 1) < hw[:, :1, None]) & (torch.arange(64).view(1, 1, 64) < hw[:, 1:, None])
     mixed = torch.where(mask.unsqueeze(-1), imgs, garbage)
     zeros = torch.where(mask.unsqueeze(-1), imgs, torch.zeros_like(imgs))
@@ -805,7 +807,7 @@ def test_canvas_padding_never_reaches_the_views(crop):
     for x, y in zip(a, b):
         torch.testing.assert_close(x, y, atol=1e-6, rtol=0)
     # a full-size valid_hw is the same as no valid_hw
-    full = torch.tensor([[64, 64]] * 5)
+    full = torch.tensor([[64, 64]] * 20)
     for x, y in zip(aug.view_groups(imgs, generator=_gen(2), valid_hw=full),
                     aug.view_groups(imgs, generator=_gen(2))):
         torch.testing.assert_close(x, y, atol=0, rtol=0)
