@@ -792,7 +792,7 @@ def test_canvas_crop_pixels_match_torchvision_resized_crop():
 @pytest.mark.parametrize("crop", [24, 6])  # 6 px from 64 px: the antialias prefilter path
 def test_canvas_padding_never_reaches_the_views(crop):
     # enough images x views that crops touch every image's bottom / right edge: a replicated band
-    # of 2 rows (instead of ceil(2k) + 2 = 8 at k = 2.8) already lets padding through
+    # of 1 row or 2 columns (instead of ceil(2k) + 2 = 8 at k = 2.8) lets padding through
     cfg = AugmentConfig(crop_size=crop, local_crops=4, local_size=crop // 2, blur_p=0.5)
     aug = MultiViewAugment(cfg, 4)
     hw = torch.tensor([[64, 40], [30, 64], [50, 50], [64, 64], [40, 56]]).repeat(4, 1)
