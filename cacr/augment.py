@@ -11,6 +11,23 @@ Input: uint8 (B, H, W, C) (the data pipeline's layout) or (B, C, H, W) with layo
 C = 3, or C = 1 (replicated to RGB). Output: float32 (V, B, 3, crop, crop), contiguous; with
 `channels_last=True` each view out[v] (and out.flatten(0, 1)) has channels-last strides.
 
+Recipes beyond the symmetric one:
+- Per-view probabilities: `blur_p` / `solarize_p` may be lists, view i using p[i % len(p)] (MoCo
+  v3's asymmetric two crops: blur [1.0, 0.1], solarize [0.0, 0.2]); drawn as one (V, B) uniform
+  compared with a (V, 1) column of probabilities, so still one draw for all views.
+- Multi-crop: with `local_crops = L > 0`, `view_groups` also returns L local views of
+  `local_size` px cropped with `local_scale` areas, [global (V, B, 3, S, S), local (L, B, 3, s, s)].
+  The local views are a second single-group augmenter (`cfg.local_config(V)`, its per-view values
+  continuing at view index V); both groups run in the same pass over chunks of images and share
+  each chunk's float copy when their input preparation agrees.
+- Canvases: `valid_hw` (B, 2) gives each image's real (height, width) inside a fixed-size canvas,
+  top-left aligned (aspect-preserving shard sets). Crop boxes are then drawn per image against its
+  own whole area and aspect (torchvision's RandomResizedCrop rule with per-image H_b, W_b, fallback
+  included), so they never touch the padding; bilinear taps are clamped to the box, and before the
+  antialias prefilter the image's last row / column are replicated over the padding band that the
+  filter can reach (`_replicate_edges`). One prefilter
+  factor serves the batch (from its smallest image), keeping it one batched resize.
+
 How it is computed (vectorised over images x views; the only Python loops are over chunks of
 images and over the 4 x 4 (jitter step, op) slots):
 - Parameters are drawn for all V*B views at once by `sample_params` (torchvision's rules: see its
@@ -97,6 +114,7 @@ class AugmentParams:
     blur: torch.Tensor
     blur_sigma: torch.Tensor
     solarize: torch.Tensor
+    valid_hw: torch.Tensor | None = None  # (B, 2) int64: each image's (height, width) on the canvas
 
     _TENSORS = (
         "top", "left", "height", "width", "flip", "jitter", "brightness", "contrast", "saturation",
@@ -113,6 +131,10 @@ class AugmentParams:
 
     @property
     def area_fraction(self) -> torch.Tensor:
+        """Crop area / area of its image (the image's valid region when `valid_hw` is set)."""
+        if self.valid_hw is not None:
+            hw = self.valid_hw.to(self.height.device).double()
+            return (self.height * self.width).double() / (hw[:, 0] * hw[:, 1])
         h, w = self.image_size
         return (self.height * self.width).double() / (h * w)
 
@@ -123,7 +145,64 @@ class AugmentParams:
 
     def to(self, device: torch.device | str) -> "AugmentParams":
         moved = {n: getattr(self, n).to(device, non_blocking=True) for n in self._TENSORS}
-        return AugmentParams(image_size=self.image_size, **moved)
+        hw = None if self.valid_hw is None else self.valid_hw.to(device, non_blocking=True)
+        return AugmentParams(image_size=self.image_size, valid_hw=hw, **moved)
+
+
+def check_valid_hw(valid_hw, batch_size: int, image_size: tuple[int, int]) -> torch.Tensor:
+    """`valid_hw` as an (n, 2) int64 tensor on its device; ValueError for a malformed one.
+
+    Row b = (height, width) of image b, which occupies the top-left corner of the (H, W) canvas.
+    """
+    H, W = int(image_size[0]), int(image_size[1])
+    if not isinstance(valid_hw, torch.Tensor):
+        valid_hw = torch.as_tensor(valid_hw)
+    if valid_hw.shape != (batch_size, 2):
+        raise ValueError(f"valid_hw must have shape (n, 2) = ({batch_size}, 2) (each image's height, "
+                         f"width), got {tuple(valid_hw.shape)}")
+    if valid_hw.dtype.is_floating_point or valid_hw.dtype.is_complex or valid_hw.dtype == torch.bool:
+        raise ValueError(f"valid_hw must hold integers, got {valid_hw.dtype}")
+    valid_hw = valid_hw.long()
+    if batch_size:
+        lo = valid_hw.amin(0).tolist()
+        hi = valid_hw.amax(0).tolist()
+        if min(lo) < 1 or hi[0] > H or hi[1] > W:
+            raise ValueError(f"valid_hw must lie in [1, {H}] x [1, {W}] (the canvas), got heights "
+                             f"{lo[0]}..{hi[0]} and widths {lo[1]}..{hi[1]}")
+    return valid_hw
+
+
+def _crop_boxes(cfg: AugmentConfig, u64: torch.Tensor, Hs: torch.Tensor, Ws: torch.Tensor):
+    """RandomResizedCrop boxes (top, left, height, width), float64 integers, of shape (V, B).
+
+    Vectorised torchvision rule, per image of size (Hs, Ws) (float64, broadcast against (V, B)):
+    10 candidates with area A = U(scale) * Hs * Ws and aspect r = exp(U(log ratio));
+    w = round(sqrt(A r)), h = round(sqrt(A / r)) (round half to even, as Python's round); the first
+    candidate with 0 < w <= Ws and 0 < h <= Hs is taken, top ~ U{0..Hs-h}, left ~ U{0..Ws-w}; if
+    none fits, the centre crop of the whole image with its aspect clamped to `ratio`.
+    """
+    T = _MAX_CROP_TRIES
+    Ha, Wa = Hs.unsqueeze(-1), Ws.unsqueeze(-1)
+    target = u64[..., :T].mul(cfg.scale[1] - cfg.scale[0]).add_(cfg.scale[0]).mul_(Ha * Wa)
+    log_lo, log_hi = math.log(cfg.ratio[0]), math.log(cfg.ratio[1])
+    aspect = u64[..., T : 2 * T].mul(log_hi - log_lo).add_(log_lo).exp_()
+    cw = torch.sqrt(target * aspect).round_()
+    ch = torch.sqrt(target / aspect).round_()
+    fits = (cw > 0) & (cw <= Wa) & (ch > 0) & (ch <= Ha)
+    first = fits.to(torch.uint8).argmax(dim=-1, keepdim=True)  # first True (0 if none)
+    found = fits.any(dim=-1)
+    # fallback: too narrow -> full width, too wide -> full height, else the whole image
+    rmin, rmax = min(cfg.ratio), max(cfg.ratio)
+    in_ratio = Ws / Hs
+    fw = torch.where(in_ratio > rmax, torch.round(Hs * rmax), Ws)
+    fh = torch.where(in_ratio < rmin, torch.round(Ws / rmin), Hs)
+    width = torch.where(found, cw.gather(-1, first).squeeze(-1), fw)
+    height = torch.where(found, ch.gather(-1, first).squeeze(-1), fh)
+    top = torch.minimum(torch.floor(u64[..., 2 * T] * (Hs - height + 1)), Hs - height)
+    left = torch.minimum(torch.floor(u64[..., 2 * T + 1] * (Ws - width + 1)), Ws - width)
+    top = torch.where(found, top, torch.div(Hs - height, 2, rounding_mode="floor"))
+    left = torch.where(found, left, torch.div(Ws - width, 2, rounding_mode="floor"))
+    return top, left, height, width
 
 
 def sample_params(
@@ -134,6 +213,7 @@ def sample_params(
     *,
     generator: torch.Generator | None = None,
     device: torch.device | str | None = None,
+    valid_hw: torch.Tensor | None = None,
 ) -> AugmentParams:
     """Draw the random parameters of `num_views` x `batch_size` views of (H, W) images.
 
@@ -141,10 +221,11 @@ def sample_params(
     global RNG. The sequence of draws does not depend on the probabilities, so changing e.g.
     `grayscale_p` does not reshuffle the crops of the same seed.
 
-    Crop rule (torchvision RandomResizedCrop, vectorised): for each view, 10 candidates with area
-    fraction ~ U(scale) and log aspect ratio ~ U(log ratio); w = round(sqrt(A * r)),
-    h = round(sqrt(A / r)); the first candidate that fits is taken, with top/left uniform over the
-    valid integer positions; if none fits, the centre crop with the ratio clamped to `ratio`.
+    Crop rule: torchvision's RandomResizedCrop, vectorised (see `_crop_boxes`), against the whole
+    (H, W) image, or with `valid_hw` ((B, 2) ints) against each image's own (height, width) in the
+    top-left corner of the (H, W) canvas: area fractions and aspect ratios are those of the image,
+    not of the canvas. Per-view probabilities (`blur_p`, `solarize_p` lists) follow
+    `cfg.per_view`: view v uses p[v % len(p)].
     """
     if num_views < 1 or batch_size < 0:
         raise ValueError(f"need num_views >= 1 and batch_size >= 0, got {num_views}, {batch_size}")
@@ -157,35 +238,19 @@ def sample_params(
     shape = (num_views, batch_size)
     T = _MAX_CROP_TRIES
     g = generator
+    if valid_hw is not None:
+        valid_hw = check_valid_hw(valid_hw, batch_size, (H, W))
+        hw = valid_hw.to(device).double()
+        Hs, Ws = hw[:, 0], hw[:, 1]  # (B,), broadcast against (V, B)
+    else:
+        Hs = torch.full((1,), float(H), dtype=torch.float64, device=device)
+        Ws = torch.full((1,), float(W), dtype=torch.float64, device=device)
 
     # two draws in all: float64 for the crop geometry (exact integer boxes on every device), float32
     # for the rest; columns: [0, T) area, [T, 2T) log-ratio, 2T top, 2T + 1 left
     u64 = torch.rand(shape + (2 * T + 2,), generator=g, device=device, dtype=torch.float64)
     u = torch.rand(shape + (15,), generator=g, device=device)
-
-    # --- random-resized crop ---
-    area = float(H * W)
-    target = u64[..., :T].mul(cfg.scale[1] - cfg.scale[0]).add_(cfg.scale[0]).mul_(area)
-    log_lo, log_hi = math.log(cfg.ratio[0]), math.log(cfg.ratio[1])
-    aspect = u64[..., T : 2 * T].mul(log_hi - log_lo).add_(log_lo).exp_()
-    cw = torch.sqrt(target * aspect).round_()
-    ch = torch.sqrt(target / aspect).round_()
-    fits = (cw > 0) & (cw <= W) & (ch > 0) & (ch <= H)
-    first = fits.to(torch.uint8).argmax(dim=-1, keepdim=True)  # first True (0 if none)
-    found = fits.any(dim=-1)
-    in_ratio = W / H
-    if in_ratio < min(cfg.ratio):
-        fw, fh = W, int(round(W / min(cfg.ratio)))
-    elif in_ratio > max(cfg.ratio):
-        fw, fh = int(round(H * max(cfg.ratio))), H
-    else:
-        fw, fh = W, H
-    width = torch.where(found, cw.gather(-1, first).squeeze(-1), float(fw))
-    height = torch.where(found, ch.gather(-1, first).squeeze(-1), float(fh))
-    top = torch.minimum(torch.floor(u64[..., 2 * T] * (H - height + 1)), H - height)
-    left = torch.minimum(torch.floor(u64[..., 2 * T + 1] * (W - width + 1)), W - width)
-    top = torch.where(found, top, torch.div(H - height, 2, rounding_mode="floor"))
-    left = torch.where(found, left, torch.div(W - width, 2, rounding_mode="floor"))
+    top, left, height, width = _crop_boxes(cfg, u64, Hs, Ws)
 
     # --- flip, colour jitter, grayscale, blur, solarize ---
     def uniform(col: int, lo: float, hi: float) -> torch.Tensor:
@@ -202,9 +267,12 @@ def sample_params(
     else:
         order = torch.arange(4, device=device).expand(shape + (4,)).clone()
     gray = u[..., 10] < cfg.grayscale_p
-    blur = u[..., 11] < cfg.blur_p
+    def per_view(name: str) -> torch.Tensor:  # (V, 1) probabilities, float32 like u
+        return torch.tensor(cfg.per_view(name, num_views), device=device).view(num_views, 1)
+
+    blur = u[..., 11] < per_view("blur_p")
     sigma = uniform(12, cfg.blur_sigma[0], cfg.blur_sigma[1])
-    solarize = u[..., 13] < cfg.solarize_p  # column 14: spare
+    solarize = u[..., 13] < per_view("solarize_p")  # column 14: spare
 
     one = torch.ones((), device=device)
     return AugmentParams(
@@ -221,6 +289,7 @@ def sample_params(
         blur=blur,
         blur_sigma=sigma,
         solarize=solarize,
+        valid_hw=valid_hw,
     )
 
 
@@ -309,10 +378,19 @@ def _gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, ksize: int) -> torch.Te
 class MultiViewAugment:
     """V augmented views per image, batched. See the module docstring for the exact semantics.
 
-    Call: `aug(images, generator=None, *, layout="BHWC", channels_last=False)` with uint8 images
-    (B, H, W, C) (or (B, C, H, W) with layout="BCHW"), C in {1, 3}; returns float32
+    Call: `aug(images, generator=None, *, layout="BHWC", channels_last=False, valid_hw=None)` with
+    uint8 images (B, H, W, C) (or (B, C, H, W) with layout="BCHW"), C in {1, 3}; returns float32
     (V, B, 3, crop, crop), contiguous (or with channels-last strides per view if asked: then
-    `out[v]` and `out.flatten(0, 1)` are channels_last 4-D tensors).
+    `out[v]` and `out.flatten(0, 1)` are channels_last 4-D tensors): the global views only.
+
+    `view_groups(images, ...)` returns every group of the step: [global (V, B, 3, crop, crop),
+    local (L, B, 3, local_size, local_size)] with `cfg.local_crops = L > 0`, else [global]. Its
+    global group equals `aug(images, generator)` for the same generator state (the local
+    parameters are drawn after the global ones).
+
+    `valid_hw`: None (each image fills the (H, W) input), or an (B, 2) int tensor of each image's
+    real (height, width) on a fixed-size canvas, top-left aligned; crop boxes are then drawn against
+    each image's own area and aspect, and never read outside it.
 
     `chunk_elements`: images are processed in chunks of about this many float view elements
     (CPU: cache-sized by default; other devices: `device_chunk_elements`, bounding scratch
@@ -331,6 +409,7 @@ class MultiViewAugment:
         cfg.validate()
         if not isinstance(num_views, int) or isinstance(num_views, bool) or num_views < 1:
             raise ValueError(f"num_views must be an int >= 1, got {num_views!r}")
+        cfg.check_views(num_views)
         self.cfg = cfg
         self.num_views = num_views
         self.chunk_elements = max(1, int(chunk_elements))
@@ -342,9 +421,20 @@ class MultiViewAugment:
             on and cfg.saturation > 0,
             on and cfg.hue > 0,
         )
+        # the local views are a second, plain (single-group) augmenter sharing the input chunks
+        self.local = (
+            MultiViewAugment(cfg.local_config(num_views), cfg.local_crops,
+                             chunk_elements=chunk_elements, device_chunk_elements=device_chunk_elements)
+            if cfg.local_crops else None
+        )
 
     def __repr__(self) -> str:
         return f"MultiViewAugment(num_views={self.num_views}, cfg={self.cfg})"
+
+    @property
+    def groups(self) -> list["MultiViewAugment"]:
+        """The single-group augmenters of a step: [global] or [global, local]."""
+        return [self] if self.local is None else [self, self.local]
 
     # -- public API ----------------------------------------------------------------------------
 
@@ -354,11 +444,27 @@ class MultiViewAugment:
         image_size: tuple[int, int],
         generator: torch.Generator | None = None,
         device: torch.device | str | None = None,
+        valid_hw: torch.Tensor | None = None,
     ) -> AugmentParams:
-        """`sample_params(self.cfg, self.num_views, ...)`."""
+        """`sample_params(self.cfg, self.num_views, ...)`: the global views only."""
         return sample_params(
-            self.cfg, self.num_views, batch_size, image_size, generator=generator, device=device
+            self.cfg, self.num_views, batch_size, image_size, generator=generator, device=device,
+            valid_hw=valid_hw,
         )
+
+    def sample_groups(
+        self,
+        batch_size: int,
+        image_size: tuple[int, int],
+        generator: torch.Generator | None = None,
+        device: torch.device | str | None = None,
+        valid_hw: torch.Tensor | None = None,
+    ) -> list[AugmentParams]:
+        """Parameters of every group, in `groups` order (global first, so its draws come first)."""
+        return [
+            a.sample_params(batch_size, image_size, generator=generator, device=device, valid_hw=valid_hw)
+            for a in self.groups
+        ]
 
     def __call__(
         self,
@@ -367,12 +473,31 @@ class MultiViewAugment:
         *,
         layout: str = "BHWC",
         channels_last: bool = False,
+        valid_hw: torch.Tensor | None = None,
     ) -> torch.Tensor:
         B, _, H, W = self._check(images, layout)
         params = self.sample_params(
-            B, (H, W), generator=generator, device=None if generator is not None else images.device
+            B, (H, W), generator=generator, device=None if generator is not None else images.device,
+            valid_hw=valid_hw,
         )
         return self.apply(images, params, layout=layout, channels_last=channels_last)
+
+    def view_groups(
+        self,
+        images: torch.Tensor,
+        *,
+        generator: torch.Generator | None = None,
+        channels_last: bool = False,
+        valid_hw: torch.Tensor | None = None,
+        layout: str = "BHWC",
+    ) -> list[torch.Tensor]:
+        """[global (V, B, 3, S, S), local (L, B, 3, s, s)] (just [global] when L = 0)."""
+        B, _, H, W = self._check(images, layout)
+        params = self.sample_groups(
+            B, (H, W), generator=generator, device=None if generator is not None else images.device,
+            valid_hw=valid_hw,
+        )
+        return self.apply_groups(images, params, layout=layout, channels_last=channels_last)
 
     def apply(
         self,
@@ -383,29 +508,21 @@ class MultiViewAugment:
         channels_last: bool = False,
     ) -> torch.Tensor:
         """Deterministic part: augment `images` with the given parameters (moved to its device)."""
-        B, C, H, W = self._check(images, layout)
-        V, c = self.num_views, self.cfg.crop_size
-        if params.num_views != V or params.batch_size != B or tuple(params.image_size) != (H, W):
-            raise ValueError(
-                f"params are for V={params.num_views}, B={params.batch_size}, "
-                f"size={tuple(params.image_size)}; got V={V}, B={B}, size={(H, W)}"
-            )
-        device = images.device
-        with torch.no_grad():  # not inference_mode: the views feed autograd
-            if channels_last:
-                out = torch.empty((V, B, c, c, 3), device=device).permute(0, 1, 4, 2, 3)
-            else:
-                out = torch.empty((V, B, 3, c, c), device=device)
-            if B == 0:
-                return out
-            if params.top.device != device:
-                params = params.to(device)
-            budget = self.chunk_elements if device.type == "cpu" else self.device_chunk_elements
-            step = max(1, min(B, budget // (V * 3 * c * c)))
-            run = _Run(self, params, layout, C, H, W, step, device)
-            for b0 in range(0, B, step):
-                run.chunk(images[b0 : min(B, b0 + step)], layout, b0, out)
-        return out
+        return _apply([(self, params)], images, layout, channels_last)[0]
+
+    def apply_groups(
+        self,
+        images: torch.Tensor,
+        params: list[AugmentParams],
+        *,
+        layout: str = "BHWC",
+        channels_last: bool = False,
+    ) -> list[torch.Tensor]:
+        """Deterministic part of `view_groups`: `params` as returned by `sample_groups`."""
+        groups = self.groups
+        if len(params) != len(groups):
+            raise ValueError(f"params hold {len(params)} groups; this augmenter has {len(groups)}")
+        return _apply(list(zip(groups, params)), images, layout, channels_last)
 
     # -- internals -----------------------------------------------------------------------------
 
@@ -428,22 +545,75 @@ class MultiViewAugment:
             raise ValueError(f"images must be non-empty, got {tuple(images.shape)}")
         return B, C, H, W
 
-    def prefilter_size(self, H: int, W: int) -> tuple[int, int] | None:
+    def prefilter_size(self, H: int, W: int, valid_hw: torch.Tensor | None = None) -> tuple[int, int] | None:
         """Size to which (H, W) inputs are reduced (antialiased) before bilinear sampling, or None.
 
         Chosen so that the smallest crop `sample_params` can draw still spans >= crop_size pixels
         of the reduced image; used only when that shrinks the image by >= 1.5x (antialias=True).
+        With `valid_hw` the smallest crop is that of the batch's smallest image (one reduction
+        factor for the whole canvas batch keeps it a single batched resize).
         """
         cfg = self.cfg
         if not cfg.antialias:
             return None
-        area = H * W * cfg.scale[0]
-        min_w = min(math.sqrt(area * cfg.ratio[0]), W)
-        min_h = min(math.sqrt(area / cfg.ratio[1]), H)
-        k = min(min_w, min_h) / cfg.crop_size
+        if valid_hw is None:
+            hs = torch.tensor([float(H)], dtype=torch.float64)
+            ws = torch.tensor([float(W)], dtype=torch.float64)
+        elif valid_hw.shape[0] == 0:
+            return None
+        else:
+            hs, ws = valid_hw[:, 0].double(), valid_hw[:, 1].double()
+        area = hs * ws * cfg.scale[0]
+        min_w = torch.minimum(torch.sqrt(area * cfg.ratio[0]), ws)
+        min_h = torch.minimum(torch.sqrt(area / cfg.ratio[1]), hs)
+        k = float(torch.minimum(min_w, min_h).min()) / cfg.crop_size
         if k < 1.5:
             return None
         return max(1, math.ceil(H / k)), max(1, math.ceil(W / k))
+
+
+def _apply(
+    jobs: list[tuple[MultiViewAugment, AugmentParams]], images: torch.Tensor, layout: str,
+    channels_last: bool,
+) -> list[torch.Tensor]:
+    """Augment `images` for every (augmenter, params) group; one pass over chunks of images.
+
+    Groups whose input needs the same preparation (the same prefilter size) share one float copy
+    of each chunk.
+    """
+    B, C, H, W = MultiViewAugment._check(images, layout)
+    device = images.device
+    for aug, params in jobs:
+        V = aug.num_views
+        if params.num_views != V or params.batch_size != B or tuple(params.image_size) != (H, W):
+            raise ValueError(
+                f"params are for V={params.num_views}, B={params.batch_size}, "
+                f"size={tuple(params.image_size)}; got V={V}, B={B}, size={(H, W)}"
+            )
+    with torch.no_grad():  # not inference_mode: the views feed autograd
+        outs = []
+        for aug, _ in jobs:
+            V, c = aug.num_views, aug.cfg.crop_size
+            if channels_last:
+                outs.append(torch.empty((V, B, c, c, 3), device=device).permute(0, 1, 4, 2, 3))
+            else:
+                outs.append(torch.empty((V, B, 3, c, c), device=device))
+        if B == 0:
+            return outs
+        jobs = [(aug, p if p.top.device == device else p.to(device)) for aug, p in jobs]
+        aug0 = jobs[0][0]
+        budget = aug0.chunk_elements if device.type == "cpu" else aug0.device_chunk_elements
+        per_image = sum(aug.num_views * 3 * aug.cfg.crop_size ** 2 for aug, _ in jobs)
+        step = max(1, min(B, budget // per_image))
+        runs = [_Run(aug, p, layout, C, H, W, step, device) for aug, p in jobs]
+        for b0 in range(0, B, step):
+            imgs = images[b0 : min(B, b0 + step)]
+            inputs: dict = {}
+            for run, out in zip(runs, outs):
+                if run.size_p not in inputs:
+                    inputs[run.size_p] = run.load(imgs, layout, b0)
+                run.views(inputs[run.size_p], b0, out)
+    return outs
 
 
 def _axis_coords(start, length, c: int, s: float, size_p: int, flip) -> torch.Tensor:
@@ -467,6 +637,33 @@ def _axis_coords(start, length, c: int, s: float, size_p: int, flip) -> torch.Te
     return u.mul_(2.0 / size_p).add_(1.0 / size_p - 1.0).float()
 
 
+def _replicate_edges(src: torch.Tensor, valid_hw: torch.Tensor, size_p: tuple[int, int]) -> torch.Tensor:
+    """Copy of a (Bc, C, H, W) canvas whose padding next to each image repeats its last row / column.
+
+    Reducing by k = H / hp with the antialiased (triangle) filter, an output pixel reads input
+    pixels within k of its centre; the bilinear taps of a crop reach output pixels whose centre is
+    at most ~k past the image's last pixel, so only a band of ceil(2k) + 2 rows (columns) past the
+    image can reach a view: only that band is filled (rows first, then columns, so the corner is
+    filled too). Indices past the canvas are clamped to its last row / column, which then receive
+    the same replicated value (or, for a full-size image, its own value).
+    """
+    Bc, _, H, W = src.shape
+    dev = src.device
+    hw = valid_hw.to(dev)
+    h, w = hw[:, 0], hw[:, 1]
+    band_h = min(H, math.ceil(2 * H / size_p[0]) + 2)
+    band_w = min(W, math.ceil(2 * W / size_p[1]) + 2)
+    y = src.permute(0, 2, 3, 1).clone(memory_format=torch.contiguous_format)  # (Bc, H, W, C)
+    b = torch.arange(Bc, device=dev)
+    rows = torch.clamp_max(h.unsqueeze(1) + torch.arange(band_h, device=dev), H - 1)  # (Bc, band)
+    y[b.unsqueeze(1), rows] = y[b, h - 1].unsqueeze(1).expand(-1, band_h, -1, -1)
+    cols = torch.clamp_max(w.unsqueeze(1) + torch.arange(band_w, device=dev), W - 1)
+    last = y[b, :, w - 1]  # (Bc, H, C): advanced indices around a slice go first
+    y[b.view(-1, 1, 1), torch.arange(H, device=dev).view(1, -1, 1), cols.unsqueeze(1)] = (
+        last.unsqueeze(2).expand(-1, -1, band_w, -1))
+    return y.permute(0, 3, 1, 2)
+
+
 class _Run:
     """Per-call state: per-view tables for the whole batch, constants and scratch buffers."""
 
@@ -480,7 +677,8 @@ class _Run:
         self.device = device
 
         # geometry, for the whole batch: (B, V, c) coordinates
-        self.size_p = aug.prefilter_size(H, W)
+        self.size_p = aug.prefilter_size(H, W, p.valid_hw)
+        self.valid_hw = p.valid_hw
         hp, wp = self.size_p if self.size_p is not None else (H, W)
         self.hp, self.wp = hp, wp
         self.gx = _axis_coords(p.left.T, p.width.T, c, W / wp, wp, p.flip.T)
@@ -489,6 +687,9 @@ class _Run:
         # per-view tables, natural order (v, b): float factors and int flags
         self.factors = torch.stack((p.brightness, p.contrast, p.saturation, p.hue, p.blur_sigma), -1)
         self.flags = torch.stack((p.grayscale, p.blur, p.solarize), -1)
+        self.use_gray = cfg.grayscale_p > 0
+        self.use_blur = max(cfg.per_view("blur_p", V)) > 0
+        self.use_solarize = max(cfg.per_view("solarize_p", V)) > 0
         self.order = p.jitter_order
 
         # constants
@@ -513,25 +714,35 @@ class _Run:
         if layout == "BHWC":
             self.xin = self.xin.permute(0, 3, 1, 2)
 
-    def chunk(self, imgs: torch.Tensor, layout: str, b0: int, out: torch.Tensor) -> None:
-        cfg, V, c, C, dev = self.cfg, self.V, self.c, self.C, self.device
-        Bc = imgs.shape[0]
-        n = V * Bc
-        b1 = b0 + Bc
+    def load(self, imgs: torch.Tensor, layout: str, b0: int) -> torch.Tensor:
+        """Step 1: uint8 chunk -> float in [0, 1], (Bc, C, hp, wp), optionally area-reduced.
 
-        # 1. uint8 -> float in [0, 1], (Bc, C, hp, wp), with the optional area reduction (on CPU
-        #    on uint8 by the vectorised antialiased resize, before the float cast)
+        The reduction runs on CPU on uint8 (the vectorised antialiased resize, before the float
+        cast). On a canvas (`valid_hw`) the image's last row / column are first replicated over the
+        padding next to it, so that the filter does not blend padding into the image's border.
+        """
+        Bc = imgs.shape[0]
         src = imgs.permute(0, 3, 1, 2) if layout == "BHWC" else imgs
         x = self.xin[:Bc]
         if self.size_p is None:
             torch.mul(src, 1.0 / 255.0, out=x)  # channels_last buffer for BHWC input: no transpose
-        elif dev.type == "cpu":
+            return x
+        if self.valid_hw is not None:
+            src = _replicate_edges(src, self.valid_hw[b0 : b0 + Bc], self.size_p)
+        if self.device.type == "cpu":
             small = F.interpolate(src.contiguous(memory_format=torch.channels_last), size=self.size_p,
                                   mode="bilinear", antialias=True, align_corners=False)
             torch.mul(small, 1.0 / 255.0, out=x)
-        else:
-            x = F.interpolate(torch.mul(src, 1.0 / 255.0), size=self.size_p, mode="bilinear",
-                              antialias=True, align_corners=False)
+            return x
+        return F.interpolate(torch.mul(src, 1.0 / 255.0), size=self.size_p, mode="bilinear",
+                             antialias=True, align_corners=False)
+
+    def views(self, x: torch.Tensor, b0: int, out: torch.Tensor) -> None:
+        """Steps 2-6 for the chunk of images b0 .. b0 + Bc (x from `load`), written into out."""
+        cfg, V, c, C, dev = self.cfg, self.V, self.c, self.C, self.device
+        Bc = x.shape[0]
+        n = V * Bc
+        b1 = b0 + Bc
 
         # 2. geometry: one grid_sample; the V grids of an image are stacked along the height
         grid = self.grid[:Bc]
@@ -582,21 +793,21 @@ class _Run:
                     s0 += cnt
 
         # 5. grayscale / blur / solarize, on the selected rows only
-        if cfg.grayscale_p > 0 or cfg.blur_p > 0 or cfg.solarize_p > 0:
+        if self.use_gray or self.use_blur or self.use_solarize:
             flags = self.flags[:, b0:b1].reshape(n, 3)[rows]
             flat = xv.view(n, -1)
-            if cfg.grayscale_p > 0:
+            if self.use_gray:
                 sel = flags[:, 0].nonzero().squeeze(1)
                 if sel.numel():
                     xs = xv.index_select(0, sel)
                     g = _gray_into(xs, torch.empty((sel.numel(), c, c), device=dev))
                     flat.index_copy_(0, sel, g.unsqueeze(1).expand(-1, 3, c, c).reshape(sel.numel(), -1))
-            if cfg.blur_p > 0:
+            if self.use_blur:
                 sel = flags[:, 1].nonzero().squeeze(1)
                 if sel.numel():
                     blurred = _gaussian_blur(xv.index_select(0, sel), fac[sel, 4], cfg.kernel_size())
                     flat.index_copy_(0, sel, blurred.reshape(sel.numel(), -1))
-            if cfg.solarize_p > 0:
+            if self.use_solarize:
                 sel = flags[:, 2].nonzero().squeeze(1)
                 if sel.numel():
                     xs = flat.index_select(0, sel)

@@ -487,6 +487,7 @@ def test_params_on_generator_device_and_move():
     assert torch.equal(q.top, p.top) and q.image_size == p.image_size
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_matches_cpu():
     cfg = AugmentConfig(blur_p=0.5, solarize_p=0.2)
@@ -505,3 +506,325 @@ def test_cuda_matches_cpu():
     aug = MultiViewAugment(AugmentConfig(crop_size=16), 2)
     big = _images(4, 96)
     torch.testing.assert_close(aug(big.cuda(), _gen(2)).cpu(), aug(big, _gen(2)), atol=0.05, rtol=0)
+    # the new paths: per-view probabilities, local crops, canvases (valid_hw, on either device)
+    cfg = AugmentConfig(crop_size=24, blur_p=[1.0, 0.1], solarize_p=[0.0, 0.2], local_crops=3,
+                        local_size=12)
+    aug = MultiViewAugment(cfg, 2)
+    canvas = _images(16, 40, 48)
+    g = _gen(7)
+    hw = torch.stack([torch.randint(8, 41, (16,), generator=g), torch.randint(8, 49, (16,), generator=g)], 1)
+    cpu = aug.view_groups(canvas, generator=_gen(5), valid_hw=hw)
+    for dev_hw in (hw, hw.cuda()):
+        gpu = aug.view_groups(canvas.cuda(), generator=_gen(5), valid_hw=dev_hw)
+        assert [g.device.type for g in gpu] == ["cuda", "cuda"]
+        for c, g in zip(cpu, gpu):
+            torch.testing.assert_close(g.cpu(), c, atol=1e-4, rtol=0)
+    # the canvas prefilter path (edge replication + resize on CUDA): close, not identical
+    aug = MultiViewAugment(AugmentConfig(crop_size=8, local_crops=2, local_size=4), 2)
+    big = _images(4, 96, 80)
+    hw = torch.tensor([[96, 60], [50, 80], [96, 80], [70, 70]])
+    for c, g in zip(aug.view_groups(big, generator=_gen(2), valid_hw=hw),
+                    aug.view_groups(big.cuda(), generator=_gen(2), valid_hw=hw.cuda())):
+        torch.testing.assert_close(g.cpu(), c, atol=0.05, rtol=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# per-view probabilities (MoCo v3's asymmetric two-crop recipe)
+# ---------------------------------------------------------------------------------------------
+
+def test_per_view_probabilities_statistics_cycle_over_global_then_local_views():
+    """blur_p=[1.0, 0.1], solarize_p=[0.0, 0.2]: view i uses p[i % 2], local views continue."""
+    cfg = AugmentConfig(crop_size=16, blur_p=[1.0, 0.1], solarize_p=[0.0, 0.2], local_crops=3,
+                        local_size=8)
+    assert cfg.blur_p == (1.0, 0.1)  # lists are stored as tuples
+    V, B = 3, 5000  # odd V: the local views' values depend on their offset V
+    glob, loc = MultiViewAugment(cfg, V).sample_groups(B, (32, 32), generator=_gen(21))
+    blur = torch.cat([glob.blur, loc.blur]).sum(1).tolist()  # per view, views 0..5
+    sol = torch.cat([glob.solarize, loc.solarize]).sum(1).tolist()
+    for i in range(V + 3):
+        pb, ps = (1.0, 0.0) if i % 2 == 0 else (0.1, 0.2)
+        assert _binomial_ok(blur[i], B, pb), (i, blur[i], pb)
+        assert _binomial_ok(sol[i], B, ps), (i, sol[i], ps)
+    assert blur[0] == B and sol[0] == 0  # probability 1 and 0 are exact
+
+
+def test_per_view_probabilities_realised_in_pixels():
+    """Only the views whose probability is > 0 are blurred / solarized, matching torchvision."""
+    cfg = AugmentConfig(crop_size=24, blur_kernel_size=5, blur_p=[1.0, 0.0, 0.0],
+                        solarize_p=[0.0, 0.0, 1.0])
+    params = _check_against_reference(cfg, V=3, B=4, H=32)
+    assert params.blur.tolist() == [[True] * 4, [False] * 4, [False] * 4]
+    assert params.solarize.tolist() == [[False] * 4, [False] * 4, [True] * 4]
+
+
+def test_per_view_scalar_and_list_agree():
+    """A one-element list is the scalar; the draws do not depend on the probabilities."""
+    imgs = _images(6, 32)
+    a = MultiViewAugment(AugmentConfig(blur_p=0.5, solarize_p=0.3), 3)(imgs, _gen(4))
+    b = MultiViewAugment(AugmentConfig(blur_p=[0.5], solarize_p=(0.3,)), 3)(imgs, _gen(4))
+    torch.testing.assert_close(a, b, atol=0, rtol=0)
+    p = sample_params(AugmentConfig(blur_p=[0.0, 1.0]), 2, 50, (32, 32), generator=_gen(1))
+    q = sample_params(AugmentConfig(), 2, 50, (32, 32), generator=_gen(1))
+    assert torch.equal(p.top, q.top) and torch.equal(p.blur_sigma, q.blur_sigma)
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(blur_p=()), "blur_p.*at least one"),
+        (dict(blur_p=(0.5, 1.5)), "blur_p.*per-view"),
+        (dict(solarize_p="0.2"), "solarize_p"),
+        (dict(solarize_p=(0.1, True)), "solarize_p"),
+        (dict(local_crops=-1), "local_crops"),
+        (dict(local_crops=1.5), "local_crops"),
+        (dict(local_size=0), "local_size"),
+        (dict(local_scale=(0.0, 0.4)), "local_scale"),
+        (dict(local_scale=(0.5, 0.4)), "local_scale"),
+        (dict(crop_size=224, blur_kernel_size=23, local_crops=2, local_size=8), "local_size"),
+    ],
+)
+def test_validate_new_fields(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        AugmentConfig(**kwargs).validate()
+
+
+def test_per_view_list_longer_than_the_views_is_an_error():
+    with pytest.raises(ValueError, match=r"blur_p.*3 per-view values.*2 views"):
+        MultiViewAugment(AugmentConfig(blur_p=[1.0, 0.1, 0.5]), 2)
+    MultiViewAugment(AugmentConfig(blur_p=[1.0, 0.1, 0.5], local_crops=1, local_size=8), 2)  # 3 views
+
+
+def test_every_config_field_has_help_and_config_imports_without_torch():
+    import subprocess
+    import sys
+
+    missing = [f.name for f in dataclasses.fields(AugmentConfig) if not f.metadata.get("help")]
+    assert not missing
+    code = ("import sys; from cacr.augment_config import AugmentConfig as A; "
+            "A(blur_p=[1.0, 0.1], local_crops=2).validate(); assert 'torch' not in sys.modules")
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# multi-crop: view groups
+# ---------------------------------------------------------------------------------------------
+
+def test_view_groups_shapes_seeds_and_back_compat():
+    cfg = AugmentConfig(crop_size=24, local_crops=3, local_size=10)
+    aug = MultiViewAugment(cfg, 2)
+    imgs = _images(5, 32)
+    groups = aug.view_groups(imgs, generator=_gen(3))
+    assert [tuple(g.shape) for g in groups] == [(2, 5, 3, 24, 24), (3, 5, 3, 10, 10)]
+    # __call__ keeps returning the global views; the local draws come after the global ones
+    torch.testing.assert_close(aug(imgs, _gen(3)), groups[0], atol=0, rtol=0)
+    again = aug.view_groups(imgs, generator=_gen(3))
+    other = aug.view_groups(imgs, generator=_gen(4))
+    for g, h, o in zip(groups, again, other):
+        torch.testing.assert_close(g, h, atol=0, rtol=0)
+        assert (g - o).abs().max() > 0.1
+    cl = aug.view_groups(imgs, generator=_gen(3), channels_last=True)
+    for g, h in zip(groups, cl):
+        assert h.flatten(0, 1).is_contiguous(memory_format=torch.channels_last)
+        torch.testing.assert_close(g, h, atol=0, rtol=0)
+    # no local crops: one group, the same as __call__
+    plain = MultiViewAugment(AugmentConfig(crop_size=24), 2)
+    only = plain.view_groups(imgs, generator=_gen(3))
+    assert len(only) == 1
+    torch.testing.assert_close(only[0], plain(imgs, _gen(3)), atol=0, rtol=0)
+    assert plain.view_groups(_images(0, 32))[0].shape == (2, 0, 3, 24, 24)
+
+
+def test_local_views_match_torchvision_per_view():
+    cfg = AugmentConfig(crop_size=16, local_crops=2, local_size=8, blur_p=[0.0, 0.0, 1.0, 0.0],
+                        solarize_p=[0.0, 0.0, 0.0, 1.0], blur_kernel_size=3)
+    aug = MultiViewAugment(cfg, 2)
+    imgs = _images(6, 32, 28)
+    params = aug.sample_groups(6, (32, 28), generator=_gen(8))
+    outs = aug.apply_groups(imgs, params)
+    lcfg = aug.local.cfg
+    assert (lcfg.crop_size, lcfg.scale, lcfg.blur_p, lcfg.solarize_p) == (8, cfg.local_scale, (1.0, 0.0), (0.0, 1.0))
+    for group, p, gcfg in zip(outs, params, (cfg, lcfg)):
+        for v in range(p.num_views):
+            for b in range(6):
+                ref = _reference_view(imgs[b], p, v, b, gcfg)
+                torch.testing.assert_close(group[v, b], ref, atol=2e-5, rtol=0)
+    assert params[1].blur[0].all() and params[1].solarize[1].all()
+
+
+def test_local_scale_statistics_match_torchvision_rule():
+    cfg = AugmentConfig(local_crops=4, local_size=12, local_scale=(0.05, 0.4))
+    glob, loc = MultiViewAugment(cfg, 2).sample_groups(2000, (32, 32), generator=_gen(13))
+    frac = loc.area_fraction.flatten()
+    assert frac.max() <= 0.4 * 1.15 and frac.min() >= 0.05 * 0.6  # integer rounding of w, h
+    ref_l = _tv_boxes(32, 32, cfg.local_scale, cfg.ratio, 3000, seed=14)
+    ref_g = _tv_boxes(32, 32, cfg.scale, cfg.ratio, 3000, seed=15)
+    stats_l, stats_g = _box_stats(loc, 32, 32), _box_stats(glob, 32, 32)
+    for name in ("area", "log_ratio"):
+        assert _ks(stats_l[name], ref_l[name]) < _ks_limit(len(frac), 3000), name
+        assert _ks(stats_g[name], ref_g[name]) < _ks_limit(stats_g[name].numel(), 3000), name
+    # the two groups really differ (a local group using the global scale would not)
+    assert _ks(stats_l["area"], ref_g["area"]) > 0.3
+
+
+# ---------------------------------------------------------------------------------------------
+# canvases: crops from each image's whole area (valid_hw)
+# ---------------------------------------------------------------------------------------------
+
+def _tv_boxes(h, w, scale, ratio, n, seed):
+    """Box statistics of torchvision's RandomResizedCrop.get_params on an (h, w) image."""
+    torch.manual_seed(seed)
+    img = torch.zeros(1, h, w)
+    boxes = torch.tensor(
+        [T.RandomResizedCrop.get_params(img, scale=list(scale), ratio=list(ratio)) for _ in range(n)],
+        dtype=torch.float64,
+    )  # (n, 4): top, left, height, width
+    return _stats(boxes[:, 0], boxes[:, 1], boxes[:, 2], boxes[:, 3], h, w)
+
+
+def _stats(top, left, height, width, h, w):
+    return {
+        "area": height * width / (h * w),
+        "log_ratio": (width / height).log(),
+        "cy": (top + height / 2) / h,
+        "cx": (left + width / 2) / w,
+    }
+
+
+def _box_stats(p, h, w, cols=slice(None)):
+    d = lambda t: t[:, cols].double().flatten()  # noqa: E731
+    return _stats(d(p.top), d(p.left), d(p.height), d(p.width), h, w)
+
+
+def _ks(a, b):
+    """Two-sample Kolmogorov-Smirnov statistic sup |F_a - F_b| (exact with ties)."""
+    a, b = a.double().sort().values, b.double().sort().values
+    grid = torch.cat([a, b]).unique()
+    fa = torch.searchsorted(a, grid, right=True).double() / len(a)
+    fb = torch.searchsorted(b, grid, right=True).double() / len(b)
+    return float((fa - fb).abs().max())
+
+
+def _ks_limit(n, m, c=1.95):
+    """KS critical value at alpha = 0.001 (c(alpha) = sqrt(-ln(alpha / 2) / 2) = 1.95)."""
+    return c * math.sqrt((n + m) / (n * m))
+
+
+CANVAS = (64, 64)
+SIZES = [(48, 64), (64, 24), (30, 30), (64, 64), (17, 40)]  # (height, width), top-left aligned
+
+
+def test_canvas_crop_statistics_match_torchvision_on_the_whole_image():
+    """Scale, aspect and position of the boxes w.r.t. each image, not the canvas or a centre square.
+
+    Per image size, 3000 of our boxes against 3000 of torchvision's RandomResizedCrop.get_params on
+    an image of that size: KS distance below the alpha = 0.001 critical value for area fraction,
+    log aspect ratio and the box centre. The same check run on the two classic mistakes (boxes
+    drawn against the canvas; boxes drawn in the centre square, as decode's resize + centre crop
+    did) fails for every image that is not the full canvas / not square.
+    """
+    cfg = AugmentConfig(scale=(0.08, 1.0))
+    per, V = 1500, 2
+    hw = torch.tensor(SIZES).repeat_interleave(per, 0)
+    p = sample_params(cfg, V, len(hw), CANVAS, generator=_gen(31), valid_hw=hw)
+    assert torch.equal(p.valid_hw, hw)
+    assert ((p.top + p.height) <= hw[:, 0]).all() and ((p.left + p.width) <= hw[:, 1]).all()
+    assert (p.top >= 0).all() and (p.left >= 0).all()
+    canvas = sample_params(cfg, V, len(hw), CANVAS, generator=_gen(31))  # mistake 1
+    limit = _ks_limit(V * per, 3000)
+    for i, (h, w) in enumerate(SIZES):
+        cols = slice(i * per, (i + 1) * per)
+        ref = _tv_boxes(h, w, cfg.scale, cfg.ratio, 3000, seed=40 + i)
+        ours = _box_stats(p, h, w, cols)
+        for name in ours:
+            assert _ks(ours[name], ref[name]) < limit, (h, w, name, _ks(ours[name], ref[name]))
+        torch.testing.assert_close(p.area_fraction[:, cols].flatten(), ours["area"])
+        wrong_canvas = _ks(_box_stats(canvas, h, w, cols)["area"], ref["area"])
+        assert ((h, w) == CANVAS) == (wrong_canvas < limit), (h, w, wrong_canvas)
+        m = min(h, w)  # mistake 2: the box lives in the centre square of side m
+        sq = sample_params(cfg, V, per, (m, m), generator=_gen(50 + i))
+        oy, ox = (h - m) // 2, (w - m) // 2
+        wrong = _stats(sq.top.double().flatten() + oy, sq.left.double().flatten() + ox,
+                       sq.height.double().flatten(), sq.width.double().flatten(), h, w)
+        wrong_sq = max(_ks(wrong[k], ref[k]) for k in ("area", "log_ratio"))
+        assert (h == w) == (wrong_sq < limit), (h, w, wrong_sq)
+
+
+def test_canvas_fallback_is_the_images_centre_crop():
+    # ratio fixed at 1, whole-area crops: only the fallback can answer, per image
+    cfg = AugmentConfig(scale=(1.0, 1.0), ratio=(1.0, 1.0))
+    hw = torch.tensor([[10, 40], [40, 10], [20, 20], [33, 64]])
+    p = sample_params(cfg, 2, 4, (40, 64), generator=_gen(), valid_hw=hw)
+    expect = [(0, 15, 10, 10), (15, 0, 10, 10), (0, 0, 20, 20), (0, 15, 33, 33)]
+    for b, box in enumerate(expect):
+        for v in range(2):
+            got = (p.top[v, b], p.left[v, b], p.height[v, b], p.width[v, b])
+            assert tuple(int(t) for t in got) == box, (b, v)
+
+
+def test_canvas_crop_pixels_match_torchvision_resized_crop():
+    """One crop per view on a padded canvas equals resized_crop of the unpadded image on that box.
+
+    Float input: exact up to float rounding (2e-5), bilinear with antialias=False because ours
+    resamples bilinearly from the box (torchvision's antialias only acts when shrinking, and ours
+    replaces it by a shared prefilter when shrinking >= 1.5x). uint8 input to torchvision: its
+    result is rounded to integers, hence <= 1/255 (at most half a level + float rounding).
+    """
+    cfg = _plain(crop_size=20, flip_p=0.5, scale=(0.05, 1.0))
+    h, w = 37, 53
+    canvas = _images(4, 64, 64, seed=5)  # random padding beyond the image
+    hw = torch.tensor([[h, w], [h, w], [64, 20], [9, 64]])
+    aug = MultiViewAugment(cfg, 3)
+    p = aug.sample_params(4, (64, 64), generator=_gen(6), valid_hw=hw)
+    out = aug.apply(canvas, p)
+    assert aug.prefilter_size(64, 64, hw) is None
+    for b in range(4):
+        img = canvas[b, : hw[b, 0], : hw[b, 1]].permute(2, 0, 1)
+        for v in range(3):
+            box = [int(p.top[v, b]), int(p.left[v, b]), int(p.height[v, b]), int(p.width[v, b])]
+            ref = TF.resized_crop(img.float() / 255.0, *box, [20, 20], antialias=False)
+            ref8 = TF.resized_crop(img, *box, [20, 20], antialias=False).float() / 255.0
+            if p.flip[v, b]:
+                ref, ref8 = TF.horizontal_flip(ref), TF.horizontal_flip(ref8)
+            torch.testing.assert_close(out[v, b], ref, atol=2e-5, rtol=0)
+            assert (out[v, b] - ref8).abs().max() <= 1 / 255
+
+
+@pytest.mark.parametrize("crop", [24, 6])  # 6 px from 64 px: the antialias prefilter path
+def test_canvas_padding_never_reaches_the_views(crop):
+    # enough images x views that crops touch every image's bottom / right edge: a replicated band
+    # of 1 row or 2 columns (instead of ceil(2k) + 2 = 8 at k = 2.8) lets padding through
+    cfg = AugmentConfig(crop_size=crop, local_crops=4, local_size=crop // 2, blur_p=0.5)
+    aug = MultiViewAugment(cfg, 4)
+    hw = torch.tensor([[64, 40], [30, 64], [50, 50], [64, 64], [40, 56]]).repeat(4, 1)
+    imgs = _images(20, 64, 64, seed=9)
+    garbage = _images(20, 64, 64, seed=10)
+    mask = (torch.arange(64).view(1, 64, 1) < hw[:, :1, None]) & (torch.arange(64).view(1, 1, 64) < hw[:, 1:, None])
+    mixed = torch.where(mask.unsqueeze(-1), imgs, garbage)
+    zeros = torch.where(mask.unsqueeze(-1), imgs, torch.zeros_like(imgs))
+    assert (aug.prefilter_size(64, 64, hw) is not None) == (crop == 6)
+    a = aug.view_groups(mixed, generator=_gen(2), valid_hw=hw)
+    b = aug.view_groups(zeros, generator=_gen(2), valid_hw=hw)
+    for x, y in zip(a, b):
+        torch.testing.assert_close(x, y, atol=1e-6, rtol=0)
+    # a full-size valid_hw is the same as no valid_hw
+    full = torch.tensor([[64, 64]] * 20)
+    for x, y in zip(aug.view_groups(imgs, generator=_gen(2), valid_hw=full),
+                    aug.view_groups(imgs, generator=_gen(2))):
+        torch.testing.assert_close(x, y, atol=0, rtol=0)
+
+
+def test_valid_hw_validation():
+    aug = MultiViewAugment(AugmentConfig(), 2)
+    imgs = _images(3, 32)
+    for bad, match in [
+        (torch.tensor([[32, 32]] * 2), r"shape \(n, 2\) = \(3, 2\)"),
+        (torch.tensor([[32.0, 32.0]] * 3), "integers"),
+        (torch.tensor([[33, 32]] * 3), "canvas"),
+        (torch.tensor([[0, 32]] * 3), "canvas"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            aug(imgs, _gen(), valid_hw=bad)
+        with pytest.raises(ValueError, match=match):
+            aug.view_groups(imgs, generator=_gen(), valid_hw=bad)
+    out = aug(imgs, _gen(), valid_hw=[[32, 20], [10, 32], [32, 32]])  # any integer array-like
+    assert out.shape == (2, 3, 3, 32, 32)
