@@ -1,0 +1,84 @@
+"""``ray job submit -- cacr train`` on a freshly started machine (infra/README, section 3a).
+
+A user with an empty HOME (no ``~/.ray`` yet) starts a head with ``ray start --head`` and submits
+``cacr train`` with the ``ray`` CLI from the same HOME, as infra/README says (``--working-dir .``
+ships the working directory: here conf/ only). Token authentication is Ray 2.60's default: the job
+must succeed with nothing but what the head wrote into that HOME and what infra/README tells the
+client to set. The job trains 1 tiny epoch on a prepared digits set (absolute paths: the job's
+working directory is Ray's copy of ``.``) and must print its summary JSON, whose paths exist.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from pipeline.ray_local import free_port
+
+pytestmark = [pytest.mark.slow, pytest.mark.acceptance]
+
+RAY = str(Path(sys.executable).with_name("ray"))
+TINY = ("batch_size=64 num_workers=2 cpus_per_worker=0.5 data.image_size=16 augment.crop_size=16 "
+        "model.width=8 model.head_hidden=64 model.head_out=32 loss.num_positives=1 "
+        "optim.warmup_epochs=0.5 epochs=1 data.source=null")
+
+
+def _wait_http(url: str, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            urllib.request.urlopen(url, timeout=2)
+            return
+        except urllib.error.HTTPError:
+            return  # it answers (401 without a token is an answer)
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(1)
+
+
+@pytest.fixture
+def fresh_head(user):
+    """A `ray start --head` started by the user (empty HOME, private RAY_TMPDIR); torn down after."""
+    assert not (user.home / ".ray").exists()
+    dash = free_port()
+    head = subprocess.Popen([RAY, "start", "--head", "--block", "--num-cpus", "6",
+                             "--port", str(free_port()), "--include-dashboard", "true",
+                             "--dashboard-port", str(dash), "--disable-usage-stats"],
+                            cwd=user.workdir, env=user.env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        url = f"http://127.0.0.1:{dash}"
+        _wait_http(url, 120)
+        yield url
+    finally:
+        try:
+            os.killpg(head.pid, signal.SIGTERM)
+            head.wait(timeout=60)
+        except (ProcessLookupError, subprocess.TimeoutExpired):
+            os.killpg(head.pid, signal.SIGKILL)
+        user.cleanup_processes()
+
+
+def test_job_submit_from_a_fresh_home(fresh_head, user, acc, digits_shards):
+    acc.copy_checkout_configs(user)
+    runs = user.workdir / "runs"
+    # infra/README: the client sends the cluster's token with RAY_AUTH_MODE=token (the token is
+    # the one `ray start` wrote into this HOME).
+    r = user.run(f"ray job submit --address {fresh_head} --working-dir . -- cacr train "
+                 f"--config conf/digits.yaml {TINY} data.url={digits_shards} storage_path={runs} name=job",
+                 timeout=900, RAY_AUTH_MODE="token")
+    assert r.returncode == 0, r.out[-6000:]
+    assert "Started a local Ray instance" not in r.out  # the job joined the cluster
+    s = acc.last_json(r.out, "run_dir")
+    assert s["epochs"] == 1
+    assert Path(s["run_dir"]).is_dir() and Path(s["backbone"]).is_file()
+    tags = acc.scalar_tags(s["tensorboard_logdir"])
+    assert tags.get("train/loss", 0) >= 1, f"no train/loss under {s['tensorboard_logdir']}: {sorted(tags)}"
