@@ -1,16 +1,18 @@
 """``ray job submit -- cacr train`` on a freshly started machine (infra/README, section 3a).
 
-A user with an empty HOME (no ``~/.ray`` yet) starts a head with ``ray start --head`` and submits
-``cacr train`` with the ``ray`` CLI from the same HOME, as infra/README says (``--working-dir .``
-ships the working directory: here conf/ only). Token authentication is Ray 2.60's default: the job
-must succeed with nothing but what the head wrote into that HOME and what infra/README tells the
-client to set. The job trains 1 tiny epoch on a prepared digits set (absolute paths: the job's
+A user with an empty HOME (no ``~/.ray`` yet) follows infra/README ("The cluster's auth token"):
+``ray get-auth-token --generate`` on the head machine, ``RAY_AUTH_MODE=token ray start --head``,
+then submits from a second shell that has only ``RAY_AUTH_MODE=token`` and ``RAY_AUTH_TOKEN`` (the
+value ``ray get-auth-token`` prints on the head) and a HOME of its own, empty:
+``ray job submit --address ... --working-dir . -- cacr train --config conf/digits.yaml ...``
+(``--working-dir .`` ships the working directory: here conf/ only). The job trains 1 tiny epoch on a prepared digits set (absolute paths: the job's
 working directory is Ray's copy of ``.``) and must print its summary JSON, whose paths exist.
 """
 from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -20,14 +22,18 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.ray_local import free_port
-
 pytestmark = [pytest.mark.slow, pytest.mark.acceptance]
 
 RAY = str(Path(sys.executable).with_name("ray"))
 TINY = ("batch_size=64 num_workers=2 cpus_per_worker=0.5 data.image_size=16 augment.crop_size=16 "
         "model.width=8 model.head_hidden=64 model.head_out=32 loss.num_positives=1 "
         "optim.warmup_epochs=0.5 epochs=1 data.source=null")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def _wait_http(url: str, timeout_s: float) -> None:
@@ -48,16 +54,21 @@ def _wait_http(url: str, timeout_s: float) -> None:
 def fresh_head(user):
     """A `ray start --head` started by the user (empty HOME, private RAY_TMPDIR); torn down after."""
     assert not (user.home / ".ray").exists()
+    gen = user.run("ray get-auth-token --generate", timeout=180)
+    assert gen.returncode == 0, gen.out[-3000:]
+    token = user.run("ray get-auth-token | tail -n 1", timeout=180).stdout.strip()
+    assert token and (user.home / ".ray/auth_token").read_text().strip() == token
     dash = free_port()
     head = subprocess.Popen([RAY, "start", "--head", "--block", "--num-cpus", "6",
                              "--port", str(free_port()), "--include-dashboard", "true",
                              "--dashboard-port", str(dash), "--disable-usage-stats"],
-                            cwd=user.workdir, env=user.env(), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+                            cwd=user.workdir, env=user.env(RAY_AUTH_MODE="token"),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
     try:
         url = f"http://127.0.0.1:{dash}"
-        _wait_http(url, 120)
-        yield url
+        _wait_http(url, 180)
+        yield url, token
     finally:
         try:
             os.killpg(head.pid, signal.SIGTERM)
@@ -67,14 +78,15 @@ def fresh_head(user):
         user.cleanup_processes()
 
 
-def test_job_submit_from_a_fresh_home(fresh_head, user, acc, digits_shards):
+def test_job_submit_from_a_fresh_home(fresh_head, user, acc, digits_shards, tmp_path):
+    url, token = fresh_head
     acc.copy_checkout_configs(user)
     runs = user.workdir / "runs"
-    # infra/README: the client sends the cluster's token with RAY_AUTH_MODE=token (the token is
-    # the one `ray start` wrote into this HOME).
-    r = user.run(f"ray job submit --address {fresh_head} --working-dir . -- cacr train "
+    client_home = tmp_path / "client-home"  # the submitting shell: nothing in its ~/.ray
+    client_home.mkdir()
+    r = user.run(f"ray job submit --address {url} --working-dir . -- cacr train "
                  f"--config conf/digits.yaml {TINY} data.url={digits_shards} storage_path={runs} name=job",
-                 timeout=900, RAY_AUTH_MODE="token")
+                 timeout=900, HOME=str(client_home), RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token)
     assert r.returncode == 0, r.out[-6000:]
     assert "Started a local Ray instance" not in r.out  # the job joined the cluster
     s = acc.last_json(r.out, "run_dir")
