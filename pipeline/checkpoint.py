@@ -14,10 +14,12 @@ from typing import Any
 
 import torch
 
+from pipeline.errors import CacrError
+
 STATE_FILE = "state.pt"
 
 
-class CheckpointError(ValueError):
+class CheckpointError(CacrError, ValueError):
     """A path that is not a readable CACR checkpoint (user error: one-line message)."""
 
 

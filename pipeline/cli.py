@@ -1,8 +1,10 @@
 """The ``cacr`` command: prepare, inspect, train, tune, evaluate, export.
 
-User mistakes (bad config, unreachable storage, bad shards, bad checkpoint path) end with one line
-``cacr: error: ...`` and exit code 2, never a traceback. Heavy imports (torch, ray) happen inside
-the subcommands so ``cacr --help`` is instant.
+User mistakes (:class:`pipeline.errors.CacrError`: bad config, unreachable storage, bad shards,
+bad checkpoint path; a missing or unreadable file the user named) end with one line
+``cacr: error: ...`` and exit code 2. Anything else is our bug and shows its full traceback (a
+``ValueError`` included). Heavy imports (torch, ray) happen inside the subcommands so
+``cacr --help`` is instant.
 """
 from __future__ import annotations
 
@@ -11,10 +13,15 @@ import os
 import sys
 from typing import Callable
 
-USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, PermissionError)
+def user_errors() -> tuple[type[BaseException], ...]:
+    """What the CLI reports in one line: our user-error family, plus the OS's "no such file" /
+    "permission denied" for a path the user typed."""
+    from pipeline.errors import CacrError
+
+    return (CacrError, FileNotFoundError, PermissionError)
 
 
-def _keys_epilog(cls_path: str = "pipeline.config:Config") -> str:
+def _keys_epilog() -> str:
     from pipeline.config import describe_keys
 
     rows = describe_keys()
@@ -84,7 +91,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.set_defaults(func=_cmd_train)
 
-    p = sub.add_parser("tune", help="hyperparameter search with Ray Tune (trials are training runs)")
+    from pipeline.tune import tune_keys_epilog
+
+    p = sub.add_parser("tune", help="hyperparameter search with Ray Tune (trials are training runs)",
+                       formatter_class=argparse.RawDescriptionHelpFormatter, epilog=tune_keys_epilog())
     p.add_argument("--config", "-c", required=True, help="tune config (conf/tune/*.yaml)")
     p.add_argument("overrides", nargs="*", metavar="key=value",
                    help="overrides of the tune config (e.g. num_samples=8) or of the base training "
@@ -92,14 +102,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_tune)
 
     p = sub.add_parser("evaluate", help="kNN + linear-probe accuracy of a checkpoint's frozen encoder")
-    p.add_argument("checkpoint", help="checkpoint dir or file (local or s3://)")
+    p.add_argument("checkpoint", help="checkpoint dir or file, or a run dir (its newest checkpoint); "
+                                      "local or s3://")
     p.add_argument("--data", help="labelled shard set (default: the one the checkpoint trained on)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="evaluation options")
+    data_commands.add_storage_args(p)
     p.set_defaults(func=_cmd_evaluate)
 
     p = sub.add_parser("export", help="backbone weights (safetensors) + architecture/preprocessing JSON")
-    p.add_argument("checkpoint", help="checkpoint dir or file (local or s3://)")
-    p.add_argument("out", help="output directory")
+    p.add_argument("checkpoint", help="checkpoint dir or file, or a run dir (its newest checkpoint); "
+                                      "local or s3://")
+    p.add_argument("out", help="output directory (local or s3://)")
+    data_commands.add_storage_args(p)
     p.set_defaults(func=_cmd_export)
     return ap
 
@@ -127,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"cacr: {e}", file=sys.stderr)
         return 1
-    except USER_ERRORS as e:
+    except user_errors() as e:
         if os.environ.get("CACR_DEBUG"):
             raise
         # One line, naming the thing and what to do; the classes raised for user mistakes carry it.

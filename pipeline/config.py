@@ -18,9 +18,10 @@ from typing import Any, Union
 import yaml
 
 from cacr.augment_config import AugmentConfig
+from pipeline.errors import CacrError
 
 
-class ConfigError(ValueError):
+class ConfigError(CacrError, ValueError):
     """A user mistake in a config file or override; the message names the key."""
 
 
@@ -49,8 +50,10 @@ class StorageConfig:
 class DataConfig:
     url: str = _f("./data/digits", "shard set written by `cacr prepare` (local dir or s3://bucket/prefix)")
     source: str | None = _f(
-        "digits", "if `url` holds no shards yet, `cacr train` prepares them from this source first "
-        "(digits | image folder | cifar10:PATH); null to require existing shards")
+        "auto", "if `url` holds no shards yet, `cacr train` prepares them from this source first "
+        "(digits | image folder | cifar10:PATH). auto: only the default url ./data/digits is "
+        "prepared, from digits; any other url must already hold shards (`cacr prepare`). "
+        "null: never prepare")
     image_size: int = _f(32, "decoded image size (square, uint8) handed to the train workers")
     val_split: str = _f("val", "split used for kNN monitoring; '' to disable")
     knn_k: int = _f(20, "neighbours for the per-epoch kNN monitor")
@@ -116,7 +119,8 @@ class Config:
     log_level: str = _choice("warning", ("debug", "info", "warning", "error"),
                              "console level of Ray Train's and Ray Data's own logs (info: every "
                              "report, checkpoint and dataset execution)")
-    fail_at_step: int | None = _f(None, "debug: raise in worker rank 1 (or 0) at this global step, once")
+    fail_at_step: int | None = _f(None, "debug: raise once in the last worker (rank num_workers - 1) at "
+                                       "this global step (tests recovery)")
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     # The embedded default trains on digits: no mirror flips (a flipped digit is another glyph)
@@ -247,14 +251,46 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     raise ConfigError(f"config key '{key}': unsupported type {tp}")
 
 
-def _unknown(key: str, known: list[str]) -> ConfigError:
-    close = difflib.get_close_matches(key.rsplit(".", 1)[-1], known, n=1)
-    hint = f" (did you mean '{close[0]}'?)" if close else ""
-    return ConfigError(f"unknown config key '{key}'{hint}; `cacr train --help` lists the keys")
+def leaf_keys(cls: type, prefix: str = "") -> list[str]:
+    """Every dotted leaf key of dataclass ``cls`` (``optim.base_lr``, ``augment.scale``, ...)."""
+    out = []
+    hints = _field_types(cls)
+    for f in dataclasses.fields(cls):
+        if _is_dataclass_type(hints[f.name]):
+            out.extend(leaf_keys(hints[f.name], prefix + f.name + "."))
+        else:
+            out.append(prefix + f.name)
+    return out
 
 
-def from_dict(cls: type, data: dict[str, Any] | None, prefix: str = "") -> Any:
-    """Build dataclass ``cls`` from a nested dict, checking every key and type."""
+def suggest_key(key: str, known: list[str]) -> str | None:
+    """The known dotted key the user most likely meant: same leaf in another section
+    (``base_lr`` -> ``optim.base_lr``), else the closest spelling of the whole key or its leaf."""
+    leaf = key.rsplit(".", 1)[-1]
+    same_leaf = [k for k in known if k.rsplit(".", 1)[-1] == leaf]
+    if same_leaf:
+        return (difflib.get_close_matches(key, same_leaf, n=1, cutoff=0) or same_leaf)[0]
+    close = difflib.get_close_matches(key, known, n=1, cutoff=0.75)
+    if close:
+        return close[0]
+    by_leaf = {}
+    for k in known:
+        by_leaf.setdefault(k.rsplit(".", 1)[-1], k)
+    close = difflib.get_close_matches(leaf, list(by_leaf), n=1)
+    return by_leaf[close[0]] if close else None
+
+
+def _unknown(key: str, root: type | None = None, what: str = "config key",
+             help_cmd: str = "cacr train --help") -> ConfigError:
+    close = suggest_key(key, leaf_keys(root or Config))
+    hint = f" (did you mean '{close}'?)" if close else ""
+    return ConfigError(f"unknown {what} '{key}'{hint}; `{help_cmd}` lists the keys")
+
+
+def from_dict(cls: type, data: dict[str, Any] | None, prefix: str = "", root: type | None = None) -> Any:
+    """Build dataclass ``cls`` from a nested dict, checking every key and type. ``root``: the
+    class of the whole tree (for "did you mean" across sections; default ``cls``)."""
+    root = root or cls
     data = data or {}
     if not isinstance(data, dict):
         raise ConfigError(f"config key '{prefix.rstrip('.') or '<root>'}': expected a mapping, got {data!r}")
@@ -263,10 +299,10 @@ def from_dict(cls: type, data: dict[str, Any] | None, prefix: str = "") -> Any:
     kwargs = {}
     for k, v in data.items():
         if k not in hints or k not in names:
-            raise _unknown(prefix + str(k), names)
+            raise _unknown(prefix + str(k), root)
         tp = hints[k]
         if _is_dataclass_type(tp):
-            kwargs[k] = from_dict(tp, v, prefix + k + ".")
+            kwargs[k] = from_dict(tp, v, prefix + k + ".", root)
         else:
             kwargs[k] = _coerce(v, tp, prefix + k)
     return cls(**kwargs)
@@ -302,7 +338,7 @@ def get_key(cfg: Any, key: str) -> Any:
     obj = cfg
     for part in key.split("."):
         if not dataclasses.is_dataclass(obj) or part not in {f.name for f in dataclasses.fields(obj)}:
-            raise _unknown(key, [f.name for f in dataclasses.fields(obj)] if dataclasses.is_dataclass(obj) else [])
+            raise _unknown(key, type(cfg))
         obj = getattr(obj, part)
     return obj
 
@@ -314,13 +350,14 @@ def set_key(cfg: Any, key: str, value: Any) -> None:
     for i, part in enumerate(parts):
         names = [f.name for f in dataclasses.fields(obj)]
         if part not in names:
-            raise _unknown(key, names)
+            raise _unknown(key, type(cfg))
         if i == len(parts) - 1:
             tp = _field_types(type(obj))[part]
             if _is_dataclass_type(tp):
                 if not isinstance(value, dict):
                     raise ConfigError(f"config key '{key}' is a section; set its fields ('{key}.<field>')")
-                setattr(obj, part, from_dict(tp, {**to_dict(getattr(obj, part)), **value}, key + "."))
+                setattr(obj, part, from_dict(tp, {**to_dict(getattr(obj, part)), **value}, key + ".",
+                                             type(cfg)))
             else:
                 setattr(obj, part, _coerce(value, tp, key))
         else:
@@ -344,14 +381,22 @@ def parse_override(text: str) -> tuple[str, Any]:
     return key, value
 
 
-def load_yaml(path: str | Path) -> dict[str, Any]:
-    p = Path(path)
-    if not p.is_file():
+def load_yaml(path: str | Path, storage: StorageConfig | None = None) -> dict[str, Any]:
+    """A YAML mapping from a local file or an ``s3://`` URL (``storage``: how to reach it).
+    Syntax errors name ``file:line:column``."""
+    from pipeline import storage as st
+
+    path = str(path)
+    text = st.read_text(path, storage)
+    if text is None:
         raise ConfigError(f"config file '{path}' does not exist")
     try:
-        data = yaml.safe_load(p.read_text()) or {}
+        data = yaml.safe_load(text) or {}
     except yaml.YAMLError as e:
-        raise ConfigError(f"config file '{path}' is not valid YAML: {str(e).splitlines()[0]}") from None
+        mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else path
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(f"config file {where}: not valid YAML ({problem})") from None
     if not isinstance(data, dict):
         raise ConfigError(f"config file '{path}' must hold a mapping of keys")
     return data
@@ -361,9 +406,17 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
                 cls: type = None) -> Config:
     """YAML file (optional) + ``key=value`` overrides -> validated :class:`Config`."""
     cls = cls or Config
-    cfg = from_dict(cls, load_yaml(path) if path else {})
-    for ov in overrides:
-        k, v = parse_override(ov)
+    parsed = [parse_override(ov) for ov in overrides]
+    data = {}
+    if path:
+        # A config on s3:// is read with the storage.* overrides given next to it (else the env).
+        reach = StorageConfig()
+        for k, v in parsed:
+            if k.startswith("storage."):
+                set_key(reach, k[len("storage."):], v)
+        data = load_yaml(path, reach)
+    cfg = from_dict(cls, data)
+    for k, v in parsed:
         set_key(cfg, k, v)
     return cfg.validate()
 
@@ -376,16 +429,50 @@ def apply_flat(cfg: Config, flat: dict[str, Any]) -> Config:
     return new.validate()
 
 
-def describe_keys(cls: type = Config, prefix: str = "") -> list[tuple[str, str, str]]:
-    """(dotted key, default, help) for every leaf, for ``--help``."""
+# Help for the augment.* keys: cacr/augment_config.py is plain data without field metadata; a
+# field's own ``metadata["help"]`` wins when it has one.
+AUGMENT_HELP = {
+    "crop_size": "side of each random-resized crop (px); also the eval center crop",
+    "scale": "random-resized-crop area range, as fractions of the image",
+    "ratio": "random-resized-crop aspect-ratio range",
+    "flip_p": "probability of a horizontal flip",
+    "jitter_p": "probability of colour jitter",
+    "brightness": "colour-jitter brightness strength",
+    "contrast": "colour-jitter contrast strength",
+    "saturation": "colour-jitter saturation strength",
+    "hue": "colour-jitter hue strength (<= 0.5)",
+    "jitter_random_order": "apply the four jitter operations in a random order",
+    "grayscale_p": "probability of converting a view to grayscale",
+    "blur_p": "probability of Gaussian blur",
+    "blur_sigma": "Gaussian-blur sigma range (px)",
+    "blur_kernel_size": "Gaussian-blur kernel size (0: ~10% of crop_size, odd, >= 3)",
+    "solarize_p": "probability of solarization",
+    "solarize_threshold": "solarization threshold (fraction of full scale)",
+    "antialias": "antialiased resizing in the crop",
+    "mean": "per-channel normalisation mean (RGB)",
+    "std": "per-channel normalisation std (RGB)",
+}
+
+
+def _help_of(f: dataclasses.Field, owner: type) -> str:
+    help_ = f.metadata.get("help")
+    if help_ is None and owner is AugmentConfig:
+        help_ = AUGMENT_HELP.get(f.name, "")
+    return help_ or ""
+
+
+def describe_keys(cls: type = Config, prefix: str = "", inst: Any = None) -> list[tuple[str, str, str]]:
+    """(dotted key, default, help) for every leaf, for ``--help``. Defaults are those of a
+    ``cls()`` tree as a whole (a section's default inside ``Config`` may differ from the
+    section class's own, e.g. ``augment``)."""
     rows = []
-    inst = cls()
-    for f in dataclasses.fields(cls):
+    inst = cls() if inst is None else inst
+    for f in dataclasses.fields(inst):
         v = getattr(inst, f.name)
         if dataclasses.is_dataclass(v):
-            rows.extend(describe_keys(type(v), prefix + f.name + "."))
+            rows.extend(describe_keys(type(v), prefix + f.name + ".", v))
         else:
-            help_ = f.metadata.get("help", "")
+            help_ = _help_of(f, type(inst))
             if f.metadata.get("choices"):
                 help_ += f" [{' | '.join(f.metadata['choices'])}]"
             shown = list(v) if isinstance(v, tuple) else v

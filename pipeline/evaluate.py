@@ -38,6 +38,7 @@ import numpy as np
 
 from pipeline.config import ConfigError, StorageConfig
 from pipeline.console import json_line
+from pipeline.errors import CacrError
 
 
 @dataclass
@@ -86,7 +87,7 @@ class EvalOptions:
         return self
 
 
-class EvalError(ValueError):
+class EvalError(CacrError, ValueError):
     """Data that cannot be evaluated on (e.g. unlabelled): a one-line user error."""
 
 
@@ -159,23 +160,12 @@ class FeatureExtractor:
         return out
 
 
-def _ray_init(actors: int, log_level: str) -> None:
-    import ray
+def _ray_init(opts: EvalOptions) -> None:
+    """Join ``RAY_ADDRESS`` or start a local Ray (no dashboard: no Ray Train here)."""
+    from pipeline.ray_start import start_ray
 
-    from pipeline.ray_local import quiet_driver, quiet_env
-
-    quiet_driver(log_level)
-    if ray.is_initialized():
-        return
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init(log_to_driver=True)
-        return
-    import torch
-    env = quiet_env(log_level)
-    ray.init(address="local",  # a new instance, not a `ray start` cluster found on this machine
-             num_cpus=max(os.cpu_count() or 1, actors + 2), num_gpus=torch.cuda.device_count(),
-             include_dashboard=False, log_to_driver=True,
-             runtime_env={"env_vars": env} if env else None)
+    start_ray(num_cpus=opts.actors + 2, use_gpu=opts.use_gpu, log_level=opts.log_level,
+              dashboard=False, gpu_key="evaluate option use_gpu")
 
 
 def _plan_actors(opts: EvalOptions) -> tuple[int, int, bool]:
@@ -329,6 +319,30 @@ def _labelled_scan(url: str, split: str, storage: StorageConfig):
     return scan
 
 
+def resolve_checkpoint(url: str, storage_cfg: StorageConfig | None = None, echo=None) -> str:
+    """The checkpoint a user-given path means, checked before anything heavy runs: a checkpoint
+    dir (or its state.pt) as is; a RUN dir (what ``cacr train`` printed as ``run_dir``) -> its
+    newest checkpoint, said on the console. On S3 the endpoint / bucket is checked first (a
+    one-line "cannot reach" in seconds, not "does not exist" after the data-path retries)."""
+    from pipeline import storage
+    from pipeline.checkpoint import STATE_FILE
+    from pipeline.train import list_checkpoints
+
+    echo = echo or (lambda m: print(m, flush=True))
+    url = storage.resolve_url(url)
+    if storage.is_remote(url):
+        storage.check_location(url, storage_cfg, must_exist=True)
+    if url.endswith(STATE_FILE) or STATE_FILE in storage.list_files(url, storage_cfg):
+        return url
+    found = list_checkpoints(url, storage_cfg)
+    if not found:  # a file, or nothing there: load_checkpoint says which, in one line
+        return url
+    names = [c.rstrip("/").rsplit("/", 1)[-1] for c in found]
+    echo(f"[cacr] {url} is a run directory: using its newest checkpoint {names[-1]}"
+         + (f" (others: {', '.join(names[:-1])})" if len(names) > 1 else ""))
+    return found[-1]
+
+
 def evaluate(checkpoint: str | dict[str, Any], data_url: str | None = None,
              opts: EvalOptions | None = None, *, echo=None) -> dict[str, Any]:
     """Evaluate a checkpoint (URL, or an already loaded state dict) on a labelled shard set.
@@ -339,13 +353,14 @@ def evaluate(checkpoint: str | dict[str, Any], data_url: str | None = None,
     import torch
 
     from cacr.knn import knn_top1
-    from pipeline.checkpoint import load_checkpoint
-    from pipeline.export import backbone_state
+    from pipeline.export import backbone_state, read_checkpoint
 
     echo = echo or (lambda m: print(m, flush=True))
     opts = opts or EvalOptions()
     t0 = time.perf_counter()
-    state = checkpoint if isinstance(checkpoint, dict) else load_checkpoint(str(checkpoint), opts.storage)
+    if not isinstance(checkpoint, dict):
+        checkpoint = resolve_checkpoint(str(checkpoint), opts.storage, echo)
+    state = checkpoint if isinstance(checkpoint, dict) else read_checkpoint(checkpoint, opts.storage)
     cfg = _checkpoint_config(state)
     weights = backbone_state(state)
     m = cfg.model
@@ -359,7 +374,7 @@ def evaluate(checkpoint: str | dict[str, Any], data_url: str | None = None,
     echo(f"[cacr] evaluate {ckpt_name}: {m.arch} trained {state.get('epoch')} epochs with "
          f"{cfg.loss.name}; data {url} [{opts.split_train} {train_scan.rows} / {split_val} {val_scan.rows}]")
 
-    _ray_init(opts.actors, opts.log_level)
+    _ray_init(opts)
     weights_ref = ray.put(weights)  # once in the object store, read by every actor
     t1 = time.perf_counter()
     tr, va = extract_features(url, [opts.split_train, split_val], weights_ref=weights_ref, spec=spec,
@@ -408,6 +423,12 @@ def evaluate(checkpoint: str | dict[str, Any], data_url: str | None = None,
 def run_evaluate(args: argparse.Namespace) -> int:
     """CLI entry: options are parsed (and rejected) before anything is loaded."""
     opts = parse_options(getattr(args, "overrides", None) or [])
+    # --endpoint-url / --region / --profile / --anonymous (as for prepare/inspect/export) win
+    for key in ("endpoint_url", "region", "profile"):
+        if getattr(args, key, None):
+            setattr(opts.storage, key, getattr(args, key))
+    if getattr(args, "anonymous", False):
+        opts.storage.anonymous = True
     result = evaluate(args.checkpoint, getattr(args, "data", None), opts)
     sys.stdout.flush()
     print(json_line(result), flush=True)

@@ -37,13 +37,32 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from pipeline.errors import CacrError
+
 WEIGHTS = "backbone.safetensors"
 META = "backbone.json"
 FORMAT = "cacr-backbone/1"
 
 
-class ExportError(ValueError):
+class ExportError(CacrError, ValueError):
     """An export that cannot be written or read (user error: one-line message)."""
+
+
+def read_checkpoint(url: str, storage_cfg=None) -> dict[str, Any]:
+    """:func:`pipeline.checkpoint.load_checkpoint` for the commands: its one-line error never
+    passes on PyTorch's advice to re-run ``torch.load`` with ``weights_only=False`` (that would
+    execute whatever a pickle holds) nor a bare unpickling detail such as ``KeyError: 101``."""
+    from pipeline.checkpoint import CheckpointError, load_checkpoint
+
+    try:
+        return load_checkpoint(url, storage_cfg)
+    except CheckpointError as e:
+        msg = str(e)
+        if "weights_only" in msg or "Weights only" in msg or "KeyError" in msg:
+            head = msg.split(" (", 1)[0]
+            raise CheckpointError(f"{head} (not a PyTorch checkpoint written by `cacr train`, or a "
+                                  "damaged one; cacr only reads tensors, never pickled code)") from None
+        raise
 
 
 def backbone_state(state: dict[str, Any]) -> dict[str, Any]:
@@ -104,9 +123,7 @@ def export_backbone(checkpoint: str | Path | dict[str, Any], out_url: str, stora
     returns the weights URL. ``checkpoint`` is a checkpoint URL/path or a loaded state dict."""
     from safetensors.torch import save_file
 
-    from pipeline.checkpoint import load_checkpoint
-
-    state = checkpoint if isinstance(checkpoint, dict) else load_checkpoint(str(checkpoint), storage_cfg)
+    state = checkpoint if isinstance(checkpoint, dict) else read_checkpoint(str(checkpoint), storage_cfg)
     weights, meta = backbone_state(state), export_metadata(state)
     out_url = str(out_url)
     with tempfile.TemporaryDirectory() as tmp:
@@ -117,9 +134,9 @@ def export_backbone(checkpoint: str | Path | dict[str, Any], out_url: str, stora
         meta["feature_dim"] = _feature_dim(weights)
         meta["weights_sha256"] = hashlib.sha256(wpath.read_bytes()).hexdigest()
         (Path(tmp) / META).write_text(json.dumps(meta, indent=2))
-        if "://" in out_url:
-            from pipeline import storage
+        from pipeline import storage
 
+        if storage.is_remote(out_url):
             fs, path = storage.fsspec_fs(out_url, storage_cfg)
             try:
                 fs.makedirs(path, exist_ok=True)
@@ -134,7 +151,7 @@ def export_backbone(checkpoint: str | Path | dict[str, Any], out_url: str, stora
             out.mkdir(parents=True, exist_ok=True)
             for name in (WEIGHTS, META):
                 (out / name).write_bytes((Path(tmp) / name).read_bytes())
-    return out_url.rstrip("/") + "/" + WEIGHTS
+    return storage.join_url(out_url, WEIGHTS)
 
 
 def _feature_dim(weights: dict[str, Any]) -> int | None:
@@ -150,11 +167,11 @@ def load_backbone(directory: str | Path, storage_cfg=None):
 
     from cacr.model import build_torchvision_backbone
 
+    from pipeline import storage
+
     url = str(directory)
     with tempfile.TemporaryDirectory() as tmp:
-        if "://" in url:
-            from pipeline import storage
-
+        if storage.is_remote(url):
             fs, path = storage.fsspec_fs(url, storage_cfg)
             try:
                 for name in (META, WEIGHTS):
@@ -173,10 +190,16 @@ def load_backbone(directory: str | Path, storage_cfg=None):
 
 
 def run_export(args: argparse.Namespace) -> int:
-    from pipeline.config import StorageConfig
+    """CLI entry: the checkpoint (or a run dir's newest) and the target are checked up front;
+    the printed paths are absolute (or s3:// URLs)."""
+    from pipeline import storage
+    from pipeline.data.commands import storage_from_args
+    from pipeline.evaluate import resolve_checkpoint
 
-    storage_cfg = StorageConfig()
-    out = str(args.out)
-    path = export_backbone(args.checkpoint, out, storage_cfg)
-    print(json.dumps({"backbone": path, "meta": out.rstrip("/") + "/" + META}), flush=True)
+    storage_cfg = storage_from_args(args)
+    out = storage.resolve_url(str(args.out))
+    ckpt = resolve_checkpoint(str(args.checkpoint), storage_cfg)
+    storage.check_writable(out, storage_cfg)
+    path = export_backbone(ckpt, out, storage_cfg)
+    print(json.dumps({"backbone": path, "meta": storage.join_url(out, META)}), flush=True)
     return 0

@@ -1,7 +1,14 @@
 """URL -> filesystem: the ONE place that knows about local paths and ``s3://``.
 
-Everything else in the project calls :func:`fsspec_fs` (listing, small files, writing shards) or
-:func:`arrow_fs` (Ray Data reads) and never builds a filesystem itself.
+Everything else in the project calls :func:`is_remote`, :func:`join_url`, :func:`read_text` /
+:func:`write_text` (small files), :func:`fsspec_fs` (listing, writing shards) or :func:`arrow_fs`
+(Ray Data reads) and never looks at a URL's scheme or builds a filesystem itself
+(tests/pipeline/test_storage.py fails if ``://`` handling appears anywhere else in pipeline/).
+``file:///abs`` and plain paths are the same thing: local.
+
+User paths are resolved ONCE, on the driver, before anything reaches Ray (:func:`resolve_paths`):
+a relative ``./runs`` means the driver's working directory, never a Ray worker's (whose working
+directory is Ray's per-run artifacts folder).
 
 S3 goes through s3fs (botocore underneath), so the standard AWS configuration applies: credentials
 from ``AWS_ACCESS_KEY_ID``/``AWS_SECRET_ACCESS_KEY``/``AWS_SESSION_TOKEN``, ``AWS_PROFILE``, the shared
@@ -24,10 +31,13 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 from pipeline.config import StorageConfig
+from pipeline.errors import CacrError
 
 __all__ = [
-    "StorageError", "Location", "parse_url", "is_s3", "join_url", "resolve_endpoint",
-    "describe_endpoint", "s3fs_options", "fsspec_fs", "arrow_fs", "check_location", "list_files",
+    "StorageError", "Location", "parse_url", "is_s3", "is_remote", "join_url", "resolve_url",
+    "resolve_paths", "url_of", "read_text", "write_text", "resolve_endpoint", "describe_endpoint",
+    "s3fs_options", "fsspec_fs", "arrow_fs", "check_location", "check_writable", "list_files",
+    "list_dirs",
 ]
 
 # Timeouts: the data path retries patiently; the up-front check must answer within ~30 s.
@@ -38,7 +48,7 @@ _CHECK_CONFIG = {"connect_timeout": 3, "read_timeout": 8,
 CHECK_TIMEOUT_S = 25.0
 
 
-class StorageError(ValueError):
+class StorageError(CacrError, ValueError):
     """Storage cannot be reached or used (endpoint down, bucket missing, access denied).
 
     The message is one line naming the URL and what to do; it never contains credentials."""
@@ -83,11 +93,73 @@ def is_s3(url: str) -> bool:
     return parse_url(url).scheme == "s3"
 
 
+def is_remote(url: str) -> bool:
+    """True for object storage (``s3://``); False for local paths, ``file://`` included."""
+    return parse_url(url).scheme != "file"
+
+
 def join_url(url: str, *names: str) -> str:
     loc = parse_url(url)
     if loc.scheme == "s3":
         return "s3://" + "/".join([loc.path, *[n.strip("/") for n in names]])
     return os.path.join(loc.path, *names)
+
+
+def resolve_url(url: str) -> str:
+    """The URL every process can use: a local path made absolute against THIS process's working
+    directory (``~`` expanded, ``file://`` dropped), an ``s3://`` URL normalised."""
+    return parse_url(url).url
+
+
+def url_of(fs_path: str, like: str) -> str:
+    """A filesystem path (what Ray reports, e.g. a checkpoint's ``bucket/runs/x/checkpoint_..``)
+    back as a URL of the same kind as ``like`` (``s3://bucket/...`` or a local path)."""
+    if parse_url(like).scheme == "s3":
+        return "s3://" + fs_path.lstrip("/")
+    return os.path.abspath(fs_path)
+
+
+def resolve_paths(cfg):
+    """A copy of ``cfg`` (a :class:`~pipeline.config.Config`) with every user location resolved
+    by :func:`resolve_url` (``storage_path``, ``data.url``): done once on the driver, before the
+    config reaches Ray. (``data.source`` is only read by the driver, in its own directory.)"""
+    from pipeline.config import from_dict, to_dict
+
+    out = from_dict(type(cfg), to_dict(cfg))
+    out.storage_path = resolve_url(out.storage_path)
+    out.data.url = resolve_url(out.data.url)
+    return out
+
+
+def read_text(url: str, storage: StorageConfig | None = None) -> str | None:
+    """A small text file (local or s3://); None if it does not exist."""
+    loc = parse_url(url)
+    if loc.scheme == "file":
+        return open(loc.path, encoding="utf-8").read() if os.path.isfile(loc.path) else None
+    fs, path = fsspec_fs(url, storage)
+    try:
+        return fs.cat_file(path).decode("utf-8")
+    except FileNotFoundError:
+        return None
+    except Exception as e:  # noqa: BLE001 - endpoint / bucket / credentials: one line
+        raise classify_s3_error(e, url, storage) from None
+
+
+def write_text(url: str, text: str, storage: StorageConfig | None = None) -> None:
+    """Write a small text file (local: parents created, replaced atomically; s3://: one PUT)."""
+    loc = parse_url(url)
+    if loc.scheme == "file":
+        os.makedirs(os.path.dirname(loc.path) or ".", exist_ok=True)
+        tmp = f"{loc.path}.tmp-{os.getpid()}"
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, loc.path)
+        return
+    fs, path = fsspec_fs(url, storage)
+    try:
+        fs.pipe_file(path, text.encode("utf-8"))
+    except Exception as e:  # noqa: BLE001
+        raise classify_s3_error(e, url, storage) from None
 
 
 def _redact(url: str | None) -> str:
@@ -271,6 +343,45 @@ def check_location(url: str, storage: StorageConfig | None = None, *, must_exist
         raise StorageError(f"nothing under '{loc.url}' at {describe_endpoint(storage)}: the prefix is "
                            f"missing or empty; run `cacr prepare SOURCE {loc.url}` or fix the URL")
     return found
+
+
+def check_writable(url: str, storage: StorageConfig | None = None, *,
+                   timeout: float = CHECK_TIMEOUT_S) -> None:
+    """Fail fast with a :class:`StorageError` if a run could not write under ``url``.
+
+    S3: :func:`check_location` (endpoint answers, credentials accepted, bucket exists). Local: the
+    nearest existing ancestor is a writable directory (the rest is created by the run)."""
+    loc = parse_url(url)
+    if loc.scheme != "file":
+        check_location(url, storage, must_exist=False, timeout=timeout)
+        return
+    p = loc.path
+    while not os.path.exists(p):
+        parent = os.path.dirname(p)
+        if parent == p:
+            break
+        p = parent
+    if not os.path.isdir(p):
+        raise StorageError(f"cannot write under '{loc.url}': '{p}' is a file, not a directory")
+    if not os.access(p, os.W_OK | os.X_OK):
+        raise StorageError(f"cannot write under '{loc.url}': directory '{p}' is not writable")
+
+
+def list_dirs(url: str, storage: StorageConfig | None = None) -> list[str]:
+    """Names of the sub-directories directly under ``url`` (sorted; [] if ``url`` is missing)."""
+    loc = parse_url(url)
+    if loc.scheme == "file":
+        if not os.path.isdir(loc.path):
+            return []
+        return sorted(n for n in os.listdir(loc.path) if os.path.isdir(os.path.join(loc.path, n)))
+    fs, path = fsspec_fs(url, storage)
+    try:
+        entries = fs.ls(path, detail=True)
+    except FileNotFoundError:
+        return []
+    except Exception as e:  # noqa: BLE001
+        raise classify_s3_error(e, url, storage) from None
+    return sorted(e["name"].rstrip("/").rsplit("/", 1)[-1] for e in entries if e.get("type") == "directory")
 
 
 def list_files(url: str, storage: StorageConfig | None = None, suffix: str = "") -> dict[str, int]:

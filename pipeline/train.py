@@ -370,29 +370,22 @@ def _default_name(cfg: Config) -> str:
     return f"{cfg.loss.name}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
 
 
-def _join(url: str, *parts: str) -> str:
-    return "/".join([url.rstrip("/"), *parts])
+def init_ray(cfg: Config) -> bool:
+    """Join ``RAY_ADDRESS`` or start a local Ray sized for the workers plus the decode tasks
+    (:func:`pipeline.ray_start.start_ray`: dashboard on, quiet console, GPU check before the
+    start). Returns True if Ray was started here."""
+    from pipeline.ray_start import start_ray
+
+    return start_ray(num_cpus=math.ceil(cfg.num_workers * cfg.cpus_per_worker + 4),
+                     use_gpu=cfg.use_gpu, log_level=cfg.log_level)
 
 
-def init_ray(cfg: Config) -> None:
-    """Connect to ``RAY_ADDRESS`` when set (cluster / ``ray job submit``), else start Ray locally
-    with enough logical CPUs for the workers plus the decode tasks (over-declared on small
-    machines: Ray CPUs are scheduling slots, and starving decode of slots would deadlock), with
-    the dashboard and a quiet console (:mod:`pipeline.ray_local`)."""
-    import ray
+def check_cluster(cfg: Config) -> None:
+    """The workers of this run fit the running cluster (the check ``cacr tune`` makes per trial)."""
+    from pipeline.ray_start import check_resources
 
-    if ray.is_initialized():
-        return
-    os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "120")
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init(log_to_driver=True)
-        return
-    from pipeline.ray_local import init_local_ray, quiet_env
-
-    need = cfg.num_workers * cfg.cpus_per_worker + 4
-    init_local_ray(int(max(os.cpu_count() or 1, math.ceil(need))),
-                   num_gpus=torch.cuda.device_count() if cfg.use_gpu else 0,
-                   env=quiet_env(cfg.log_level), log_to_driver=True)
+    check_resources(num_workers=cfg.num_workers, cpus_per_worker=cfg.cpus_per_worker,
+                    use_gpu=cfg.use_gpu, data_cpus=cfg.data.decode_num_cpus, what="run")
 
 
 @dataclass
@@ -412,6 +405,30 @@ class DataPlan:
         return f"{self.train_scan.summary()}{val}; {self.steps_per_epoch} steps/epoch"
 
 
+def plan_steps(cfg: Config, train_scan, val_scan=None) -> DataPlan:
+    """The ONE step planning (train and every Tune trial): full global batches only, so every
+    worker takes the same number of steps; fails if the set holds less than one global batch."""
+    from pipeline.data import DataError
+
+    if train_scan.rows < cfg.global_batch:
+        raise DataError(f"'{train_scan.url}' has {train_scan.rows} readable training samples, fewer than "
+                        f"one global batch ({cfg.batch_size} x {cfg.num_workers} workers): lower batch_size")
+    return DataPlan(train_scan, val_scan, max(1, train_scan.rows // cfg.global_batch))
+
+
+def source_to_prepare(cfg: Config) -> str | None:
+    """What ``data.url`` is prepared from when it holds no shards. ``data.source=auto`` (default):
+    only the default location (``./data/digits``) is prepared implicitly, from digits - a URL the
+    user typed (``s3://bucket/digitz``) must hold shards; an explicit source always prepares."""
+    from pipeline import storage
+    from pipeline.config import DataConfig
+
+    if cfg.data.source != "auto":
+        return cfg.data.source or None
+    default = storage.resolve_url(DataConfig().url)
+    return "digits" if storage.resolve_url(cfg.data.url) == default else None
+
+
 def plan_data(cfg: Config) -> DataPlan:
     """Prepare the embedded default on first use, then pre-scan the shards (no Ray needed): an
     unreachable store, a URL without shards or an all-bad shard set fails here, before training."""
@@ -419,15 +436,13 @@ def plan_data(cfg: Config) -> DataPlan:
 
     url = cfg.data.url
     if not data.has_shards(url, cfg.storage):
-        if not cfg.data.source:
-            raise data.DataError(f"no shards at '{url}': run `cacr prepare SOURCE {url}` first, or set "
-                                 "data.source to prepare them automatically")
-        print(f"[cacr] no shards at {url}: preparing them from '{cfg.data.source}'", flush=True)
-        data.prepare(cfg.data.source, url, storage=cfg.storage, image_size=cfg.data.image_size)
+        source = source_to_prepare(cfg)
+        if not source:
+            raise data.DataError(f"no shards at '{url}': run `cacr prepare SOURCE {url}` first (or set "
+                                 "data.source=SOURCE to prepare them automatically)")
+        print(f"[cacr] no shards at {url}: preparing them from '{source}'", flush=True)
+        data.prepare(source, url, storage=cfg.storage, image_size=cfg.data.image_size)
     train_scan = data.scan_shards(url, "train", cfg.storage)
-    if train_scan.rows < cfg.global_batch:
-        raise data.DataError(f"'{url}' has {train_scan.rows} readable training samples, fewer than one "
-                             f"global batch ({cfg.batch_size} x {cfg.num_workers} workers): lower batch_size")
     val_scan = None
     if cfg.data.val_split:
         try:
@@ -436,12 +451,26 @@ def plan_data(cfg: Config) -> DataPlan:
             val_scan = None  # no labelled val split: the kNN monitor is off (said in the log)
         if val_scan is not None and (val_scan.rows == 0 or not val_scan.labeled):
             val_scan = None
-    return DataPlan(train_scan, val_scan, max(1, train_scan.rows // cfg.global_batch))
+    return plan_steps(cfg, train_scan, val_scan)
+
+
+def prepare_run(cfg: Config) -> tuple[Config, DataPlan]:
+    """Everything a run checks on the driver BEFORE Ray starts, in order: user paths resolved once
+    (:func:`pipeline.storage.resolve_paths`), the run name, the storage_path writable/reachable,
+    the data prepared/scanned. Returns the resolved config (what goes to Ray) and the data plan."""
+    from pipeline import storage
+
+    cfg = storage.resolve_paths(cfg)
+    if not cfg.name:
+        cfg.name = _default_name(cfg)
+    storage.check_writable(cfg.storage_path, cfg.storage)
+    return cfg, plan_data(cfg)
 
 
 def build_trainer(cfg: Config, *, callbacks: list | None = None, storage_path: str | None = None,
                   plan: DataPlan | None = None):
-    """Everything up to ``TorchTrainer`` (also used by Tune for each trial)."""
+    """Everything up to ``TorchTrainer`` (also used by Tune for each trial). ``cfg``'s paths must
+    be resolved already (:func:`prepare_run`)."""
     import ray.data
     import ray.train
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
@@ -463,15 +492,17 @@ def build_trainer(cfg: Config, *, callbacks: list | None = None, storage_path: s
                                                   scan=plan.train_scan, shuffle=False)
         datasets["knn_val"] = data.build_dataset(cfg.data.url, cfg.data.val_split, data=cfg.data,
                                                  storage=cfg.storage, scan=plan.val_scan, shuffle=False)
-    storage_path = storage_path or cfg.storage_path
-    run_url = _join(storage_path, cfg.name)
-    remote = "://" in storage_path
-    fs, fs_path = storage.arrow_fs(storage_path, cfg.storage) if remote else (None, None)
+    storage_path = storage.resolve_url(storage_path or cfg.storage_path)
+    run_url = storage.join_url(storage_path, cfg.name)
+    if storage.is_remote(storage_path):
+        fs, fs_path = storage.arrow_fs(storage_path, cfg.storage)
+    else:
+        fs, fs_path = None, storage_path
     loop_config = {
         "config": to_dict(cfg),
         "scan_skipped": plan.skipped,
         "steps_per_epoch": plan.steps_per_epoch,
-        "tensorboard_url": _join(run_url, "tensorboard"),
+        "tensorboard_url": storage.join_url(run_url, "tensorboard"),
         "knn_bank_size": 10_000, "knn_val_size": 10_000,
     }
     trainer = TorchTrainer(
@@ -481,8 +512,7 @@ def build_trainer(cfg: Config, *, callbacks: list | None = None, storage_path: s
                                      resources_per_worker={"CPU": cfg.cpus_per_worker,
                                                            **({"GPU": 1} if cfg.use_gpu else {})}),
         run_config=RunConfig(
-            name=cfg.name, storage_path=fs_path if remote else os.path.abspath(storage_path),
-            storage_filesystem=fs,
+            name=cfg.name, storage_path=fs_path, storage_filesystem=fs,
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
             failure_config=FailureConfig(max_failures=cfg.max_failures, controller_failure_limit=3),
             logging_config=LoggingConfig(log_level=cfg.log_level.upper()),
@@ -493,15 +523,45 @@ def build_trainer(cfg: Config, *, callbacks: list | None = None, storage_path: s
     return trainer, run_url, plan
 
 
+CHECKPOINT_PREFIX = "checkpoint_"
+
+
+def list_checkpoints(run_url: str, storage_cfg=None) -> list[str]:
+    """URLs of the checkpoints Ray Train kept in a run directory, oldest first (Ray names them
+    ``checkpoint_<UTC timestamp>``, so name order is time order)."""
+    from pipeline import storage
+
+    return [storage.join_url(run_url, n) for n in storage.list_dirs(run_url, storage_cfg)
+            if n.startswith(CHECKPOINT_PREFIX)]
+
+
+def training_failed(cfg: Config, run_url: str, error: BaseException) -> TrainingFailed:
+    """The one line for a failed run; "re-run to resume" only when a checkpoint exists to resume."""
+    first = next((ln.strip() for ln in reversed(str(error).strip().splitlines()) if ln.strip()),
+                 type(error).__name__)
+    try:
+        resumable = bool(list_checkpoints(run_url, cfg.storage))
+    except Exception:  # noqa: BLE001 - storage gone too: do not promise a resume
+        resumable = False
+    if resumable:
+        return TrainingFailed(f"training run '{cfg.name}' failed ({first}); fix the cause and re-run "
+                              f"with name={cfg.name} to resume from its last checkpoint")
+    return TrainingFailed(f"training run '{cfg.name}' failed before its first checkpoint ({first}); "
+                          "fix the cause and re-run")
+
+
 def run_training(cfg: Config) -> dict[str, Any]:
-    """Run (or resume) one training run; prints per-epoch lines and a final JSON summary."""
-    if not cfg.name:
-        cfg.name = _default_name(cfg)
-    plan = plan_data(cfg)
+    """Run (or resume) one training run; prints per-epoch lines and a final JSON summary. Every
+    path printed is absolute (or an s3:// URL): usable from any directory."""
+    from pipeline import storage
+
+    cfg, plan = prepare_run(cfg)
     init_ray(cfg)
+    check_cluster(cfg)
     trainer, run_url, plan = build_trainer(cfg, plan=plan)
+    tb_url = storage.join_url(run_url, "tensorboard")
     print(f"[cacr] run '{cfg.name}': {plan.describe()}", flush=True)
-    print(f"[cacr] watch it: tensorboard --logdir {_join(run_url, 'tensorboard')}", flush=True)
+    print(f"[cacr] watch it: tensorboard --logdir {tb_url}", flush=True)
     t0 = time.perf_counter()
     try:
         result = trainer.fit()
@@ -510,24 +570,23 @@ def run_training(cfg: Config) -> dict[str, Any]:
         error = e
     wall = time.perf_counter() - t0
     if error is not None:
-        first = next((ln.strip() for ln in reversed(str(error).strip().splitlines()) if ln.strip()),
-                     type(error).__name__)
-        raise TrainingFailed(f"training run '{cfg.name}' failed ({first}); fix the cause and re-run with "
-                             f"name={cfg.name} to resume from its last checkpoint")
+        raise training_failed(cfg, run_url, error)
     metrics = result.metrics or {}
     from pipeline.export import export_backbone
 
     backbone = None
     if result.checkpoint is not None:
         with result.checkpoint.as_directory() as d:
-            backbone = export_backbone(d, _join(run_url, "export"), cfg.storage)
+            backbone = export_backbone(d, storage.join_url(run_url, "export"), cfg.storage)
     summary = {
-        "run_dir": run_url, "tensorboard_logdir": _join(run_url, "tensorboard"),
+        "run_dir": run_url, "tensorboard_logdir": tb_url,
         "epochs": metrics.get("epoch"), "steps": metrics.get("step"),
         "knn_top1": metrics.get("knn_top1"), "loss": metrics.get("loss"),
         "samples_per_s": metrics.get("samples_per_s"), "skipped": metrics.get("skipped", {}),
         "resumed_from_epoch": metrics.get("resumed_from_epoch"), "wall_s": round(wall, 1),
-        "checkpoint": result.checkpoint.path if result.checkpoint else None, "backbone": backbone,
+        "checkpoint": (storage.url_of(result.checkpoint.path, like=cfg.storage_path)
+                       if result.checkpoint else None),
+        "backbone": backbone,
     }
     summary = finite_or_none(summary)  # what is printed is what is returned: null, never NaN
     print(json_line(summary), flush=True)

@@ -20,6 +20,12 @@ placement group leaks (ray#54305). So we pin ``RAY_API_SERVER_ADDRESS`` to OUR d
 every process of the search: in the job's runtime_env when we start Ray, and through the trial
 actors' runtime_env (which the Train controller and the cleaner inherit) when Ray was already up.
 
+Credentials never travel in a runtime_env: Ray logs every runtime_env it sets up under its temp
+directory, and Tune would copy the AWS variables into each trial's by default. We take them out of
+Tune's list (:func:`pipeline.ray_compat.tune_stop_forwarding_secrets`); trials and their workers
+get credentials from the standard AWS chain on their node (the raylet's environment - for a local
+Ray the driver's -, the shared credentials/config files, the instance role or IRSA).
+
 Search directory layout (local or s3://):
     <storage_path>/<name>/                   Tune's experiment state (re-run with the same name resumes)
     <storage_path>/<name>/search.yaml        the resolved search (a resume must match it)
@@ -31,21 +37,22 @@ Search directory layout (local or s3://):
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import os
 import time
 import uuid
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Iterator
 
 import yaml
 
-from pipeline.config import (Config, ConfigError, _check_tree, apply_flat, from_dict, load_yaml,
-                             parse_override, set_key, to_dict)
+from pipeline import ray_compat, storage
+from pipeline.config import (Config, ConfigError, _check_tree, apply_flat, from_dict, leaf_keys,
+                             load_yaml, parse_override, set_key, suggest_key, to_dict)
 from pipeline.console import finite_or_none, json_line
-from pipeline.ray_local import STATE_API_ENV, dashboard_url, init_local_ray, quiet_env
+from pipeline.ray_start import STATE_API_ENV, check_resources, dashboard_url, start_ray
 
 SPACE_TYPES = ("choice", "grid", "uniform", "loguniform", "randint")
 METRICS = {"knn_top1": "max", "loss": "min", "samples_per_s": "max", "epoch_time_s": "min"}
@@ -56,27 +63,64 @@ FIXED_KEYS = ("name", "storage_path", "epochs", "num_workers", "cpus_per_worker"
 TRIAL_DRIVER_CPU = 0.01
 
 
+def _h(default: Any, help: str, **meta: Any) -> Any:
+    if isinstance(default, dict):
+        return field(default_factory=dict, metadata={"help": help, **meta})
+    return field(default=default, metadata={"help": help, **meta})
+
+
 @dataclass
 class SchedulerConfig:
-    name: str = field(default="asha", metadata={"choices": ("asha", "fifo")})
-    grace_period: int = 1      # epochs every trial runs before ASHA may stop it
-    reduction_factor: float = 2.0
+    name: str = _h("asha", "trial scheduler: ASHA stops weak trials between epochs; fifo runs all",
+                   choices=("asha", "fifo"))
+    grace_period: int = _h(1, "epochs every trial runs before ASHA may stop it")
+    reduction_factor: float = _h(2.0, "ASHA keeps 1/reduction_factor of the trials at each rung")
 
 
 @dataclass
 class TuneConfig:
-    name: str = "search"
-    base_config: str | None = None   # training YAML, relative to this file (or cwd); null: defaults
-    train: dict = field(default_factory=dict)          # overrides of the base training config
-    search_space: dict = field(default_factory=dict)   # dotted key -> {type, values | low/high}
-    metric: str = "knn_top1"
-    mode: str | None = None          # max | min; default: max for knn_top1, min for loss
-    num_samples: int = 4             # samples of the random part (x every grid combination)
-    max_concurrent_trials: int = 2
+    name: str = _h("search", "search name; re-running with the same name resumes it")
+    base_config: str | None = _h(None, "training YAML the trials start from, relative to the tune "
+                                       "file (or cwd); null: the training defaults")
+    train: dict = _h({}, "overrides of the base training config, also train.<key>=value "
+                         "(e.g. train.epochs=3)")
+    search_space: dict = _h({}, "dotted training key -> {type: choice|grid|uniform|loguniform|"
+                                "randint, values: [...] | low: .., high: ..}")
+    metric: str = _h("knn_top1", "metric the search optimises", choices=tuple(METRICS))
+    mode: str | None = _h(None, "max | min (default: max for knn_top1, min for loss)")
+    num_samples: int = _h(4, "samples of the random part (x every grid combination)")
+    max_concurrent_trials: int = _h(2, "trials at a time (lowered to what the cluster fits)")
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
-    storage_path: str = "./runs/tune"
-    trial_start_timeout_s: int = 120   # a trial's workers must start within this, or the trial errors
-    verbose: int = 1                   # Tune's progress output (0 silent, 1 status, 2 + results)
+    storage_path: str = _h("./runs/tune", "where searches live (local or s3://; trials' runs under "
+                                          "<storage_path>/<name>/trials)")
+    trial_start_timeout_s: int = _h(120, "a trial's workers must start within this, or it errors")
+    verbose: int = _h(1, "Tune's progress output (0 silent, 1 status, 2 + results)")
+
+
+def tune_keys_epilog() -> str:
+    """``cacr tune --help``: the tune keys, then how to reach the training keys."""
+    from pipeline.config import describe_keys
+
+    rows = describe_keys(TuneConfig)
+    width = max(len(k) for k, _, _ in rows)
+    lines = ["tune keys (set in the tune YAML or as key=value):"]
+    lines += [f"  {k:<{width}}  {h} (default: {d})" for k, d, h in rows]
+    lines.append("training keys: train.<key>=value, any key `cacr train --help` lists "
+                 "(e.g. train.epochs=2, train.optim.base_lr=0.1)")
+    return "\n".join(lines)
+
+
+def _check_tune_key(key: str) -> None:
+    """Unknown tune keys fail naming the closest tune key or train.<training key>."""
+    known = leaf_keys(TuneConfig)
+    top = {f.name for f in dataclasses.fields(TuneConfig)}
+    if key in known or key.split(".", 1)[0] in ("train", "search_space") or key in top:
+        return
+    train_keys = leaf_keys(Config)
+    close = ("train." + key if key in train_keys else
+             suggest_key(key, known + ["train." + k for k in train_keys]))
+    hint = f" (did you mean '{close}'?)" if close else ""
+    raise ConfigError(f"unknown tune key '{key}'{hint}; `cacr tune --help` lists the keys")
 
 
 class TrialDiverged(RuntimeError):
@@ -127,14 +171,6 @@ def _candidates(spec: dict) -> list[Any]:
     return [float(spec["low"]), float(spec["high"])]
 
 
-def _join(url: str, *parts: str) -> str:
-    return "/".join([url.rstrip("/"), *parts])
-
-
-def _abs_local(url: str) -> str:
-    return url if "://" in url else os.path.abspath(os.path.expanduser(url))
-
-
 def load_tune_config(path: str, overrides: list[str] | tuple[str, ...] = ()) -> tuple[TuneConfig, Config]:
     """Tune YAML + overrides (``num_samples=8``, ``train.epochs=3``) -> (TuneConfig, base Config).
 
@@ -144,9 +180,14 @@ def load_tune_config(path: str, overrides: list[str] | tuple[str, ...] = ()) -> 
     if not path:
         raise ConfigError("cacr tune needs --config FILE (e.g. conf/tune/digits.yaml)")
     raw = load_yaml(path)
+    for k in raw:
+        _check_tune_key(str(k))
+    for k, v in (raw.get("scheduler") or {}).items() if isinstance(raw.get("scheduler"), dict) else ():
+        _check_tune_key(f"scheduler.{k}")
     tc = from_dict(TuneConfig, raw)
     for ov in overrides:
         k, v = parse_override(ov)
+        _check_tune_key(k)
         if k.startswith("train."):
             tc.train[k[len("train."):]] = v
         else:
@@ -172,10 +213,11 @@ def load_tune_config(path: str, overrides: list[str] | tuple[str, ...] = ()) -> 
 
     base: dict[str, Any] = {}
     if tc.base_config:
-        p = Path(tc.base_config)
-        if not p.is_absolute() and not p.exists():
-            p = Path(path).parent / tc.base_config
-        if not p.exists():
+        p = tc.base_config
+        if not storage.is_remote(p) and not os.path.isabs(p) and not os.path.exists(p) \
+                and not storage.is_remote(path):
+            p = os.path.join(os.path.dirname(path), tc.base_config)
+        if storage.read_text(p) is None:
             raise ConfigError(f"tune config key 'base_config': '{tc.base_config}' does not exist")
         base = load_yaml(p)
     cfg = from_dict(Config, base)
@@ -231,22 +273,17 @@ def _trial(params: dict[str, Any], *, base: dict, trials_url: str, train_scan=No
     """One Tune trial: a full Ray Train run of the sampled config, named after the trial."""
     import ray.tune
     from ray.data import DataContext
-    from ray.experimental.internal_kv import _internal_kv_del, _internal_kv_get, _internal_kv_put
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from pipeline.train import DataPlan, build_trainer
+    from pipeline.train import build_trainer, plan_steps
 
     ctx = DataContext.get_current()  # N concurrent trials' progress bars would be noise
     ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False
     cfg = apply_flat(from_dict(Config, base), {k: _plain(v) for k, v in params.items()})
     cfg.name = ray.tune.get_context().get_trial_name()
-    plan = None
-    if train_scan is not None:  # the driver scanned the shards once; steps depend on the batch
-        plan = DataPlan(train_scan, val_scan, max(1, train_scan.rows // cfg.global_batch))
-        if train_scan.rows < cfg.global_batch:
-            raise ConfigError(f"batch_size {cfg.batch_size} x {cfg.num_workers} workers exceeds the "
-                              f"{train_scan.rows} training samples")
+    # the driver scanned the shards once; the steps depend on the sampled batch size
+    plan = plan_steps(cfg, train_scan, val_scan) if train_scan is not None else None
     class ForwardToTune(TuneReportCallback):
         """TuneReportCallback (runs in the Train controller) that also notes that it reported."""
 
@@ -256,7 +293,7 @@ def _trial(params: dict[str, Any], *, base: dict, trials_url: str, train_scan=No
 
         def after_report(self, run_context, metrics, checkpoint):
             super().after_report(run_context, metrics, checkpoint)
-            _internal_kv_put(self.key, b"1")
+            ray_compat.kv_put(self.key, b"1")
 
     key = f"cacr:tune:reported:{cfg.name}:{uuid.uuid4().hex}".encode()
     trainer, _, _ = build_trainer(cfg, callbacks=[ForwardToTune(key)], storage_path=trials_url,
@@ -270,9 +307,9 @@ def _trial(params: dict[str, Any], *, base: dict, trials_url: str, train_scan=No
         raise
     # A resumed trial whose Train run had already finished (killed after its last checkpoint,
     # before Tune saw the report) reports nothing: give Tune the final metrics once more.
-    if not _internal_kv_get(key) and result.metrics:
+    if not ray_compat.kv_get(key) and result.metrics:
         ray.tune.report({k: v for k, v in result.metrics.items() if k != "checkpoint_path"})
-    _internal_kv_del(key)
+    ray_compat.kv_del(key)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -295,63 +332,6 @@ def _env(values: dict[str, str]) -> Iterator[None]:
                 os.environ[k] = v
 
 
-def _propagate_to_trials(var: str) -> None:
-    """Have Tune put ``var`` (from the driver's environment) into the trial actors' runtime_env;
-    the Train controller and the detached cleaner inherit it from there. Tune only forwards a
-    fixed set of variables (ray/tune/execution/class_cache.py), so ``var`` is added to it."""
-    try:
-        from ray.tune.execution import class_cache
-    except ImportError:  # pragma: no cover - a Ray without it; the job runtime_env still applies
-        return
-    names = getattr(class_cache, "ENV_VARS_TO_PROPAGATE", None)
-    if isinstance(names, set):
-        names.add(var)
-
-
-def _check_resources(base: Config, tc: TuneConfig, data_cpus: float) -> int:
-    """Raise ConfigError if one trial can never be placed; return the concurrency that fits.
-
-    Only on a fixed cluster (a local instance): behind ``RAY_ADDRESS`` an autoscaler may add the
-    nodes, so there we only warn and rely on ``trial_start_timeout_s``."""
-    import ray
-
-    nodes = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
-    total_cpu = sum(r.get("CPU", 0) for r in nodes)
-    total_gpu = sum(r.get("GPU", 0) for r in nodes)
-    max_cpu = max((r.get("CPU", 0) for r in nodes), default=0)
-    max_gpu = max((r.get("GPU", 0) for r in nodes), default=0)
-    w, cpw = base.num_workers, base.cpus_per_worker
-    trial_cpu, trial_gpu = w * cpw, (w if base.use_gpu else 0)
-    problems = []
-    if cpw > max_cpu:
-        problems.append(f"a worker needs {cpw} CPU but the largest node has {max_cpu}")
-    if base.use_gpu and max_gpu < 1:
-        problems.append("use_gpu is set but the cluster has no GPU")
-    if trial_cpu + data_cpus > total_cpu:
-        problems.append(f"one trial needs {w} workers x {cpw} CPU + {data_cpus} CPU for data decoding "
-                        f"but the cluster has {total_cpu:g} CPU")
-    if trial_gpu > total_gpu:
-        problems.append(f"one trial needs {trial_gpu} GPU but the cluster has {total_gpu:g}")
-    autoscaling = bool(os.environ.get("RAY_ADDRESS"))
-    if problems:
-        msg = ("per-trial resources cannot be satisfied: " + "; ".join(problems)
-               + ": lower train.num_workers / train.cpus_per_worker (or train.use_gpu=false)")
-        if not autoscaling:
-            raise ConfigError(msg)
-        print(f"[cacr] warning: {msg} - waiting for the autoscaler (trials fail after "
-              f"{tc.trial_start_timeout_s} s without workers)", flush=True)
-        return tc.max_concurrent_trials
-    fits = int((total_cpu - data_cpus) // trial_cpu) if trial_cpu > 0 else tc.max_concurrent_trials
-    if trial_gpu:
-        fits = min(fits, int(total_gpu // trial_gpu))
-    if autoscaling or fits >= tc.max_concurrent_trials:
-        return tc.max_concurrent_trials
-    print(f"[cacr] the cluster fits {fits} trial(s) of {w} x {cpw} CPU"
-          f"{f' + {trial_gpu} GPU' if trial_gpu else ''} at a time: max_concurrent_trials "
-          f"{tc.max_concurrent_trials} -> {fits}", flush=True)
-    return max(1, fits)
-
-
 # ---------------------------------------------------------------------------------------------
 # Search
 
@@ -360,6 +340,28 @@ def _search_record(tc: TuneConfig, base: Config) -> dict[str, Any]:
     return {"search_space": tc.search_space, "metric": tc.metric, "mode": tc.mode,
             "num_samples": tc.num_samples, "scheduler": to_dict(tc.scheduler),
             "train": to_dict(base)}
+
+
+def _trial_env(tc: TuneConfig) -> dict[str, str]:
+    """Variables set for the duration of the search (and copied into the trial actors), never
+    secrets: the AWS variables are taken out of Tune's forwarding list here."""
+    ray_compat.tune_stop_forwarding_secrets()
+    dashboard = os.environ.get(STATE_API_ENV) or dashboard_url()
+    if dashboard is None:
+        print("[cacr] warning: the Ray dashboard is not running: trials stopped early may not free "
+              "their workers (Train's placement-group cleaner needs the State API, ray#54305)",
+              flush=True)
+    env = {"RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S":
+           os.environ.get("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S") or str(tc.trial_start_timeout_s)}
+    if dashboard:
+        env[STATE_API_ENV] = dashboard
+        ray_compat.tune_propagate_env(STATE_API_ENV)
+    # Tune's automatic TensorBoard logger would write a second, metrics-only copy of every trial
+    # into Tune's staging dir and print a `tensorboard --logdir /tmp/ray/...` line that is not the
+    # one to use; the trials' own TensorBoard (with the HParams view) is under trials/. Tune's CSV
+    # and JSON result files stay (its ExperimentAnalysis reads them).
+    env["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = "1"
+    return env
 
 
 def run_tune(path: str, overrides: list[str] | tuple[str, ...] = (), *,
@@ -371,22 +373,17 @@ def run_tune(path: str, overrides: list[str] | tuple[str, ...] = (), *,
     from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
-    from pipeline import storage
     from pipeline.train import plan_data
 
     t0 = time.perf_counter()
     tc, base = load_tune_config(path, overrides)
-    # Trials chdir into their own directories: make local paths absolute first (the YAML we write
-    # for the best trial keeps the paths as the user gave them).
-    run_base = from_dict(Config, to_dict(base))
-    run_base.data.url = _abs_local(run_base.data.url)
-    run_base.storage_path = _abs_local(run_base.storage_path)
-    storage_url = _abs_local(tc.storage_path)
-    search_url = _join(storage_url, tc.name)
-    trials_url = _join(search_url, "trials")
-    remote = "://" in storage_url
-    if remote:
-        storage.check_location(storage_url, base.storage, must_exist=False)
+    # User paths resolved once, here on the driver: trials chdir into Ray's directories. (The
+    # YAML we write for the best trial keeps the paths as the user gave them.)
+    run_base = storage.resolve_paths(base)
+    storage_url = storage.resolve_url(tc.storage_path)
+    search_url = storage.join_url(storage_url, tc.name)
+    trials_url = storage.join_url(search_url, "trials")
+    storage.check_writable(storage_url, base.storage)
 
     # Prepare the embedded default once here (not racing in every trial) and scan the shards once.
     plan = plan_data(run_base)
@@ -394,35 +391,19 @@ def run_tune(path: str, overrides: list[str] | tuple[str, ...] = (), *,
         raise ConfigError(f"metric knn_top1 needs a labelled '{base.data.val_split}' split in "
                           f"{base.data.url} (or use metric: loss)")
 
-    started_ray = not ray.is_initialized()
-    if started_ray:
-        if os.environ.get("RAY_ADDRESS"):
-            ray.init(log_to_driver=True)
-        else:
-            need = tc.max_concurrent_trials * (base.num_workers * base.cpus_per_worker + 1) + 1
-            import torch
+    started_ray = start_ray(
+        num_cpus=math.ceil(tc.max_concurrent_trials * (base.num_workers * base.cpus_per_worker + 1) + 1),
+        use_gpu=base.use_gpu, log_level=base.log_level, gpu_key="train.use_gpu")
+    concurrency = check_resources(
+        num_workers=base.num_workers, cpus_per_worker=base.cpus_per_worker, use_gpu=base.use_gpu,
+        data_cpus=base.data.decode_num_cpus + TRIAL_DRIVER_CPU, concurrency=tc.max_concurrent_trials,
+        key_prefix="train.", what="trial", timeout_s=tc.trial_start_timeout_s)
+    env = _trial_env(tc)
 
-            init_local_ray(int(max(os.cpu_count() or 1, math.ceil(need))),
-                           num_gpus=torch.cuda.device_count() if base.use_gpu else 0,
-                           env=quiet_env(base.log_level), log_to_driver=True)
-    concurrency = _check_resources(base, tc, data_cpus=base.data.decode_num_cpus + TRIAL_DRIVER_CPU)
-    dashboard = os.environ.get(STATE_API_ENV) or dashboard_url()
-    if dashboard is None:
-        print("[cacr] warning: the Ray dashboard is not running: trials stopped early may not free "
-              "their workers (Train's placement-group cleaner needs the State API, ray#54305)",
-              flush=True)
-    env = {"RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S":
-           os.environ.get("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S") or str(tc.trial_start_timeout_s)}
-    if dashboard:
-        env[STATE_API_ENV] = dashboard
-        _propagate_to_trials(STATE_API_ENV)
-    # Tune's automatic TensorBoard logger would write a second, metrics-only copy of every trial
-    # into Tune's staging dir and print a `tensorboard --logdir /tmp/ray/...` line that is not the
-    # one to use; the trials' own TensorBoard (with the HParams view) is under trials/. Tune's CSV
-    # and JSON result files stay (its ExperimentAnalysis reads them).
-    env["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = "1"
-
-    fs, fs_path = storage.arrow_fs(storage_url, base.storage) if remote else (None, storage_url)
+    if storage.is_remote(storage_url):
+        fs, fs_path = storage.arrow_fs(storage_url, base.storage)
+    else:
+        fs, fs_path = None, storage_url
     exp_path = fs_path.rstrip("/") + "/" + tc.name
     trainable = tune.with_resources(
         tune.with_parameters(_trial, base=to_dict(run_base), trials_url=trials_url,
@@ -431,7 +412,7 @@ def run_tune(path: str, overrides: list[str] | tuple[str, ...] = (), *,
     record = _search_record(tc, base)
     resumed = tune.Tuner.can_restore(exp_path, storage_filesystem=fs)
     if resumed:
-        stored = _read_text(_join(search_url, "search.yaml"), base)
+        stored = storage.read_text(storage.join_url(search_url, "search.yaml"), base.storage)
         if stored is not None and yaml.safe_load(stored) != json.loads(json.dumps(record)):
             raise ConfigError(f"search '{tc.name}' exists at {search_url} with a different search space "
                               "or training config: re-run it unchanged to resume, or pick a new name=")
@@ -439,7 +420,8 @@ def run_tune(path: str, overrides: list[str] | tuple[str, ...] = (), *,
         tuner = tune.Tuner.restore(exp_path, trainable, storage_filesystem=fs, resume_unfinished=True,
                                    resume_errored=False, restart_errored=False)
     else:
-        _write_text(_join(search_url, "search.yaml"), yaml.safe_dump(record, sort_keys=False), base)
+        storage.write_text(storage.join_url(search_url, "search.yaml"),
+                           yaml.safe_dump(record, sort_keys=False), base.storage)
         scheduler = (ASHAScheduler(time_attr="epoch", max_t=base.epochs,
                                    grace_period=tc.scheduler.grace_period,
                                    reduction_factor=tc.scheduler.reduction_factor)
@@ -552,12 +534,12 @@ def _summarise(grid, tc: TuneConfig, base: Config, search_url: str, trials_url: 
     if best is not None:
         best_cfg = apply_flat(base, best["params"])
         best_cfg.name = None
-        best_config_url = _join(search_url, "best_config.yaml")
+        best_config_url = storage.join_url(search_url, "best_config.yaml")
         text = (f"# Best trial of search '{tc.name}': {best['trial']} ({tc.metric} = "
                 f"{best[tc.metric]:.4f} after {best['epochs']} epochs; {best['params']}).\n"
                 f"# Run it: cacr train --config best_config.yaml [key=value ...]\n"
                 + yaml.safe_dump(to_dict(best_cfg), sort_keys=False))
-        _write_text(best_config_url, text, base)
+        storage.write_text(best_config_url, text, base.storage)
     if count["UNFINISHED"]:
         print(f"[cacr] search interrupted with {count['UNFINISHED']} unfinished trial(s): re-run the "
               "same command to resume it", flush=True)
@@ -571,28 +553,7 @@ def _summarise(grid, tc: TuneConfig, base: Config, search_url: str, trials_url: 
         "search_dir": search_url, "tensorboard_logdir": trials_url, "wall_s": round(wall_s, 1),
         "trial_table": [{k: v for k, v in row.items()} for row in rows],
     }
-    _write_text(_join(search_url, "summary.json"),
-                json.dumps(finite_or_none(summary), indent=1, default=str, allow_nan=False), base)
+    storage.write_text(storage.join_url(search_url, "summary.json"),
+                       json.dumps(finite_or_none(summary), indent=1, default=str, allow_nan=False),
+                       base.storage)
     return summary
-
-
-def _read_text(url: str, cfg: Config) -> str | None:
-    if "://" not in url:
-        p = Path(url)
-        return p.read_text() if p.is_file() else None
-    from pipeline import storage
-
-    fs, path = storage.fsspec_fs(url, cfg.storage)
-    return fs.cat(path).decode() if fs.exists(path) else None
-
-
-def _write_text(url: str, text: str, cfg: Config) -> None:
-    if "://" not in url:
-        Path(url).parent.mkdir(parents=True, exist_ok=True)
-        Path(url).write_text(text)
-        return
-    from pipeline import storage
-
-    fs, path = storage.fsspec_fs(url, cfg.storage)
-    with fs.open(path, "w") as f:
-        f.write(text)

@@ -5,16 +5,21 @@
   ``os.environ`` for the session (restored afterwards) and isolates the tests from ~/.aws.
   Returns the endpoint URL.
 * ``s3_bucket`` (function): a fresh, empty bucket; returns ``"s3://<name>"``.
-* ``ray_session`` (session): ``ray.init(num_cpus=8)`` (logical CPUs over-declared on purpose: tasks
+* ``ray_session`` (session): Ray started the way every command starts it
+  (:func:`pipeline.ray_start.start_ray`) with 8 logical CPUs (over-declared on purpose: tasks
   and workers ask for fractions), started AFTER ``s3_server`` so every Ray worker inherits the S3
-  environment; ``RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S=60``; custom resource ``cacr_data`` (to
-  test ``data.data_resource`` pinning). Dashboard on when it starts (Tune
-  needs the State API); falls back to no dashboard. Returns ``ray``.
+  environment from the raylet (never through a runtime_env); ``RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S=60``;
+  custom resource ``cacr_data`` (to test ``data.data_resource`` pinning). Dashboard on when it
+  starts (Tune needs the State API); falls back to no dashboard. Returns ``ray``.
 * ``digits_shards`` (session): ``cacr prepare digits`` output in a temp dir (train 1438 / val 359
   samples, 8 shards each, 32 px PNG); returns the directory path. Treat as read-only: copy it
   (``copy_shards``) before damaging it.
 * ``s3_digits_shards`` (session): the same shard set uploaded to a bucket; returns its s3:// URL.
 * ``copy_shards`` / ``upload_to_s3``: helpers (as fixtures) to copy a shard set locally / to S3.
+* ``fresh_user(secret) -> (env, [work, home, ray_tmp])``: the environment of a user on a fresh
+  machine with AWS keys exported (``secret`` as the secret key; moto accepts any), an empty HOME
+  and a private ``RAY_TMPDIR``, for a command run as a subprocess in ``work``.
+* ``find_secret(secret, dirs, s3_prefixes=()) -> [paths]``: every file / object holding it.
 """
 from __future__ import annotations
 
@@ -22,6 +27,7 @@ import logging
 import os
 import shutil
 import uuid
+from pathlib import Path
 
 import pytest
 
@@ -112,26 +118,17 @@ def copy_shards():
 def ray_session(s3_server, tmp_path_factory):
     import ray
 
+    from pipeline.ray_start import start_ray
+
     os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "60")
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
-    kwargs = dict(num_cpus=8, logging_level=logging.WARNING, log_to_driver=False,
-                  object_store_memory=1 << 30, resources={"cacr_data": 1000})
     if ray.is_initialized():
         ray.shutdown()
-    import socket
-    with socket.socket() as s:  # several Ray sessions may share this machine: no fixed 8265
-        s.bind(("127.0.0.1", 0))
-        dashboard_port = s.getsockname()[1]
-    try:
-        # Pin the State API of every process of this session (Train's placement-group cleaner
-        # included) to OUR dashboard, even when other Ray instances run on the machine.
-        ray.init(include_dashboard=True, dashboard_port=dashboard_port,
-                 runtime_env={"env_vars": {"RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{dashboard_port}"}},
-                 **kwargs)
-    except Exception:  # noqa: BLE001 - dashboard deps missing or port trouble: Train still works
-        if ray.is_initialized():
-            ray.shutdown()
-        ray.init(include_dashboard=False, **kwargs)
+    # The commands' own start-up (dashboard on a free port, State API pinned to it, a NEW local
+    # instance); log_level info: Ray's console left as it is (tests read no console here).
+    start_ray(num_cpus=8, log_level="info", dashboard=True, log_to_driver=False,
+              logging_level=logging.WARNING, object_store_memory=1 << 30,
+              resources={"cacr_data": 1000})
     from ray.data import DataContext
     ctx = DataContext.get_current()
     ctx.enable_progress_bars = False
@@ -140,6 +137,50 @@ def ray_session(s3_server, tmp_path_factory):
         yield ray
     finally:
         ray.shutdown()
+
+
+@pytest.fixture
+def fresh_user(s3_server, tmp_path):
+    import tempfile
+
+    made = []
+
+    def make(secret: str):
+        work, home = tmp_path / "work", tmp_path / "home"
+        work.mkdir()
+        home.mkdir()
+        ray_tmp = Path(tempfile.mkdtemp(prefix="ru", dir="/tmp"))  # short: Ray's socket paths
+        made.append(ray_tmp)
+        env = {k: v for k, v in os.environ.items()
+               if k not in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS", "RAY_AUTH_MODE")}
+        env.update(HOME=str(home), RAY_TMPDIR=str(ray_tmp), AWS_ACCESS_KEY_ID="AKIACACRTESTKEY",
+                   AWS_SECRET_ACCESS_KEY=secret, OMP_NUM_THREADS="1",
+                   RAY_raylet_start_wait_time_s="180")  # a loaded CI machine starts Ray slowly
+        return env, [work, home, ray_tmp]
+
+    yield make
+    for d in made:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.fixture
+def find_secret():
+    def find(secret: str, dirs, s3_prefixes=()) -> list[str]:
+        from pipeline.storage import fsspec_fs
+
+        hits, needle = [], secret.encode()
+        for d in dirs:
+            for p in Path(d).rglob("*"):
+                try:
+                    if p.is_file() and not p.is_symlink() and needle in p.read_bytes():
+                        hits.append(str(p))
+                except OSError:
+                    pass  # a socket, or a file Ray removed meanwhile
+        for url in s3_prefixes:
+            fs, path = fsspec_fs(url)
+            hits += [f"s3://{key}" for key in fs.find(path) if needle in fs.cat_file(key)]
+        return hits
+    return find
 
 
 @pytest.fixture(scope="session")

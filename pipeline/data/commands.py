@@ -82,22 +82,31 @@ def add_inspect_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--deep", action="store_true",
                         help="pre-scan every shard's tar headers, not only those whose size differs from index.json")
     parser.add_argument("--batch-size", type=int, default=512, help=argparse.SUPPRESS)
+    parser.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default="warning",
+                        help="console level of Ray's and Ray Data's own logs (info: the read plan and "
+                             "progress)")
     add_storage_args(parser)
 
 
 def inspect_shards(url: str, split: str = "train", *, storage: StorageConfig | None = None,
-                   image_size: int | None = None, deep: bool = False, batch_size: int = 512) -> dict[str, Any]:
+                   image_size: int | None = None, deep: bool = False, batch_size: int = 512,
+                   log_level: str = "warning") -> dict[str, Any]:
     """Read every sample of ``split`` through :func:`build_dataset`; return the inspect summary dict."""
     import ray
 
     from pipeline.data.read import build_dataset, merge_counts, split_batch
     from pipeline.data.validate import scan_shards
+    from pipeline.ray_start import start_ray
 
     scan = scan_shards(url, split, storage, deep=deep)
-    started = False
-    if not ray.is_initialized():
-        ray.init(logging_level=logging.WARNING, log_to_driver=False, include_dashboard=False)
-        started = True
+    started = start_ray(log_level=log_level, dashboard=False, log_to_driver=False,
+                        logging_level=getattr(logging, log_level.upper()))
+    if log_level.upper() not in ("DEBUG", "INFO"):
+        from ray.data import DataContext
+
+        ctx = DataContext.get_current()  # no progress bars / plan lines on the console
+        ctx.enable_progress_bars = False
+        ctx.print_on_execution_start = False
     try:
         ds = build_dataset(url, split, storage=storage, scan=scan, image_size=image_size, shuffle=False)
         per_sample: Counter = Counter()
@@ -154,7 +163,8 @@ def format_summary(r: dict[str, Any]) -> str:
 def run_inspect(args: argparse.Namespace) -> int:
     try:
         r = inspect_shards(args.url, args.split, storage=storage_from_args(args),
-                           image_size=args.image_size, deep=args.deep, batch_size=args.batch_size)
+                           image_size=args.image_size, deep=args.deep, batch_size=args.batch_size,
+                           log_level=args.log_level)
     except (DataError, StorageError, ConfigError) as e:
         return _fail(e)
     print(format_summary(r), flush=True)

@@ -19,6 +19,8 @@ from typing import Any
 
 import numpy as np
 
+from pipeline.errors import CacrError
+
 INDEX_NAME = "index.json"
 PARTS_DIR = "_parts"
 FORMAT_VERSION = 1
@@ -27,7 +29,7 @@ LABEL_EXT = "cls"
 SHARD_RE = re.compile(r"^(?P<split>[A-Za-z0-9]+)-(?P<num>\d{6})\.tar$")
 
 
-class DataError(ValueError):
+class DataError(CacrError, ValueError):
     """The data at a URL cannot be used (no shards, nothing readable, bad source).
 
     One line naming the URL and what to do."""

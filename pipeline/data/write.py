@@ -299,10 +299,11 @@ def _guard(fn, job, out_url, storage):
 
 def _run_ray(jobs, out_url, storage, progress) -> list[dict]:
     import ray
-    started = False
-    if not ray.is_initialized():
-        ray.init(logging_level=logging.WARNING, log_to_driver=False)
-        started = True
+
+    from pipeline.ray_start import start_ray
+
+    # RAY_ADDRESS joins a cluster, else a NEW local instance (never a `ray start` cluster by accident)
+    started = start_ray(dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
     try:
         task = ray.remote(num_cpus=1, max_retries=2)(write_shard)
         bar = _Progress(len(jobs), "prepare", progress)

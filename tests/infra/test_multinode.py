@@ -148,7 +148,7 @@ def child_main(shards: str, storage: str) -> dict:
     # RAY_ADDRESS = this cluster's head, set before any node starts so that every process of the
     # cluster inherits it: whatever resolves "the" cluster without an address (State API clients
     # such as Ray Train's PlacementGroupCleaner) finds this one, never another instance here.
-    from pipeline.ray_local import free_port as _free_port
+    from pipeline.ray_start import free_port as _free_port
 
     port = _free_port()
     os.environ["RAY_ADDRESS"] = f"{get_node_ip_address()}:{port}"

@@ -8,8 +8,13 @@ and print its summary JSON into the job's log. A plain ``cacr train`` run on the
 meanwhile must start its own instance instead of joining the ``ray start`` cluster (Ray's
 default for ``ray.init()``, which would also refuse our CPU count).
 
-Token authentication (Ray 2.60's default for new clusters): the head reuses or writes
-``~/.ray/auth_token``; the job client is told to send it with ``RAY_AUTH_MODE=token``.
+Token authentication (Ray 2.60): a cluster started with ``ray start --head`` uses token auth when
+``RAY_AUTH_MODE=token`` is set (or a token file already exists); it never generates a token
+itself. So the test does what infra/README tells a user: on a FRESH, empty HOME, generate the
+token with ``ray get-auth-token --generate`` (written to ~/.ray/auth_token), start the head with
+``RAY_AUTH_MODE=token``, and give the job client ``RAY_AUTH_MODE=token`` + ``RAY_AUTH_TOKEN``
+(what a user copies from the head node's ``ray get-auth-token``). Nothing from the machine's real
+HOME is used, so the test passes on a fresh machine.
 """
 from __future__ import annotations
 
@@ -26,7 +31,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.ray_local import free_port as _free_port
+from pipeline.ray_start import free_port as _free_port
 
 pytestmark = pytest.mark.slow
 
@@ -51,22 +56,32 @@ def _wait_http(url: str, timeout_s: float) -> None:
 
 
 @pytest.fixture
-def ray_head():
+def ray_head(tmp_path):
     """(dashboard URL, env for clients) of a `ray start --head` cluster; torn down afterwards."""
     tmp = tempfile.mkdtemp(prefix="rj", dir="/tmp")  # short: Ray's socket paths live under it
+    home = tmp_path / "home"
+    home.mkdir()
     env = {k: v for k, v in os.environ.items()
-           if k not in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS", "RAY_AUTH_MODE")}
-    env["RAY_TMPDIR"] = tmp
+           if k not in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN",
+                        "RAY_AUTH_TOKEN_PATH")}
+    env.update(RAY_TMPDIR=tmp, HOME=str(home))
+    gen = subprocess.run([RAY, "get-auth-token", "--generate"], env=env, capture_output=True,
+                         text=True, timeout=120)
+    assert gen.returncode == 0 and gen.stdout.strip(), gen.stderr
+    assert (home / ".ray" / "auth_token").read_text().strip() == gen.stdout.strip()
     dash = _free_port()
     head = subprocess.Popen([RAY, "start", "--head", "--block", "--num-cpus", "6",
                              "--port", str(_free_port()), "--include-dashboard", "true",
                              "--dashboard-port", str(dash), "--disable-usage-stats"],
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
+                            env={**env, "RAY_AUTH_MODE": "token"}, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
         url = f"http://127.0.0.1:{dash}"
         _wait_http(url, 90)
-        yield url, {**env, "RAY_AUTH_MODE": "token"}
+        # the client: another user's shell, with only the mode and the token copied from the head
+        client = {**env, "HOME": str(tmp_path), "RAY_AUTH_MODE": "token",
+                  "RAY_AUTH_TOKEN": gen.stdout.strip()}
+        yield url, client
     finally:
         try:
             os.killpg(head.pid, signal.SIGTERM)
@@ -93,7 +108,7 @@ def test_job_submit_runs_cacr_train_on_the_cluster(ray_head, digits_shards, tmp_
     assert sum("[cacr] epoch 1/1" in ln for ln in out.splitlines()) == 1  # once, not echoed by Train's logger
 
     # Meanwhile a plain `cacr train` here starts its own Ray rather than joining that cluster.
-    local_env = {k: v for k, v in env.items() if k != "RAY_AUTH_MODE"}
+    local_env = {k: v for k, v in env.items() if k not in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN")}
     r = subprocess.run([sys.executable, "-m", "pipeline.cli", "train", *TINY,
                         f"data.url={digits_shards}", f"storage_path={runs}", "name=local"],
                        env=local_env, capture_output=True, text=True, timeout=480)

@@ -175,6 +175,8 @@ def test_cli_bad_checkpoint_is_one_line_exit_2(kind, words, tmp_path):
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("cacr: error:") and "Traceback" not in r.stderr, r.stderr
     assert words in lines[0] and str(path.name) in lines[0]
+    # never PyTorch's advice to unpickle untrusted code, never a bare unpickling detail
+    assert "weights_only" not in r.stderr and "KeyError" not in r.stderr, lines[0]
     assert r.stdout == ""
 
 
@@ -211,3 +213,19 @@ def test_cli_evaluate_prints_our_lines_and_json_last(digits_shards, tmp_path):
     last = json.loads(r.stdout.strip().splitlines()[-1])
     assert last["samples"] == {"train": 1438, "val": 359} and 0.1 < last["knn_top1"] <= 1.0
     assert 0 <= last["linear_top1"] <= 1.0
+
+
+def test_a_run_dir_means_its_newest_checkpoint(tmp_path):
+    """`cacr evaluate RUN_DIR` (the run_dir `cacr train` printed): the newest checkpoint_*, named."""
+    from pipeline.checkpoint import save_state
+    from pipeline.evaluate import resolve_checkpoint
+
+    cfg = load_config(None, ["data.source=null", "model.width=4"])
+    run = tmp_path / "run"
+    for stamp in ("2026-01-02_00-00-00.000000", "2026-01-01_00-00-00.000000"):
+        save_state(run / f"checkpoint_{stamp}", _untrained_state(cfg))
+    said = []
+    got = resolve_checkpoint(str(run), echo=said.append)
+    assert got == str(run / "checkpoint_2026-01-02_00-00-00.000000")
+    assert "checkpoint_2026-01-02" in said[0] and "checkpoint_2026-01-01" in said[0]
+    assert resolve_checkpoint(got, echo=said.append) == got and len(said) == 1  # a checkpoint: as is

@@ -4,16 +4,20 @@ Every S3 call goes over HTTP to the moto server of the ``s3_server`` fixture (no
 """
 from __future__ import annotations
 
+import ast
 import contextlib
 import pickle
+import re
 import time
 import urllib.request
+from pathlib import Path
 
 import pytest
 
 from pipeline.config import StorageConfig
-from pipeline.storage import (StorageError, arrow_fs, check_location, describe_endpoint, fsspec_fs,
-                              join_url, list_files, parse_url, s3fs_options)
+from pipeline.storage import (StorageError, arrow_fs, check_location, check_writable, describe_endpoint,
+                              fsspec_fs, is_remote, join_url, list_dirs, list_files, parse_url,
+                              read_text, resolve_paths, resolve_url, s3fs_options, url_of, write_text)
 
 
 def test_parse_url_local_and_s3(tmp_path, monkeypatch):
@@ -130,3 +134,92 @@ def test_local_missing_dir(tmp_path):
     with pytest.raises(StorageError):
         check_location(str(tmp_path / "f"))
     assert check_location(str(tmp_path / "empty-dir"), must_exist=False) is False
+
+
+# ---------------------------------------------------------------------------------------------
+# The one storage API: scheme checks, small files, user paths resolved once
+
+REPO = Path(__file__).resolve().parents[2]
+# storage schemes (and the bare separator); http:// of the Ray dashboard is not storage
+_SCHEME = re.compile(r"^(s3|s3a|gs|gcs|az|abfs|hdfs|file)?://$")
+
+
+def _docstring_nodes(tree: ast.AST) -> set[int]:
+    ids = set()
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+            body = getattr(node, "body", [])
+            if body and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant):
+                ids.add(id(body[0].value))
+    return ids
+
+
+def scheme_handling(path: Path) -> list[str]:
+    """Code in ``path`` that looks at or builds a URL scheme itself: a string literal that IS a
+    scheme ("://", "s3://", "file://", also as the literal head of an f-string like
+    f"s3://{bucket}"). Help texts that merely mention s3://bucket/prefix, docstrings and comments
+    are not code that handles URLs."""
+    tree = ast.parse(path.read_text())
+    docs = _docstring_nodes(tree)
+    return [f"{path.name}:{node.lineno}: {node.value!r}" for node in ast.walk(tree)
+            if isinstance(node, ast.Constant) and isinstance(node.value, str)
+            and id(node) not in docs and _SCHEME.match(node.value)]
+
+
+def test_only_storage_py_handles_url_schemes():
+    """storage.py is THE place that knows local from s3:// (is_remote, join_url, read_text,
+    write_text, url_of): a `"://" in url` check anywhere else in pipeline/ is the bug this guards
+    against (two kinds of checks disagreed on file://)."""
+    offenders = []
+    for path in sorted((REPO / "pipeline").rglob("*.py")):
+        if path.name == "storage.py" and path.parent.name == "pipeline":
+            continue
+        offenders += [f"{path.relative_to(REPO).parent}/{hit}" for hit in scheme_handling(path)]
+    assert offenders == [], "URL-scheme handling outside pipeline/storage.py:\n" + "\n".join(offenders)
+
+
+def test_scheme_checker_sees_the_patterns_it_forbids(tmp_path):
+    # the guard itself must catch what it is for (else the test above passes vacuously)
+    f = tmp_path / "probe.py"
+    f.write_text('"""Docstring mentioning s3://bucket/x is fine."""\nremote = "://" in u\n'
+                 'x = f"s3://{b}/k"\nhelp_ = "local dir or s3://bucket/prefix"\n# "://" in a comment\n')
+    assert [h.split(": ", 1)[1] for h in scheme_handling(f)] == ["'://'", "'s3://'"]
+
+
+def test_is_remote_and_file_urls_agree(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert is_remote("s3://b/x") and not is_remote("./runs") and not is_remote(f"file://{tmp_path}")
+    assert resolve_url("./runs") == resolve_url(f"file://{tmp_path}/runs") == str(tmp_path / "runs")
+    assert resolve_url("s3://b/p/") == "s3://b/p"
+    assert url_of("b/runs/x/checkpoint_1", like="s3://b/runs") == "s3://b/runs/x/checkpoint_1"
+    assert url_of(str(tmp_path / "c"), like="./runs") == str(tmp_path / "c")
+
+
+def test_resolve_paths_makes_user_paths_absolute_once(tmp_path, monkeypatch):
+    from pipeline.config import load_config
+
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(None, ["storage_path=./runs", "data.url=data/x"])
+    out = resolve_paths(cfg)
+    assert out.storage_path == str(tmp_path / "runs") and out.data.url == str(tmp_path / "data" / "x")
+    assert cfg.storage_path == "./runs"  # a copy: the user's config is untouched
+    s3 = resolve_paths(load_config(None, ["storage_path=s3://b/runs/", "data.url=s3://b/d"]))
+    assert (s3.storage_path, s3.data.url) == ("s3://b/runs", "s3://b/d")
+
+
+def test_read_write_text_local_and_s3(tmp_path, s3_bucket):
+    for url in (str(tmp_path / "a" / "b.txt"), f"file://{tmp_path}/c.txt", f"{s3_bucket}/x/y.txt"):
+        assert read_text(url) is None
+        write_text(url, "héllo\n")
+        assert read_text(url) == "héllo\n"
+    assert list_dirs(s3_bucket) == ["x"] and list_dirs(str(tmp_path)) == ["a"]
+    assert list_dirs(str(tmp_path / "none")) == []
+
+
+def test_check_writable(tmp_path, s3_server):
+    check_writable(str(tmp_path / "new" / "runs"))  # created later by the run
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(StorageError, match="is a file"):
+        check_writable(str(tmp_path / "afile" / "runs"))
+    with pytest.raises(StorageError, match="bucket 'no-such-bucket-cacr'.*does not exist"):
+        check_writable("s3://no-such-bucket-cacr/runs")

@@ -56,14 +56,14 @@ def test_embedded_default_loads_and_matches_the_rayjob():
 
     tc, base = load_tune_config(str(ROOT / "conf/tune/digits.yaml"))
     assert tc.scheduler.name == "asha" and tc.metric == "knn_top1" and tc.mode == "max"
-    assert base.data.source == "digits" and base.epochs > tc.scheduler.grace_period
+    assert base.data.source == "auto" and base.epochs > tc.scheduler.grace_period
     assert {"optim.base_lr", "loss.tau_pos", "loss.tau_neg"} <= set(tc.search_space)
     rayjob = (ROOT / "infra/k8s/rayjob-tune.yaml").read_text()
     assert "cacr tune --config conf/tune/digits.yaml" in rayjob
 
 
 @pytest.mark.parametrize("over,match", [
-    ({"search_space": {"optim.base_lrr": {"type": "choice", "values": [0.1]}}}, "did you mean 'base_lr'"),
+    ({"search_space": {"optim.base_lrr": {"type": "choice", "values": [0.1]}}}, "did you mean 'optim.base_lr'"),
     ({"search_space": {"loss.tau_pos": {"type": "normal", "values": [1]}}}, "expected {type"),
     ({"search_space": {"loss.tau_pos": {"type": "uniform", "low": -1.0, "high": 1.0}}}, "loss.tau_pos"),
     ({"search_space": {"loss.tau_neg": {"type": "loguniform", "low": 0.0, "high": 1.0}}}, "low > 0"),
@@ -72,7 +72,7 @@ def test_embedded_default_loads_and_matches_the_rayjob():
     ({"search_space": {}}, "at least one key"),
     ({"metric": "accuracy"}, "metric"),
     ({"scheduler": {"name": "hyperband"}}, "scheduler.name"),
-    ({"train": {"optim.base_lrr": 0.1}}, "did you mean 'base_lr'"),
+    ({"train": {"optim.base_lrr": 0.1}}, "did you mean 'optim.base_lr'"),
 ])
 def test_bad_tune_configs_fail_before_ray(tmp_path, over, match):
     from pipeline.tune import load_tune_config
@@ -242,3 +242,36 @@ def test_interrupted_search_on_s3_resumes(ray_session, digits_shards, s3_bucket,
         assert fs.find(f"{run}/tensorboard"), run
     best = yaml.safe_load(fs.cat(f"{search}/best_config.yaml"))
     assert best["loss"]["tau_neg"] == out["best_params"]["loss.tau_neg"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Credentials never written: not by us, not by Ray (runtime_env logs), not by Tune
+
+
+@pytest.mark.slow
+def test_tune_on_s3_writes_no_credentials_anywhere(s3_bucket, s3_digits_shards, tmp_path, fresh_user,
+                                                  find_secret):
+    """`cacr tune` with AWS keys in the environment, trials on the moto S3 endpoint: the secret
+    appears in no file the run wrote, locally, in the bucket, or in Ray's temp dir (Ray logs every
+    runtime_env it sets up: Tune used to put the AWS variables into each trial's)."""
+    import subprocess
+    import sys
+
+    secret = f"cacrSECRET{uuid.uuid4().hex}"
+    env, dirs = fresh_user(secret)
+    work = dirs[0]
+    bucket = s3_bucket
+    path = _tune_yaml(work, s3_digits_shards, f"{bucket}/tune", num_samples=1,
+                      search_space={"loss.alpha": {"type": "choice", "values": [1.0]}},
+                      scheduler={"name": "fifo"})
+    r = subprocess.run([sys.executable, "-m", "pipeline.cli", "tune", "--config", path,
+                        "train.epochs=1", f"train.storage_path={bucket}/runs"],
+                       cwd=work, env=env, capture_output=True, text=True, timeout=480)
+    out = r.stdout + r.stderr
+    assert r.returncode == 0, out[-4000:]
+    summary = json.loads(r.stdout.strip().splitlines()[-1])
+    assert summary["completed"] == 1 and summary["search_dir"].startswith(bucket), summary
+    assert list(dirs[-1].rglob("runtime_env*.log")), \
+        "Ray wrote no runtime_env log under the private RAY_TMPDIR: the grep would prove nothing"
+    assert find_secret(secret, dirs, [bucket]) == []
+    assert secret not in out

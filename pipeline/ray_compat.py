@@ -1,0 +1,102 @@
+"""Every use of a private Ray / TensorBoard API, in one place.
+
+Each function here leans on a name that is not public API and may move in a Ray or TensorBoard
+upgrade. tests/pipeline/test_ray_compat.py checks each one against the installed versions and
+fails loudly (naming the function) when a layout changed, rather than letting a feature degrade
+silently. Callers never import the private names themselves.
+
+============================  ==============================================================
+function                      private name it relies on (Ray 2.60)
+============================  ==============================================================
+kv_get / kv_put / kv_del      ``ray.experimental.internal_kv._internal_kv_*`` (GCS key-value)
+dashboard_address             ``ray._private.ray_constants.DASHBOARD_ADDRESS`` in the GCS KV
+set_train_report_log_level    ``ray.train.v2._internal.execution.context.logger``
+tune_propagate_env            ``ray.tune.execution.class_cache.ENV_VARS_TO_PROPAGATE``
+tune_stop_forwarding_secrets  the same set (Tune lists AWS credentials in it)
+tb_file_writer                ``torch.utils.tensorboard.SummaryWriter._get_file_writer``
+============================  ==============================================================
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+# Environment variables Tune must never copy into a runtime_env: Ray logs every runtime_env it
+# sets up (runtime_env_agent.log under its temp dir), so a secret there is a secret on disk.
+SECRET_ENV_PREFIXES = ("AWS_",)
+
+
+def kv_get(key: bytes) -> bytes | None:
+    """A value from the cluster's GCS key-value store (None if absent)."""
+    from ray.experimental.internal_kv import _internal_kv_get
+
+    return _internal_kv_get(key)
+
+
+def kv_put(key: bytes, value: bytes) -> None:
+    from ray.experimental.internal_kv import _internal_kv_put
+
+    _internal_kv_put(key, value)
+
+
+def kv_del(key: bytes) -> None:
+    from ray.experimental.internal_kv import _internal_kv_del
+
+    _internal_kv_del(key)
+
+
+def dashboard_address() -> str | None:
+    """The running dashboard's address as the GCS records it (what the State API client looks up
+    for an explicit cluster address), as ``http://host:port``; None without a dashboard."""
+    from ray._private import ray_constants
+    from ray.experimental.internal_kv import _internal_kv_get
+
+    v = _internal_kv_get(ray_constants.DASHBOARD_ADDRESS, namespace=ray_constants.KV_NAMESPACE_DASHBOARD)
+    if not v:
+        return None
+    v = v.decode() if isinstance(v, bytes) else str(v)
+    return v if v.startswith(("http:", "https:")) else f"http://{v}"
+
+
+def set_train_report_log_level(level: str) -> None:
+    """Ray 2.60 logs every ``ray.train.report`` at INFO through a logger named after its source
+    FILE, which RunConfig's ``LoggingConfig`` (matching ``ray.train.*``) does not reach."""
+    from ray.train.v2._internal.execution import context as train_context
+
+    train_context.logger.setLevel(getattr(logging, level.upper()))
+
+
+def _tune_propagated() -> set[str]:
+    from ray.tune.execution import class_cache
+
+    names = class_cache.ENV_VARS_TO_PROPAGATE
+    if not isinstance(names, set):
+        raise TypeError(f"ray.tune.execution.class_cache.ENV_VARS_TO_PROPAGATE is a {type(names).__name__}, "
+                        "not a set: pipeline/ray_compat.py needs updating for this Ray")
+    return names
+
+
+def tune_propagate_env(var: str) -> None:
+    """Have Tune put ``var`` (from the driver's environment) into the trial actors' runtime_env;
+    the Train controller and its detached cleaner inherit it from there. Never a secret."""
+    if var.startswith(SECRET_ENV_PREFIXES):
+        raise ValueError(f"{var} must not travel in a runtime_env (Ray logs runtime_envs)")
+    _tune_propagated().add(var)
+
+
+def tune_stop_forwarding_secrets() -> list[str]:
+    """Remove AWS credentials from the variables Tune copies into every trial's runtime_env.
+
+    Trials get credentials the way every other Ray process does: the standard AWS chain on the
+    node (the raylet's environment, inherited from the driver for a local Ray; profile files; the
+    instance role / IRSA). Returns the names removed."""
+    names = _tune_propagated()
+    removed = sorted(n for n in names if n.startswith(SECRET_ENV_PREFIXES))
+    names.difference_update(removed)
+    return removed
+
+
+def tb_file_writer(writer: Any) -> Any:
+    """The event-file writer behind a ``SummaryWriter`` (to add raw summaries, e.g. HParams
+    session records, into the same run rather than a sub-run)."""
+    return writer._get_file_writer()
