@@ -229,6 +229,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 _say("[cacr] kNN monitor off: no labelled train/val samples")
                 knn_bank = knn_val = None
 
+    from pipeline.data import iter_train_batches as data_batches  # cached train sets come unsplit
+
     train_shard = ray.train.get_dataset_shard("train")
     skipped_total: dict[str, int] = {}
     run_start = time.perf_counter()
@@ -242,9 +244,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         epoch_skipped: dict[str, int] = {}
         # Batches arrive on the CPU (split_batch counts skips there without a device sync) and
         # move to the device once, pinned for an asynchronous copy when a GPU is used.
-        batches = _rebatch(iter(train_shard.iter_torch_batches(batch_size=cfg.batch_size,
-                                                                prefetch_batches=2, device="cpu",
-                                                                pin_memory=cfg.use_gpu)),
+        batches = _rebatch(iter(data_batches(train_shard, batch_size=cfg.batch_size, device="cpu",
+                                             decode=cfg.data.decode, prefetch_batches=2,
+                                             pin_memory=cfg.use_gpu, epoch=epoch, seed=cfg.seed)),
                            cfg.batch_size, epoch_skipped)
         while True:
             t_wait = time.perf_counter()
@@ -454,9 +456,9 @@ def build_trainer(cfg: Config, *, callbacks: list | None = None, storage_path: s
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False
-    datasets = {"train": data.build_dataset(cfg.data.url, "train", data=cfg.data, storage=cfg.storage,
-                                            seed=cfg.seed, num_workers=cfg.num_workers,
-                                            scan=plan.train_scan)}
+    datasets = {"train": data.build_train_dataset(cfg.data.url, data=cfg.data, storage=cfg.storage,
+                                                  seed=cfg.seed, num_workers=cfg.num_workers,
+                                                  scan=plan.train_scan)}
     if plan.val_scan is not None:
         # Unsplit, unshuffled copies that only rank 0 reads, once, for the kNN monitor.
         datasets["knn_bank"] = data.build_dataset(cfg.data.url, "train", data=cfg.data, storage=cfg.storage,
@@ -488,7 +490,7 @@ def build_trainer(cfg: Config, *, callbacks: list | None = None, storage_path: s
             logging_config=LoggingConfig(log_level=cfg.log_level.upper()),
             callbacks=callbacks or []),
         datasets=datasets,
-        dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
+        dataset_config=ray.train.DataConfig(datasets_to_split=data.train_datasets_to_split(datasets)),
     )
     return trainer, run_url, plan
 

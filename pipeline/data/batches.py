@@ -173,9 +173,15 @@ def _to_torch(batch: dict[str, np.ndarray], device, decode: str | None, pin_memo
     else:
         for k in ("image", "hw"):
             if k in batch:
-                t = torch.from_numpy(np.ascontiguousarray(batch[k]))
-                if device.type == "cuda":
-                    t = (t.pin_memory() if pin_memory else t).to(device, non_blocking=pin_memory)
+                with warnings.catch_warnings():
+                    # zero-copy from the object store, as Ray's iter_torch_batches: read-only
+                    # memory that the train step never writes to (augmentation makes new tensors)
+                    warnings.simplefilter("ignore")
+                    t = torch.as_tensor(np.ascontiguousarray(batch[k]))
+                if pin_memory and torch.cuda.is_available():
+                    t = t.pin_memory()  # as iter_torch_batches(pin_memory=True), also for device="cpu"
+                if device.type != "cpu":
+                    t = t.to(device, non_blocking=pin_memory)
                 out[k] = t
     out["skip"] = torch.from_numpy(skip)
     return out

@@ -1,12 +1,16 @@
-"""Reading shards with Ray Data: ONE function, :func:`build_dataset`, for training, kNN and inspect.
+"""Reading shards with Ray Data: ONE function, :func:`build_dataset`, for training, kNN and inspect
+(plus :func:`build_train_dataset`, which caches the train set when it fits).
 
     scan_shards (pre-scan, threads, no Ray)       -> which shards, rows per shard, shard-level skips
     read_datasource(TarShardDatasource)           -> rows: key, id, image (encoded bytes), label, skip
        shard order shuffled per execution          (FileShuffleConfig(seed): Ray re-seeds it with the
                                                     dataset's execution index, i.e. once per epoch)
-    map_batches(decode, num_cpus, resources)      -> image uint8 (S, S, 3), label int64, skip int8, id
-    TorchTrainer(datasets={"train": ds})          -> streaming_split(equal=True) across the workers
-    worker: split_batch(batch)                    -> images, labels, {reason: count}
+    map_batches(decode, num_cpus, resources)      -> image uint8 (S, S, 3) [+ hw], label int64, skip int8,
+                                                     id (decode=worker: image stays encoded bytes)
+    build_train_dataset                           -> materialised once if it fits data.cache_budget_mb
+    TorchTrainer(datasets={"train": ds})          -> cached: unsplit; else streaming_split(equal=True)
+    worker: iter_train_batches(shard, epoch=e)    -> dict batches (decoded on the worker if asked)
+            split_batch(batch)                    -> images, labels, {reason: count}
 
 Why a FileBasedDatasource subclass rather than ``ray.data.read_webdataset``: read_webdataset raises on
 the first damaged tar (stopping the whole dataset) and cannot stop a truncated shard at its last
@@ -14,6 +18,27 @@ complete sample; this reader shares Ray's file listing, retries, per-epoch file 
 filesystem handling, reads the same webdataset layout (``<key>.<ext>`` members grouped by key), and
 never raises on shard content: damaged content becomes counted skip codes. It emits Arrow blocks
 directly (no pandas), and never decodes anything but images (PIL) and ASCII labels.
+
+Aspect-preserving sets (``cacr prepare --max-size S``, index.json ``layout: aspect``): each image
+(longer side <= S) is decoded onto a zero S x S canvas, top-left aligned, with ``hw`` (n, 2) = its
+valid height and width. A fixed canvas keeps batches dense tensors, so augmentation stays batched
+and samples its crop boxes against ``hw`` (the whole image, not a centre square); the zero padding
+costs at most S^2 - h w pixels per image and is never inside a crop box.
+
+Where decoding runs (``data.decode``): ``cpu_tasks`` = in the Ray Data map tasks above;
+``worker`` = the rows keep the encoded bytes and :func:`pipeline.data.iter_train_batches` decodes them
+on the train worker (torchvision; nvjpeg on a GPU), so that a GPU node's few CPUs are no ceiling.
+
+No per-epoch stall (:func:`build_train_dataset`): a streaming dataset re-plans and restarts its
+execution (tasks, actors, the first shard reads and decodes) at the start of every epoch. When the
+train set fits ``data.cache_budget_mb`` (decoded canvases, or the encoded bytes with
+``decode=worker``), it is instead read once, in index order, into the object store
+(``materialize``) and handed *unsplit* to every Train worker; each epoch then only permutes block
+references: epoch ``e`` visits the blocks in ``permutation(rng(seed, e))`` order and worker ``r``
+of ``W`` takes its contiguous ``N / W`` rows of that sequence (pipeline/data/batches.py). The order
+is a pure function of (seed, epoch): a restarted or resumed run gives epoch ``e`` the order it would
+have had. Budget: the cached set lives in the object store (default 30 % of RAM per node; spilled
+to disk beyond it), so keep ``cache_budget_mb`` well under that. Larger sets stream as before.
 
 Exactly once per epoch: Ray Train splits with ``equal=True``, which drops the remainder rows when
 the total does not divide by the number of workers. The reader therefore appends ``PAD`` rows
@@ -172,7 +197,7 @@ def is_aspect(scan: ShardScan) -> bool:
 def build_dataset(url: str, split: str = "train", *, data: DataConfig | None = None,
                   storage: StorageConfig | None = None, seed: int = 0, num_workers: int = 1,
                   image_size: int | None = None, scan: ShardScan | None = None, shuffle: bool = True,
-                  with_keys: bool = False, decode: str | None = None):
+                  with_keys: bool = False, decode: str = "cpu_tasks"):
     """The Ray Dataset of ``split`` under ``url``: columns ``image`` uint8 (N, S, S, 3), ``label``
     int64 (-1 = none), ``skip`` int8 (:data:`~pipeline.data.format.SKIP_REASONS`), ``id`` int64
     (shard number << 32 | position, stable across epochs) [+ ``hw`` int32 (N, 2) for aspect sets]
@@ -180,8 +205,8 @@ def build_dataset(url: str, split: str = "train", *, data: DataConfig | None = N
 
     * ``data``: decode size (``data.image_size``), ``decode_num_cpus``, ``data_resource`` and
       ``decode``; without it images come out at the stored size and decode tasks take 0.25 CPU.
-    * ``decode`` (default ``data.decode``): ``cpu_tasks`` decodes in Ray Data tasks (above);
-      ``worker`` leaves ``image`` as the encoded bytes (+ ``decode_size``, ``aspect`` columns) for
+    * ``decode``: ``cpu_tasks`` (default; kNN, inspect and export read this way) decodes in Ray Data
+      tasks (above); ``worker`` (the train set under ``data.decode=worker``) leaves ``image`` as the encoded bytes (+ ``decode_size``, ``aspect`` columns) for
       :func:`pipeline.data.iter_train_batches` to decode on the train worker's device.
     * ``seed``: shard order is shuffled from it, differently for every execution (= epoch) of the
       same Dataset object; ``shuffle=False`` keeps index order.
@@ -195,7 +220,6 @@ def build_dataset(url: str, split: str = "train", *, data: DataConfig | None = N
 
     data_given = data is not None
     data = data or DataConfig(url=url)
-    decode = decode or getattr(data, "decode", "cpu_tasks")
     if decode not in DECODE_MODES:
         raise ValueError(f"decode={decode!r}: use one of {DECODE_MODES}")
     if scan is None:
@@ -249,11 +273,11 @@ def build_train_dataset(url: str, *, data: DataConfig, storage: StorageConfig | 
     if need > budget:
         log.info("train set needs %.0f MB > data.cache_budget_mb: streaming every epoch", need / 2**20)
         return build_dataset(url, "train", data=data, storage=storage, seed=seed, num_workers=num_workers,
-                             scan=scan)
+                             scan=scan, decode=decode)
     # Index order (no file shuffle) and preserve_order: the cached block order is the same on every
     # run, so that the per-epoch permutation (seed, epoch) -> order is reproducible after a restart.
     ds = build_dataset(url, "train", data=data, storage=storage, seed=seed, num_workers=num_workers,
-                       scan=scan, shuffle=False)
+                       scan=scan, shuffle=False, decode=decode)
     ds.context.execution_options.preserve_order = True
     return ds.materialize()
 
