@@ -211,7 +211,7 @@ def decode_batch(raw: list, skip: np.ndarray, *, size: int, aspect: bool, device
             if arr is None:
                 skip[i] = UNDECODABLE_IMAGE
                 continue
-            img = torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1).to(device)
+            img = torch.from_numpy(np.array(arr)).permute(2, 0, 1).to(device)
         else:
             img = _fit(img, size, aspect)
         h, w = img.shape[1:]
@@ -245,14 +245,16 @@ def _decode_all(blobs: list, device) -> list:
 
 
 def _quiet(fn):
-    """fn() or None when it raises or warns (libjpeg reports corrupt data as a warning)."""
+    """fn() or None when it raises or warns (libjpeg reports corrupt data as a UserWarning)."""
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
             result = fn()
         except Exception:  # noqa: BLE001 - any decoder failure: PIL gets the last word
             return None
-    return None if caught else result
+    # torchvision >= 0.29 announces the deprecation of its codecs on every call: not about the data
+    corrupt = [w for w in caught if not issubclass(w.category, (DeprecationWarning, FutureWarning))]
+    return None if corrupt else result
 
 
 def _fit(img, size: int, aspect: bool):

@@ -521,3 +521,51 @@ def test_cached_train_set_exactly_once_order_per_epoch(digits_shards, tmp_path, 
     here = _read_all(ds, "cpu_tasks", epoch=1, seed=7, rank=0, world=2)[2] + \
         _read_all(ds, "cpu_tasks", epoch=1, seed=7, rank=1, world=2)[2]
     assert here == seqs[1]
+
+
+def _blobs() -> tuple[list[bytes], list[int]]:
+    """Encoded images of varied size and format, with the damage the shards can hold."""
+    rng = np.random.default_rng(9)
+    out = []
+    for i, (w, h) in enumerate([(80, 40), (40, 90), (64, 64), (30, 20), (150, 100)]):
+        im = Image.fromarray(rng.integers(0, 255, (3, 3, 3), dtype=np.uint8), "RGB").resize((w, h), Image.BICUBIC)
+        b = io.BytesIO()
+        im.save(b, format="JPEG" if i % 2 == 0 else "PNG", quality=90)
+        out.append(b.getvalue())
+    bmp = io.BytesIO()
+    Image.fromarray(rng.integers(0, 255, (20, 30, 3), dtype=np.uint8)).save(bmp, format="BMP")
+    out += [out[0][: len(out[0]) // 2], bmp.getvalue(), b"\xff\xd8garbage", b""]
+    codes = [0] * 9 + [3]  # the last row has no image member at all
+    return out, codes
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+@pytest.mark.parametrize("aspect", [False, True])
+def test_decode_batch_matches_pil(device, aspect):
+    """Worker-side decode: same verdicts as the CPU tasks' PIL decode (what torchvision refuses,
+    PIL decides), same geometry, pixels equal on the CPU (close on nvjpeg)."""
+    import torch
+
+    from pipeline.data import decode_batch
+    from pipeline.data.format import decode_aspect, decode_image
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    blobs, codes = _blobs()
+    skip = np.asarray(codes, np.int8)
+    canvas, hw = decode_batch(blobs, skip, size=64, aspect=aspect, device=device)
+    assert canvas.device.type == device and canvas.shape == (len(blobs), 64, 64, 3)
+    assert skip.tolist() == [0, 0, 0, 0, 0, 4, 0, 4, 4, 3]
+    for i, b in enumerate(blobs[:7]):
+        want = (decode_aspect if aspect else decode_image)(b, 64)
+        if want is None:
+            assert not canvas[i].any()
+            continue
+        h, w = want.shape[:2]
+        assert tuple(hw[i].tolist()) == (h, w)
+        got = canvas[i, :h, :w].cpu().numpy()
+        assert not canvas[i, h:].any() and not canvas[i, :, w:].any()
+        diff = np.abs(got.astype(int) - want).max()
+        resized = max(Image.open(io.BytesIO(b)).size) > 64 if aspect else Image.open(io.BytesIO(b)).size != (64, 64)
+        # no resampling: exact on the CPU (same libjpeg); resized: torch vs PIL bilinear+antialias
+        limit = (0 if device == "cpu" else 8) if not resized else 40
+        assert diff <= limit, (i, diff)
