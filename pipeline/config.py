@@ -62,6 +62,13 @@ class DataConfig:
                                      "decode processes than Ray keeps alive between epochs)")
     data_resource: str | None = _f(
         None, "custom Ray resource that decode tasks require (pin decoding to CPU-only data nodes)")
+    decode: str = _choice("cpu_tasks", ("cpu_tasks", "worker"),
+                          "where images are decoded: Ray Data CPU tasks, or the train worker's device "
+                          "(torchvision decode_jpeg; nvjpeg on a GPU) from the encoded bytes")
+    cache_budget_mb: float = _f(1024.0, "materialise the train set once in the object store when it "
+                                        "fits this many MB (decoded, or encoded with decode=worker) "
+                                        "and permute its blocks per epoch: no per-epoch Ray Data "
+                                        "start-up; 0 = stream every epoch")
 
 
 @dataclass
@@ -182,11 +189,15 @@ class Config:
             ("optim.warmup_epochs", 0 <= self.optim.warmup_epochs <= self.epochs,
              "must be in [0, epochs]"),
             ("optim.min_lr_ratio", 0 <= self.optim.min_lr_ratio <= 1, "must be in [0, 1]"),
+<<<<<<< HEAD
             ("momentum.base", 0 <= self.momentum.base <= 1, "must be in [0, 1]"),
             ("model.predictor_hidden", self.model.predictor_hidden >= 1, "must be >= 1"),
             ("model.vit_depth", self.model.vit_depth >= 0, "must be >= 0 (0: the arch's depth)"),
             ("model.head", self.loss.name != "cacr_moco" or self.model.head == "moco",
              "loss.name=cacr_moco needs model.head=moco"),
+=======
+            ("data.cache_budget_mb", self.data.cache_budget_mb >= 0, "must be >= 0 (0 = never cache)"),
+>>>>>>> ingest
         ]
         for key, ok, msg in checks:
             if not ok:

@@ -40,12 +40,16 @@ def storage_from_args(args: argparse.Namespace) -> StorageConfig:
 
 def add_prepare_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("source", help="digits | an image folder (one sub-folder per class, or flat) | "
-                                       "cifar10:PATH | cifar100:PATH (the python-pickle batches)")
+                                       "cifar10:PATH | cifar100:PATH (the python-pickle batches) | "
+                                       "skimage-photos[:N] (crops of scikit-image's sample photos)")
     parser.add_argument("out", help="output: local directory or s3://bucket/prefix")
     parser.add_argument("--shard-size", type=int, default=None,
                         help="samples per shard (default: about 1/8 of each split, 32..1000)")
     parser.add_argument("--image-size", type=int, default=None,
                         help="stored square size in px (default: 32 for digits/CIFAR, 64 for folders)")
+    parser.add_argument("--max-size", type=int, default=None,
+                        help="keep each image's aspect ratio, longer side <= this many px (never "
+                             "upscaled); the reader hands out SxS canvases + valid sizes. Excludes --image-size")
     parser.add_argument("--format", choices=("png", "jpg"), default="png", help="stored image format")
     parser.add_argument("--jpeg-quality", type=int, default=90, help="JPEG quality for --format jpg")
     parser.add_argument("--seed", type=int, default=0, help="seed of the train/val split and sample order")
@@ -69,7 +73,7 @@ def run_prepare(args: argparse.Namespace) -> int:
         prepare(args.source, args.out, storage=storage_from_args(args), shard_size=args.shard_size,
                 image_size=args.image_size, fmt=args.format, seed=args.seed,
                 val_fraction=args.val_fraction, jpeg_quality=args.jpeg_quality,
-                parallel=args.parallel, progress=not args.no_progress)
+                parallel=args.parallel, progress=not args.no_progress, max_size=args.max_size)
     except (DataError, StorageError, ConfigError) as e:
         return _fail(e)
     return 0

@@ -85,25 +85,68 @@ def parse_label(raw: bytes | None) -> tuple[int, int]:
     return -1, BAD_LABEL
 
 
+def open_rgb(fp, target: int, *, longer: bool = False):
+    """Open an encoded image (bytes-like, file object or path) as a loaded PIL RGB image.
+
+    JPEGs are decoded in draft mode (DCT scaling by 1/2, 1/4 or 1/8) when the side that will be
+    resized to ``target`` is at least twice ``target``: the shorter side for square sets, the longer
+    side for aspect sets (``longer=True``). Draft scaling never goes below the requested size, so
+    the final resize is always a downscale. The one place that implements this for the writer
+    (source images) and the reader (stored shards). Raises whatever PIL raises."""
+    from PIL import Image
+    if isinstance(fp, (bytes, bytearray, memoryview)):
+        fp = io.BytesIO(fp)
+    with Image.open(fp) as im:
+        w, h = im.size
+        if im.format == "JPEG" and (max(w, h) if longer else min(w, h)) >= 2 * target:
+            # draft picks the largest DCT scale keeping each side >= the requested one
+            im.draft("RGB", (max(1, w * target // max(w, h)), max(1, h * target // max(w, h)))
+                     if longer else (target, target))
+        return im.convert("RGB")
+
+
 def decode_image(data: bytes, size: int) -> np.ndarray | None:
     """Encoded image -> uint8 (size, size, 3) RGB, or ``None`` if PIL cannot decode it.
 
     Same size: no resampling (byte-exact for PNG). Otherwise shorter side to ``size`` and a centre
     crop (JPEG uses draft mode to decode at reduced scale first)."""
-    from PIL import Image
     try:
-        with Image.open(io.BytesIO(data)) as im:
-            if im.format == "JPEG" and min(im.size) >= 2 * size:
-                im.draft("RGB", (size, size))
-            im = im.convert("RGB")
-            if im.size != (size, size):
-                im = fit_square(im, size)
-            arr = np.asarray(im, dtype=np.uint8)
+        im = open_rgb(data, size)
+        if im.size != (size, size):
+            im = fit_square(im, size)
+        arr = np.asarray(im, dtype=np.uint8)
     except Exception:  # noqa: BLE001 - any decoder failure is an undecodable image
         return None
     if arr.shape != (size, size, 3):
         return None
     return arr
+
+
+def decode_aspect(data: bytes, size: int) -> np.ndarray | None:
+    """Encoded image -> uint8 (h, w, 3) RGB with ``max(h, w) <= size`` (aspect kept; downscaled only
+    when the stored image is larger than ``size``, never upscaled), or ``None`` if PIL cannot decode
+    it. Stored images of an aspect set decoded at their own ``max_size`` are never resampled."""
+    try:
+        im = fit_max(open_rgb(data, size, longer=True), size)
+        arr = np.asarray(im, dtype=np.uint8)
+    except Exception:  # noqa: BLE001 - any decoder failure is an undecodable image
+        return None
+    if arr.ndim != 3 or arr.shape[2] != 3 or min(arr.shape[:2]) < 1:
+        return None
+    return arr
+
+
+def fit_max(im, size: int):
+    """Downscale (bilinear, antialiased) so that the longer side is at most ``size``, keeping the
+    aspect ratio: new side = max(1, round(side * size / longer side)). Smaller images are returned
+    unchanged (never upscaled: upscaling adds pixels, not information; the crop resize does it)."""
+    from PIL import Image
+    w, h = im.size
+    if max(w, h) <= size:
+        return im
+    scale = size / max(w, h)
+    nw, nh = max(1, round(w * scale)), max(1, round(h * scale))
+    return im.resize((nw, nh), Image.BILINEAR, reducing_gap=3.0 if scale < 0.5 else None)
 
 
 def fit_square(im, size: int):

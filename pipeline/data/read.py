@@ -1,12 +1,16 @@
-"""Reading shards with Ray Data: ONE function, :func:`build_dataset`, for training, kNN and inspect.
+"""Reading shards with Ray Data: ONE function, :func:`build_dataset`, for training, kNN and inspect
+(plus :func:`build_train_dataset`, which caches the train set when it fits).
 
     scan_shards (pre-scan, threads, no Ray)       -> which shards, rows per shard, shard-level skips
     read_datasource(TarShardDatasource)           -> rows: key, id, image (encoded bytes), label, skip
        shard order shuffled per execution          (FileShuffleConfig(seed): Ray re-seeds it with the
                                                     dataset's execution index, i.e. once per epoch)
-    map_batches(decode, num_cpus, resources)      -> image uint8 (S, S, 3), label int64, skip int8, id
-    TorchTrainer(datasets={"train": ds})          -> streaming_split(equal=True) across the workers
-    worker: split_batch(batch)                    -> images, labels, {reason: count}
+    map_batches(decode, num_cpus, resources)      -> image uint8 (S, S, 3) [+ hw], label int64, skip int8,
+                                                     id (decode=worker: image stays encoded bytes)
+    build_train_dataset                           -> materialised once if it fits data.cache_budget_mb
+    TorchTrainer(datasets={"train": ds})          -> cached: unsplit; else streaming_split(equal=True)
+    worker: iter_train_batches(shard, epoch=e)    -> dict batches (decoded on the worker if asked)
+            split_batch(batch)                    -> images, labels, {reason: count}
 
 Why a FileBasedDatasource subclass rather than ``ray.data.read_webdataset``: read_webdataset raises on
 the first damaged tar (stopping the whole dataset) and cannot stop a truncated shard at its last
@@ -14,6 +18,27 @@ complete sample; this reader shares Ray's file listing, retries, per-epoch file 
 filesystem handling, reads the same webdataset layout (``<key>.<ext>`` members grouped by key), and
 never raises on shard content: damaged content becomes counted skip codes. It emits Arrow blocks
 directly (no pandas), and never decodes anything but images (PIL) and ASCII labels.
+
+Aspect-preserving sets (``cacr prepare --max-size S``, index.json ``layout: aspect``): each image
+(longer side <= S) is decoded onto a zero S x S canvas, top-left aligned, with ``hw`` (n, 2) = its
+valid height and width. A fixed canvas keeps batches dense tensors, so augmentation stays batched
+and samples its crop boxes against ``hw`` (the whole image, not a centre square); the zero padding
+costs at most S^2 - h w pixels per image and is never inside a crop box.
+
+Where decoding runs (``data.decode``): ``cpu_tasks`` = in the Ray Data map tasks above;
+``worker`` = the rows keep the encoded bytes and :func:`pipeline.data.iter_train_batches` decodes them
+on the train worker (torchvision; nvjpeg on a GPU), so that a GPU node's few CPUs are no ceiling.
+
+No per-epoch stall (:func:`build_train_dataset`): a streaming dataset re-plans and restarts its
+execution (tasks, actors, the first shard reads and decodes) at the start of every epoch. When the
+train set fits ``data.cache_budget_mb`` (decoded canvases, or the encoded bytes with
+``decode=worker``), it is instead read once, in index order, into the object store
+(``materialize``) and handed *unsplit* to every Train worker; each epoch then only permutes block
+references: epoch ``e`` visits the blocks in ``permutation(rng(seed, e))`` order and worker ``r``
+of ``W`` takes its contiguous ``N / W`` rows of that sequence (pipeline/data/batches.py). The order
+is a pure function of (seed, epoch): a restarted or resumed run gives epoch ``e`` the order it would
+have had. Budget: the cached set lives in the object store (default 30 % of RAM per node; spilled
+to disk beyond it), so keep ``cache_budget_mb`` well under that. Larger sets stream as before.
 
 Exactly once per epoch: Ray Train splits with ``equal=True``, which drops the remainder rows when
 the total does not divide by the number of workers. The reader therefore appends ``PAD`` rows
@@ -33,7 +58,7 @@ import numpy as np
 from pipeline.config import DataConfig, StorageConfig
 from pipeline.data.format import (BAD_LABEL, FIRST_DROPPED, IMAGE_EXTS, LABEL_EXT, MISSING_IMAGE,
                                   MISSING_LABEL, NUM_CODES, OK, PAD, READ_ERROR, SKIP_REASONS,
-                                  UNDECODABLE_IMAGE, decode_image, parse_label)
+                                  UNDECODABLE_IMAGE, decode_aspect, decode_image, parse_label)
 from pipeline.data.validate import ShardScan, iter_samples, scan_shards
 from pipeline.storage import arrow_fs
 
@@ -42,6 +67,8 @@ log = logging.getLogger(__name__)
 # Custom-resource amount each decode task asks for when data.data_resource is set: tiny, so that
 # the CPUs (decode_num_cpus) bound concurrency and the resource only pins placement.
 DATA_RESOURCE_PER_TASK = 0.001
+DECODE_MODES = ("cpu_tasks", "worker")
+ENCODED_BLOCK_ROWS = 1024   # rows per block of encoded samples (decode=worker): ~1-100 MB of bytes
 
 
 def _block_rows(image_size: int) -> int:
@@ -120,36 +147,67 @@ def _read_shard_blocks(f, name: str, shard_no: int, keep: int | None, pad: int, 
         yield table()
 
 
-def _decode_batch(table, image_size: int, with_keys: bool) -> dict[str, np.ndarray]:
-    """Encoded rows -> fixed-size uint8 images. Runs in Ray Data CPU tasks."""
+def _decode_batch(table, image_size: int, with_keys: bool, aspect: bool = False) -> dict[str, np.ndarray]:
+    """Encoded rows -> fixed-size uint8 images. Runs in Ray Data CPU tasks.
+
+    Square sets: (n, S, S, 3). Aspect sets: each image (longer side <= S, never upscaled) on a zero
+    S x S canvas, top-left aligned, plus ``hw`` (n, 2) int32 = its valid height and width
+    (0, 0 for dropped rows)."""
     n = table.num_rows
     skip = table.column("skip").to_numpy().astype(np.int8, copy=True)
     images = np.zeros((n, image_size, image_size, 3), dtype=np.uint8)
+    hw = np.zeros((n, 2), dtype=np.int32)
     raw = table.column("image").to_pylist()
     for i in range(n):
         if skip[i] < FIRST_DROPPED:
-            arr = decode_image(raw[i], image_size)
+            arr = decode_aspect(raw[i], image_size) if aspect else decode_image(raw[i], image_size)
             if arr is None:
                 skip[i] = UNDECODABLE_IMAGE
             else:
-                images[i] = arr
+                h, w = arr.shape[:2]
+                images[i, :h, :w] = arr
+                hw[i] = (h, w)
     out = {"image": images, "label": table.column("label").to_numpy().astype(np.int64),
            "skip": skip, "id": table.column("id").to_numpy().astype(np.int64)}
+    if aspect:
+        out["hw"] = hw
     if with_keys:
         out["key"] = np.asarray(table.column("key").to_pylist(), dtype=object)
     return out
 
 
+def _encoded_batch(table, image_size: int, with_keys: bool, aspect: bool = False):
+    """``decode=worker``: rows keep the encoded bytes; two constant columns tell the train worker
+    how to decode them (``decode_size`` = canvas side S, ``aspect``), so no config travels with them."""
+    import pyarrow as pa
+    n = table.num_rows
+    cols = {"image": table.column("image"), "label": table.column("label"), "skip": table.column("skip"),
+            "id": table.column("id"), "decode_size": pa.array(np.full(n, image_size, np.int32)),
+            "aspect": pa.array(np.full(n, aspect, np.bool_))}
+    if with_keys:
+        cols["key"] = table.column("key")
+    return pa.table(cols)
+
+
+def is_aspect(scan: ShardScan) -> bool:
+    """True for a set written by ``cacr prepare --max-size`` (index.json ``layout: aspect``)."""
+    return (scan.index or {}).get("layout") == "aspect"
+
+
 def build_dataset(url: str, split: str = "train", *, data: DataConfig | None = None,
                   storage: StorageConfig | None = None, seed: int = 0, num_workers: int = 1,
                   image_size: int | None = None, scan: ShardScan | None = None, shuffle: bool = True,
-                  with_keys: bool = False):
+                  with_keys: bool = False, decode: str = "cpu_tasks"):
     """The Ray Dataset of ``split`` under ``url``: columns ``image`` uint8 (N, S, S, 3), ``label``
     int64 (-1 = none), ``skip`` int8 (:data:`~pipeline.data.format.SKIP_REASONS`), ``id`` int64
-    (shard number << 32 | position, stable across epochs) [+ ``key`` str with ``with_keys``].
+    (shard number << 32 | position, stable across epochs) [+ ``hw`` int32 (N, 2) for aspect sets]
+    [+ ``key`` str with ``with_keys``].
 
-    * ``data``: decode size (``data.image_size``), ``decode_num_cpus`` and ``data_resource``; without
-      it images come out at the stored size and decode tasks take 0.25 CPU.
+    * ``data``: decode size (``data.image_size``), ``decode_num_cpus``, ``data_resource`` and
+      ``decode``; without it images come out at the stored size and decode tasks take 0.25 CPU.
+    * ``decode``: ``cpu_tasks`` (default; kNN, inspect and export read this way) decodes in Ray Data
+      tasks (above); ``worker`` (the train set under ``data.decode=worker``) leaves ``image`` as the encoded bytes (+ ``decode_size``, ``aspect`` columns) for
+      :func:`pipeline.data.iter_train_batches` to decode on the train worker's device.
     * ``seed``: shard order is shuffled from it, differently for every execution (= epoch) of the
       same Dataset object; ``shuffle=False`` keeps index order.
     * ``num_workers``: the number of Ray Train workers that will split it (PAD rows make the row count
@@ -162,6 +220,8 @@ def build_dataset(url: str, split: str = "train", *, data: DataConfig | None = N
 
     data_given = data is not None
     data = data or DataConfig(url=url)
+    if decode not in DECODE_MODES:
+        raise ValueError(f"decode={decode!r}: use one of {DECODE_MODES}")
     if scan is None:
         scan = scan_shards(url, split, storage)
     size = int(image_size or (data.image_size if data_given else (scan.image_size or data.image_size)))
@@ -182,11 +242,57 @@ def build_dataset(url: str, split: str = "train", *, data: DataConfig | None = N
     fs, _ = arrow_fs(url, storage)
     source = _make_datasource_class()(
         [s.path for s in readable], filesystem=fs, plans=plans, labeled=scan.labeled,
-        block_rows=_block_rows(size), shuffle=FileShuffleConfig(seed=int(seed)) if shuffle else None)
+        block_rows=_block_rows(size) if decode == "cpu_tasks" else ENCODED_BLOCK_ROWS,
+        shuffle=FileShuffleConfig(seed=int(seed)) if shuffle else None)
     ds = ray.data.read_datasource(source, override_num_blocks=len(readable), **remote)
-    ds = ds.map_batches(_decode_batch, fn_kwargs={"image_size": size, "with_keys": with_keys},
+    fn = _decode_batch if decode == "cpu_tasks" else _encoded_batch
+    ds = ds.map_batches(fn, fn_kwargs={"image_size": size, "with_keys": with_keys, "aspect": is_aspect(scan)},
                         batch_format="pyarrow", batch_size=None, zero_copy_batch=True, **remote)
     return ds
+
+
+def cache_bytes(scan: ShardScan, image_size: int, decode: str) -> int:
+    """Object-store bytes the materialised train set takes: decoded canvases (rows * S * S * 3) for
+    ``cpu_tasks``, the shards' encoded bytes for ``worker`` (tar headers included: an upper bound)."""
+    if decode == "worker":
+        return int(sum(s.size or 0 for s in scan.readable))
+    return int(scan.rows) * image_size * image_size * 3
+
+
+def build_train_dataset(url: str, *, data: DataConfig, storage: StorageConfig | None = None,
+                        seed: int = 0, num_workers: int = 1, scan: ShardScan | None = None):
+    """The ``train`` dataset for Ray Train: materialised once (see the module docstring, "No
+    per-epoch stall") when :func:`cache_bytes` fits ``data.cache_budget_mb``, else the streaming
+    :func:`build_dataset`. Pass it to ``TorchTrainer`` with :func:`train_datasets_to_split` and read
+    it with :func:`pipeline.data.iter_train_batches`."""
+    if scan is None:
+        scan = scan_shards(url, "train", storage)
+    decode = getattr(data, "decode", "cpu_tasks")
+    budget = float(getattr(data, "cache_budget_mb", 0.0)) * (1 << 20)
+    need = cache_bytes(scan, int(data.image_size), decode)
+    if need > budget:
+        log.info("train set needs %.0f MB > data.cache_budget_mb: streaming every epoch", need / 2**20)
+        return build_dataset(url, "train", data=data, storage=storage, seed=seed, num_workers=num_workers,
+                             scan=scan, decode=decode)
+    # Index order (no file shuffle) and preserve_order: the cached block order is the same on every
+    # run, so that the per-epoch permutation (seed, epoch) -> order is reproducible after a restart.
+    ds = build_dataset(url, "train", data=data, storage=storage, seed=seed, num_workers=num_workers,
+                       scan=scan, shuffle=False, decode=decode)
+    ds.context.execution_options.preserve_order = True
+    return ds.materialize()
+
+
+def is_cached(ds) -> bool:
+    """True for a dataset from :func:`build_train_dataset` that was materialised."""
+    from ray.data.dataset import MaterializedDataset
+    return isinstance(ds, MaterializedDataset)
+
+
+def train_datasets_to_split(datasets: dict[str, Any]) -> list[str]:
+    """``ray.train.DataConfig(datasets_to_split=...)`` for a datasets dict: ``train`` is split by Ray
+    (streaming_split) only when it streams; a cached train set goes unsplit to every worker, and
+    :func:`~pipeline.data.iter_train_batches` takes each worker's exact slice per epoch."""
+    return [] if is_cached(datasets["train"]) else ["train"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -222,5 +328,6 @@ def merge_counts(*counts: dict[str, int]) -> dict[str, int]:
     return {k: v for k, v in sorted(total.items()) if v}
 
 
-__all__ = ["build_dataset", "split_batch", "merge_counts", "DATA_RESOURCE_PER_TASK",
+__all__ = ["build_dataset", "build_train_dataset", "is_cached", "train_datasets_to_split", "cache_bytes",
+           "is_aspect", "DECODE_MODES", "split_batch", "merge_counts", "DATA_RESOURCE_PER_TASK",
            "OK", "MISSING_LABEL", "BAD_LABEL", "MISSING_IMAGE", "UNDECODABLE_IMAGE", "READ_ERROR", "PAD"]

@@ -1,4 +1,5 @@
-"""Where `cacr prepare` reads images from: ``digits``, an image folder, ``cifar10:PATH``/``cifar100:PATH``.
+"""Where `cacr prepare` reads images from: ``digits``, an image folder, ``cifar10:PATH``/``cifar100:PATH``,
+``skimage-photos[:N]`` (random crops of scikit-image's bundled photos, for benches).
 
 A :class:`Source` is a list of samples (index -> label) plus a way to produce the stored RGB image of
 any index at the stored size. Work for one shard is described by a small picklable *payload*
@@ -14,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.data.format import DataError, fit_square
+from pipeline.data.format import DataError, fit_max, fit_square, open_rgb
 
 FOLDER_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm")
 
@@ -28,6 +29,7 @@ class Source:
     fixed_splits: dict[str, np.ndarray] | None = None   # e.g. CIFAR's own test batch
     arrays: np.ndarray | None = None   # uint8 (N, h, w, 3) for in-memory sources
     files: list[str] | None = None     # absolute paths for folder sources
+    crops: list[tuple] | None = None   # photo crop boxes for the skimage-photos source
     digest_extra: str = ""
     meta: dict[str, Any] = field(default_factory=dict)
 
@@ -42,6 +44,8 @@ class Source:
         """Picklable description of the images at ``indices`` for :func:`load_images`."""
         if self.arrays is not None:
             return {"kind": "array", "pixels": self.arrays[indices]}
+        if self.crops is not None:
+            return {"kind": "photos", "crops": [self.crops[i] for i in indices]}
         return {"kind": "files", "files": [self.files[i] for i in indices]}
 
     def digest(self) -> str:
@@ -50,36 +54,105 @@ class Source:
         h.update(self.labels.tobytes())
         if self.files is not None:
             h.update("\n".join(self.files).encode())
+        if self.crops is not None:
+            h.update(repr(self.crops).encode())
         h.update(self.digest_extra.encode())
         return h.hexdigest()[:16]
 
 
-def load_images(payload: dict[str, Any], size: int) -> list[np.ndarray | None]:
-    """The stored RGB uint8 (size, size, 3) images of a payload; ``None`` for an unreadable file."""
+def load_images(payload: dict[str, Any], size: int, layout: str = "square") -> list[np.ndarray | None]:
+    """The stored RGB uint8 images of a payload; ``None`` for an unreadable file.
+
+    ``layout="square"``: (size, size, 3), shorter side to ``size`` then a centre crop (small square
+    sources are upscaled smoothly). ``layout="aspect"``: (h, w, 3) with the aspect ratio kept and
+    ``max(h, w) <= size``; larger images are downscaled, smaller ones stored as they are."""
     from PIL import Image
+    aspect = layout == "aspect"
     out: list[np.ndarray | None] = []
-    if payload["kind"] == "array":
-        for px in payload["pixels"]:
-            if px.shape[:2] == (size, size):
+    if payload["kind"] in ("array", "photos"):
+        pixels = payload["pixels"] if payload["kind"] == "array" else photo_crops(payload["crops"])
+        for px in pixels:
+            if px.shape[:2] == (size, size) or (aspect and max(px.shape[:2]) <= size and px.shape[2] == 3):
                 out.append(np.ascontiguousarray(px))
+                continue
+            mode = "L" if px.shape[2] == 1 else "RGB"
+            im = Image.fromarray(px[..., 0] if mode == "L" else px, mode)
+            if aspect:
+                im = fit_max(im, size)
             else:
-                mode = "L" if px.shape[2] == 1 else "RGB"
-                im = Image.fromarray(px[..., 0] if mode == "L" else px, mode)
                 # Small sources (8x8 digits, 32x32 CIFAR) are upscaled smoothly; bilinear is exact
                 # and deterministic for the same input.
                 im = im.resize((size, size), Image.BILINEAR) if im.size[0] == im.size[1] else fit_square(im, size)
-                out.append(np.asarray(im.convert("RGB"), dtype=np.uint8))
+            out.append(np.asarray(im.convert("RGB"), dtype=np.uint8))
         return out
     for path in payload["files"]:
         try:
-            with Image.open(path) as im:
-                if im.format == "JPEG" and min(im.size) >= 2 * size:
-                    im.draft("RGB", (size, size))
-                im = fit_square(im.convert("RGB"), size)
-                out.append(np.asarray(im, dtype=np.uint8))
+            im = open_rgb(path, size, longer=aspect)
+            im = fit_max(im, size) if aspect else fit_square(im, size)
+            out.append(np.asarray(im, dtype=np.uint8))
         except Exception:  # noqa: BLE001 - unreadable source image: counted by the writer
             out.append(None)
     return out
+
+
+# ---------------------------------------------------------------------------------------------
+# scikit-image's bundled sample photos: a real-photo source for benches, no download
+
+# Photos that ship inside the scikit-image wheel (no pooch download), one class each; the grey
+# ones are replicated to RGB.
+SKIMAGE_PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "hubble_deep_field",
+                  "immunohistochemistry", "retina", "camera", "coins", "grass")
+PHOTOS_DEFAULT_N = 1000
+PHOTO_CROP_LONG = (256, 320)      # longer side of a generated crop, px (then stored at --max-size)
+PHOTO_CROP_RATIO = (0.5, 2.0)     # width / height, log-uniform
+PHOTO_CROP_AREA = (0.2, 1.0)      # fraction of the photo's area, uniform
+
+
+def _photo(name: str) -> np.ndarray:
+    import skimage.data
+    px = np.asarray(getattr(skimage.data, name)())
+    if px.ndim == 2:
+        px = np.repeat(px[..., None], 3, axis=2)
+    return np.ascontiguousarray(px[..., :3].astype(np.uint8))
+
+
+def photo_crops(crops: list[tuple[int, int, int, int, int, int, int]]) -> list[np.ndarray]:
+    """Render crops ``(photo, top, left, h, w, out_h, out_w)``: cut, then bilinear resize."""
+    from PIL import Image
+    cache: dict[int, np.ndarray] = {}
+    out = []
+    for p, top, left, h, w, oh, ow in crops:
+        if p not in cache:
+            cache[p] = _photo(SKIMAGE_PHOTOS[p])
+        im = Image.fromarray(cache[p][top:top + h, left:left + w], "RGB")
+        out.append(np.asarray(im.resize((ow, oh), Image.BILINEAR), dtype=np.uint8))
+    return out
+
+
+def photos_source(n: int = PHOTOS_DEFAULT_N, seed: int = 0) -> Source:
+    """``skimage-photos[:N]``: N random crops (varied aspect 1:2..2:1, 20-100 % of the area, longer
+    side 256-320 px) of scikit-image's bundled photos, labelled by photo (10 classes). Deterministic
+    in (n, seed); meant for ``cacr prepare skimage-photos OUT --max-size 224 --format jpg``."""
+    try:
+        shapes = [_photo(name).shape[:2] for name in SKIMAGE_PHOTOS]
+    except ImportError:
+        raise DataError("source 'skimage-photos' needs scikit-image: pip install scikit-image") from None
+    rng = np.random.default_rng(seed)
+    crops, labels = [], []
+    for i in range(n):
+        p = i % len(SKIMAGE_PHOTOS)
+        ph, pw = shapes[p]
+        ratio = float(np.exp(rng.uniform(*np.log(PHOTO_CROP_RATIO))))
+        area = rng.uniform(*PHOTO_CROP_AREA) * ph * pw
+        w = int(min(pw, max(8, round(np.sqrt(area * ratio)))))
+        h = int(min(ph, max(8, round(w / ratio))))
+        top, left = int(rng.integers(0, ph - h + 1)), int(rng.integers(0, pw - w + 1))
+        long = int(rng.integers(PHOTO_CROP_LONG[0], PHOTO_CROP_LONG[1] + 1))
+        oh, ow = (long, max(1, round(long * w / h))) if h >= w else (max(1, round(long * h / w)), long)
+        crops.append((p, top, left, h, w, oh, ow))
+        labels.append(p)
+    return Source(f"skimage-photos:{n}", np.asarray(labels, dtype=np.int64), list(SKIMAGE_PHOTOS), 224,
+                  crops=crops, digest_extra=f"{seed}:{PHOTO_CROP_LONG}:{PHOTO_CROP_RATIO}:{PHOTO_CROP_AREA}")
 
 
 def digits_source() -> Source:
@@ -168,6 +241,11 @@ def cifar_source(kind: str, path: str) -> Source:
 def open_source(spec: str) -> Source:
     if spec == "digits":
         return digits_source()
+    if spec == "skimage-photos" or spec.startswith("skimage-photos:"):
+        n = spec.partition(":")[2] or str(PHOTOS_DEFAULT_N)
+        if not n.isdigit() or int(n) < 1:
+            raise DataError(f"source '{spec}': use skimage-photos or skimage-photos:N with N >= 1")
+        return photos_source(int(n))
     for kind in ("cifar10", "cifar100"):
         if spec.startswith(kind + ":"):
             return cifar_source(kind, spec[len(kind) + 1:])

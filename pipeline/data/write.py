@@ -103,7 +103,7 @@ def write_shard(job: dict[str, Any], out_url: str, storage: StorageConfig | None
     import webdataset as wds
 
     name, size, fmt = job["name"], job["image_size"], job["format"]
-    images = load_images(job["payload"], size)
+    images = load_images(job["payload"], size, job.get("layout", "square"))
     url = join_url(out_url, name)
     fs, path = fsspec_fs(url, storage)
     local = parse_url(out_url).scheme == "file"
@@ -146,7 +146,7 @@ def _read_json(url: str, storage: StorageConfig | None) -> Any:
 
 
 def _plan(src: Source, splits: dict[str, np.ndarray], *, image_size: int, fmt: str, jpeg_quality: int,
-          shard_size: int | None) -> list[dict[str, Any]]:
+          shard_size: int | None, layout: str = "square") -> list[dict[str, Any]]:
     width = max(7, len(str(len(src))))
     digest = src.digest()
     jobs = []
@@ -156,11 +156,13 @@ def _plan(src: Source, splits: dict[str, np.ndarray], *, image_size: int, fmt: s
             chunk = idx[start:start + ss]
             keys = [f"{int(i):0{width}d}" for i in chunk]
             labels = [int(v) for v in src.labels[chunk]]
-            fp = hashlib.sha1(json.dumps([FORMAT_VERSION, digest, image_size, fmt, jpeg_quality, keys,
-                                          labels]).encode()).hexdigest()[:20]
+            plan = [FORMAT_VERSION, digest, image_size, fmt, jpeg_quality, keys, labels]
+            if layout != "square":  # square fingerprints stay those of earlier versions (resume)
+                plan.append(layout)
+            fp = hashlib.sha1(json.dumps(plan).encode()).hexdigest()[:20]
             jobs.append({"name": shard_name(split, num), "split": split, "indices": chunk, "keys": keys,
                          "labels": labels, "image_size": image_size, "format": fmt,
-                         "jpeg_quality": jpeg_quality, "fingerprint": fp})
+                         "jpeg_quality": jpeg_quality, "fingerprint": fp, "layout": layout})
     return jobs
 
 
@@ -168,10 +170,16 @@ def prepare(source: str | Source, out_url: str, *, storage: StorageConfig | None
             shard_size: int | None = None, image_size: int | None = None, fmt: str = "png",
             seed: int = 0, val_fraction: float | None = None, jpeg_quality: int = 90,
             parallel: str = "auto", progress: bool = True,
-            echo: Callable[[str], None] | None = None) -> dict[str, Any]:
-    """Convert ``source`` (``digits`` | image folder | ``cifar10:PATH`` | ``cifar100:PATH``, or a
-    :class:`~pipeline.data.sources.Source` built in code) into shards at ``out_url``; returns the index
-    (also written as ``index.json``). Re-running skips shards already complete."""
+            echo: Callable[[str], None] | None = None, max_size: int | None = None) -> dict[str, Any]:
+    """Convert ``source`` (``digits`` | image folder | ``cifar10:PATH`` | ``cifar100:PATH`` |
+    ``skimage-photos[:N]``, or a :class:`~pipeline.data.sources.Source` built in code) into shards at
+    ``out_url``; returns the index (also written as ``index.json``). Re-running skips shards already
+    complete.
+
+    ``image_size=S`` (default layout ``square``): every image stored S x S (shorter side to S, centre
+    crop). ``max_size=S`` (layout ``aspect``): aspect ratio kept, longer side <= S; larger images are
+    downscaled, smaller ones kept as they are (never upscaled). index.json records ``layout`` and, for
+    aspect sets, ``max_size`` (= ``image_size``, the canvas side the reader decodes onto)."""
     echo = echo or (lambda m: print(m, file=sys.stderr, flush=True))
     fmt = {"jpeg": "jpg"}.get(fmt, fmt)
     if fmt not in ("png", "jpg"):
@@ -180,6 +188,11 @@ def prepare(source: str | Source, out_url: str, *, storage: StorageConfig | None
         raise DataError("--shard-size must be >= 1")
     if image_size is not None and image_size < 8:
         raise DataError("--image-size must be >= 8")
+    if max_size is not None and image_size is not None:
+        raise DataError("--image-size (square) and --max-size (aspect kept) exclude each other: use one")
+    if max_size is not None and max_size < 8:
+        raise DataError("--max-size must be >= 8")
+    layout = "square" if max_size is None else "aspect"
     if parallel not in ("auto", "ray", "local"):
         raise DataError(f"--parallel {parallel!r}: use auto, ray or local")
     vf = default_val_fraction(source if isinstance(source, str) else "") if val_fraction is None \
@@ -193,9 +206,10 @@ def prepare(source: str | Source, out_url: str, *, storage: StorageConfig | None
         os.makedirs(loc.path, exist_ok=True)
 
     src = open_source(source) if isinstance(source, str) else source
-    size = int(image_size or src.default_image_size)
+    size = int(max_size or image_size or src.default_image_size)
     splits = _split_indices(src, vf, seed)
-    jobs = _plan(src, splits, image_size=size, fmt=fmt, jpeg_quality=jpeg_quality, shard_size=shard_size)
+    jobs = _plan(src, splits, image_size=size, fmt=fmt, jpeg_quality=jpeg_quality, shard_size=shard_size,
+                 layout=layout)
 
     # --- resume: which shards are already complete?
     existing = list_files(out_url, storage, suffix=".tar")
@@ -237,7 +251,8 @@ def prepare(source: str | Source, out_url: str, *, storage: StorageConfig | None
             pass
 
     use_ray = parallel == "ray" or (parallel == "auto" and len(src) >= AUTO_RAY_SAMPLES)
-    echo(f"prepare: {src.name} -> {loc.url}: {len(src)} images, {size}px {fmt}, "
+    echo(f"prepare: {src.name} -> {loc.url}: {len(src)} images, "
+         f"{size}px {fmt}{' (aspect kept, longer side <= max size)' if layout == 'aspect' else ''}, "
          f"{', '.join(f'{k} {len(v)}' for k, v in splits.items())}; {len(jobs)} shards, "
          f"{len(done)} already done" + (", Ray tasks" if use_ray and todo else ""))
     for j in todo:
@@ -249,7 +264,8 @@ def prepare(source: str | Source, out_url: str, *, storage: StorageConfig | None
     unreadable = sum(e.get("unreadable", 0) for e in entries.values())
     index = {
         "format_version": FORMAT_VERSION, "created_by": "cacr prepare", "source": src.name,
-        "image_size": size, "image_format": fmt, "channels": 3, "classes": src.classes,
+        "image_size": size, "layout": layout, **({"max_size": size} if layout == "aspect" else {}),
+        "image_format": fmt, "channels": 3, "classes": src.classes,
         "labeled": src.labeled, "seed": seed, "val_fraction": vf,
         "shard_size": shard_size or "auto", "source_unreadable": unreadable, "splits": {},
     }

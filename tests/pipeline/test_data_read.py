@@ -355,3 +355,217 @@ def test_train_workers_exactly_once_and_reshuffled(digits_shards, tmp_path, ray_
         assert r[0]["batches"] == r[1]["batches"]  # equal rows per worker -> same step count
         orders.append((tuple(r[0]["shards"]), tuple(r[1]["shards"])))
     assert len(set(orders)) == epochs, orders  # a new shard order every epoch
+
+
+# ---------------------------------------------------------------------------------------------
+# aspect-preserving sets, worker-side decode, the cached train set (iter_train_batches)
+
+
+def _read_all(ds, decode: str, *, epoch: int = 0, seed: int = 0, rank: int = 0, world: int = 1):
+    """Every delivered sample of one epoch: {id: (image, hw)}, skip counts, id sequence."""
+    from pipeline.data import iter_train_batches
+    got, seq, counts = {}, [], {}
+    for batch in iter_train_batches(ds, batch_size=64, device="cpu", decode=decode, epoch=epoch, seed=seed,
+                                    rank=rank, world_size=world):
+        images, _, skipped = split_batch(batch)
+        counts = merge_counts(counts, skipped)
+        keep = batch["skip"] < 3
+        ids = batch["id"][keep].tolist()
+        hw = batch["hw"][keep] if "hw" in batch else [None] * len(ids)
+        assert images.shape[0] == len(ids)
+        for i, im, h in zip(ids, images, hw):
+            got[i] = (im.numpy(), None if h is None else tuple(h.tolist()))
+        seq.extend(ids)
+    return got, counts, seq
+
+
+def _aspect_set(tmp_path) -> tuple[str, dict[str, tuple[int, int]]]:
+    """A JPEG aspect set (max 64 px) with one truncated JPEG and one BMP stored as .jpg (PIL reads
+    it, torchvision does not); returns the URL and the stored (h, w) per key."""
+    from pipeline.data import prepare
+    src = tmp_path / "src"
+    rng = np.random.default_rng(5)
+    for i in range(24):
+        w, h = int(rng.integers(20, 200)), int(rng.integers(20, 200))
+        small = Image.fromarray(rng.integers(0, 255, (3, 3, 3), dtype=np.uint8), "RGB")
+        os.makedirs(src / f"c{i % 3}", exist_ok=True)
+        small.resize((w, h), Image.BICUBIC).save(src / f"c{i % 3}" / f"{i:02d}.jpg", quality=92)
+    url = str(tmp_path / "aspect")
+    prepare(str(src), url, max_size=64, fmt="jpg", shard_size=6, val_fraction=0, progress=False,
+            echo=lambda m: None)
+    p = os.path.join(url, "train-000001.tar")
+    with tarfile.open(p) as tf:
+        members = [(m.name, tf.extractfile(m).read()) for m in tf.getmembers()]
+    samples: dict[str, dict[str, bytes]] = {}
+    for n, b in members:
+        k, ext = n.split(".")
+        samples.setdefault(k, {})[ext] = b
+    keys = list(samples)
+    samples[keys[0]]["jpg"] = samples[keys[0]]["jpg"][:len(samples[keys[0]]["jpg"]) // 2]
+    bmp = io.BytesIO()
+    Image.fromarray(rng.integers(0, 255, (30, 50, 3), dtype=np.uint8)).save(bmp, format="BMP")
+    samples[keys[1]]["jpg"] = bmp.getvalue()
+    open(p, "wb").write(make_tar(list(samples.items())))
+    sizes = {}
+    for name in sorted(os.listdir(url)):
+        if name.endswith(".tar"):
+            with tarfile.open(os.path.join(url, name)) as tf:
+                for m in tf.getmembers():
+                    if m.name.endswith(".jpg"):
+                        try:
+                            im = Image.open(io.BytesIO(tf.extractfile(m).read()))
+                            im.load()
+                        except OSError:  # the truncated one
+                            continue
+                        w, h = im.size
+                        sizes[m.name[:-4]] = (h, w)
+    return url, sizes
+
+
+@pytest.mark.slow
+def test_worker_decode_same_pixels_and_counts(digits_shards, tmp_path, ray_session, copy_shards):
+    from pipeline.config import DataConfig
+    from pipeline.data import build_train_dataset, is_cached, train_datasets_to_split
+
+    local = copy_shards(digits_shards, tmp_path / "bad")
+    want = _damage(local)
+    per_sample = {k: v for k, v in want["skipped"].items() if k in
+                  ("missing_image", "undecodable_image", "missing_label", "bad_label")}
+    aspect_url, sizes = _aspect_set(tmp_path)
+    for url, size, want_counts in ((local, 32, per_sample), (aspect_url, 64, {"undecodable_image": 1})):
+        scan = scan_shards(url, "train")
+        runs = {}
+        for decode in ("cpu_tasks", "worker"):
+            data = DataConfig(url=url, image_size=size, decode=decode, cache_budget_mb=64)
+            ds = build_train_dataset(url, data=data, num_workers=1, scan=scan)
+            assert is_cached(ds) and train_datasets_to_split({"train": ds}) == []
+            runs[decode] = _read_all(ds, decode)
+            assert runs[decode][1] == want_counts, (url, decode)
+            with pytest.raises(ValueError, match="decode="):  # asked for the other mode: loud
+                _read_all(ds, "worker" if decode == "cpu_tasks" else "cpu_tasks")
+        cpu, wrk = runs["cpu_tasks"][0], runs["worker"][0]
+        assert sorted(cpu) == sorted(wrk)
+        for i in cpu:
+            assert np.array_equal(cpu[i][0], wrk[i][0]) and cpu[i][1] == wrk[i][1], i
+    # aspect canvases: valid region = the stored image's own size, zero outside it
+    got = runs["worker"][0]
+    assert sorted(h for _, h in got.values()) == sorted(sizes.values())
+    for im, (h, w) in got.values():
+        assert im.shape == (64, 64, 3) and max(h, w) <= 64
+        assert not im[h:].any() and not im[:, w:].any() and im[:h, :w].any()
+    # over the budget: the same call streams (split by Ray Train), as before
+    lazy = build_train_dataset(local, data=DataConfig(url=local, cache_budget_mb=0), num_workers=2)
+    assert not is_cached(lazy) and train_datasets_to_split({"train": lazy}) == ["train"]
+
+
+@pytest.mark.slow
+def test_cached_train_set_exactly_once_order_per_epoch(digits_shards, tmp_path, ray_session):
+    """Real Train workers read the cached set through iter_train_batches: each epoch every sample
+    exactly once over the 2 workers with equal batch counts, a new block order every epoch, and an
+    epoch's order a pure function of (seed, epoch): re-reading epoch 1 (as after a restart) and
+    reading it in this process give the same sequence."""
+    import ray.train
+    from ray.train import DataConfig as TrainDataConfig
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from pipeline.config import DataConfig
+    from pipeline.data import build_train_dataset, train_datasets_to_split
+
+    def _train_loop(config):
+        import json as _json
+        import os as _os
+
+        import ray.train
+
+        from pipeline.data import iter_train_batches, split_batch as _split
+
+        ctx = ray.train.get_context()
+        shard = ray.train.get_dataset_shard("train")
+        for run, epoch in enumerate(config["epochs"]):
+            ids, batches = [], 0
+            for batch in iter_train_batches(shard, batch_size=32, device="cpu", decode="cpu_tasks",
+                                            prefetch_batches=2, pin_memory=False, epoch=epoch, seed=7):
+                images, _, _ = _split(batch)
+                ids.extend(batch["id"][batch["skip"] < 3].tolist())
+                assert images.shape[1:] == (32, 32, 3)
+                batches += 1
+            with open(_os.path.join(config["out"], f"rank{ctx.get_world_rank()}-run{run}.json"), "w") as f:
+                _json.dump({"ids": ids, "batches": batches}, f)
+            ray.train.report({"epoch": epoch})
+
+    split = "val"  # 359 samples: odd, so an even split needs the PAD row
+    scan = scan_shards(digits_shards, split)
+    assert scan.rows % 2 == 1
+    ds = build_train_dataset(digits_shards, data=DataConfig(url=digits_shards, image_size=32), seed=7,
+                             num_workers=2, scan=scan)
+    out = tmp_path / "ids"
+    out.mkdir()
+    epochs = [0, 1, 2, 1]
+    TorchTrainer(
+        _train_loop, train_loop_config={"epochs": epochs, "out": str(out)},
+        scaling_config=ScalingConfig(num_workers=2, resources_per_worker={"CPU": 0.5}),
+        datasets={"train": ds}, dataset_config=TrainDataConfig(datasets_to_split=train_datasets_to_split({"train": ds})),
+        run_config=RunConfig(storage_path=str(tmp_path / "runs"), name="cached",
+                             failure_config=FailureConfig(max_failures=0))).fit()
+    expected = {(i << 32) | j for i, s in enumerate(scan.shards) for j in range(s.rows)}
+    seqs = []
+    for run in range(len(epochs)):
+        r = [json.load(open(out / f"rank{k}-run{run}.json")) for k in (0, 1)]
+        all_ids = r[0]["ids"] + r[1]["ids"]
+        assert len(all_ids) == len(set(all_ids)) == len(expected) and set(all_ids) == expected, run
+        assert r[0]["batches"] == r[1]["batches"]
+        seqs.append(all_ids)
+    assert len({tuple(s) for s in seqs[:3]}) == 3  # epochs 0, 1, 2 differ
+    assert seqs[3] == seqs[1]                        # epoch 1 again: the same order
+    here = _read_all(ds, "cpu_tasks", epoch=1, seed=7, rank=0, world=2)[2] + \
+        _read_all(ds, "cpu_tasks", epoch=1, seed=7, rank=1, world=2)[2]
+    assert here == seqs[1]
+
+
+def _blobs() -> tuple[list[bytes], list[int]]:
+    """Encoded images of varied size and format, with the damage the shards can hold."""
+    rng = np.random.default_rng(9)
+    out = []
+    for i, (w, h) in enumerate([(80, 40), (40, 90), (64, 64), (30, 20), (150, 100)]):
+        im = Image.fromarray(rng.integers(0, 255, (3, 3, 3), dtype=np.uint8), "RGB").resize((w, h), Image.BICUBIC)
+        b = io.BytesIO()
+        im.save(b, format="JPEG" if i % 2 == 0 else "PNG", quality=90)
+        out.append(b.getvalue())
+    bmp = io.BytesIO()
+    Image.fromarray(rng.integers(0, 255, (20, 30, 3), dtype=np.uint8)).save(bmp, format="BMP")
+    out += [out[0][: len(out[0]) // 2], bmp.getvalue(), b"\xff\xd8garbage", b""]
+    codes = [0] * 9 + [3]  # the last row has no image member at all
+    return out, codes
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+@pytest.mark.parametrize("aspect", [False, True])
+def test_decode_batch_matches_pil(device, aspect):
+    """Worker-side decode: same verdicts as the CPU tasks' PIL decode (what torchvision refuses,
+    PIL decides), same geometry, pixels equal on the CPU (close on nvjpeg)."""
+    import torch
+
+    from pipeline.data import decode_batch
+    from pipeline.data.format import decode_aspect, decode_image
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    blobs, codes = _blobs()
+    skip = np.asarray(codes, np.int8)
+    canvas, hw = decode_batch(blobs, skip, size=64, aspect=aspect, device=device)
+    assert canvas.device.type == device and canvas.shape == (len(blobs), 64, 64, 3)
+    assert skip.tolist() == [0, 0, 0, 0, 0, 4, 0, 4, 4, 3]
+    for i, b in enumerate(blobs[:7]):
+        want = (decode_aspect if aspect else decode_image)(b, 64)
+        if want is None:
+            assert not canvas[i].any()
+            continue
+        h, w = want.shape[:2]
+        assert tuple(hw[i].tolist()) == (h, w)
+        got = canvas[i, :h, :w].cpu().numpy()
+        assert not canvas[i, h:].any() and not canvas[i, :, w:].any()
+        diff = np.abs(got.astype(int) - want).max()
+        resized = max(Image.open(io.BytesIO(b)).size) > 64 if aspect else Image.open(io.BytesIO(b)).size != (64, 64)
+        # no resampling: exact on the CPU (same libjpeg); resized: torch vs PIL bilinear+antialias
+        limit = (0 if device == "cpu" else 8) if not resized else 40
+        assert diff <= limit, (i, diff)

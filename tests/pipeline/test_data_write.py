@@ -196,3 +196,62 @@ def test_ray_path_matches_in_process(tmp_path, ray_session):
     for info in local["splits"].values():
         for s in info["shards"]:
             assert open(tmp_path / "local" / s["name"], "rb").read() == open(tmp_path / "ray" / s["name"], "rb").read()
+
+
+# ---------------------------------------------------------------------------------------------
+# aspect-preserving sets (--max-size) and the scikit-image photo source
+
+
+def _smooth(w: int, h: int, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    small = Image.fromarray(rng.integers(0, 255, (4, 4, 3), dtype=np.uint8), "RGB")
+    return np.asarray(small.resize((w, h), Image.BICUBIC))
+
+
+def test_max_size_keeps_aspect_never_upscales(tmp_path):
+    src = tmp_path / "src"
+    sizes = {"wide": (300, 150), "tall": (90, 400), "small": (100, 60), "square": (200, 200)}
+    for i, (name, (w, h)) in enumerate(sizes.items()):
+        os.makedirs(src / name)
+        Image.fromarray(_smooth(w, h, i)).save(src / name / "a.jpg", quality=95)
+    out = str(tmp_path / "out")
+    p = argparse.ArgumentParser()
+    add_prepare_args(p)
+    assert run_prepare(p.parse_args([str(src), out, "--max-size", "128", "--val-fraction", "0",
+                                     "--no-progress"])) == 0
+    idx = json.load(open(os.path.join(out, "index.json")))
+    assert (idx["layout"], idx["max_size"], idx["image_size"]) == ("aspect", 128, 128)
+    got = {}
+    for s in idx["splits"]["train"]["shards"]:
+        members = dict(tar_members(os.path.join(out, s["name"])))
+        for n, b in members.items():
+            if n.endswith(".png"):
+                got[idx["classes"][int(members[n[:-4] + ".cls"])]] = Image.open(io.BytesIO(b)).size
+    # longer side scaled to 128 with the aspect kept; the small image is stored as it is
+    assert got == {"wide": (128, 64), "tall": (29, 128), "small": (100, 60), "square": (128, 128)}
+    # a square set records its layout; the two sizes exclude each other
+    assert prepare(str(src), str(tmp_path / "sq"), image_size=32, **QUIET)["layout"] == "square"
+    with pytest.raises(DataError, match="exclude each other"):
+        prepare(str(src), str(tmp_path / "both"), image_size=32, max_size=64, **QUIET)
+
+
+def test_skimage_photos_source(tmp_path):
+    from pipeline.data.sources import SKIMAGE_PHOTOS, open_source
+    a, b = open_source("skimage-photos:40"), open_source("skimage-photos:40")
+    assert len(a) == 40 and a.classes == list(SKIMAGE_PHOTOS) and a.digest() == b.digest()
+    assert sorted(set(a.labels.tolist())) == list(range(10))
+    ratios = [w / h for (_, _, _, h, w, _, _) in a.crops]
+    assert min(ratios) < 0.8 and max(ratios) > 1.25  # varied aspect, both orientations
+    with pytest.raises(DataError, match="skimage-photos:N"):
+        open_source("skimage-photos:many")
+    idx = prepare("skimage-photos:20", str(tmp_path / "ph"), max_size=224, fmt="jpg", **QUIET)
+    assert idx["layout"] == "aspect" and idx["image_format"] == "jpg"
+    shapes = set()
+    for info in idx["splits"].values():
+        for s in info["shards"]:
+            for n, b in tar_members(str(tmp_path / "ph" / s["name"])):
+                if n.endswith(".jpg"):
+                    im = Image.open(io.BytesIO(b))
+                    assert im.format == "JPEG" and max(im.size) == 224  # crops are >= 256 px: downscaled
+                    shapes.add(im.size)
+    assert len(shapes) > 5

@@ -1,0 +1,285 @@
+"""Train-worker side of the input path: :func:`iter_train_batches`, one epoch of batches.
+
+    for batch in iter_train_batches(ray.train.get_dataset_shard("train"), batch_size=B, device=dev,
+                                    decode=cfg.data.decode, prefetch_batches=2, pin_memory=use_gpu,
+                                    epoch=epoch, seed=cfg.seed):
+        images, labels, skipped = split_batch(batch)   # + batch["hw"] on aspect sets
+
+Batches are dicts like Ray's ``iter_torch_batches`` gives: ``image`` uint8 (n, S, S, 3) and, for
+aspect-preserving sets, ``hw`` int32 (n, 2) (valid height, width of each image on its top-left
+aligned zero canvas) on ``device``; ``label`` int64, ``skip`` int8 (skip codes, see format.py) and
+``id`` int64 on the CPU (so that counting skips never waits for the device).
+
+Two kinds of shard (decided on the driver by :func:`pipeline.data.build_train_dataset`):
+
+* **cached** (a materialised dataset, handed unsplit to every worker): the blocks stay in the object
+  store; epoch ``e`` visits them in the order ``permutation(rng(seed, e))`` - a pure function of
+  (seed, epoch), so a restarted or resumed run gets the order it would have had - and worker ``r``
+  of ``W`` takes rows ``[r N / W, (r + 1) N / W)`` of that sequence (``N`` divides by ``W`` thanks
+  to the reader's PAD rows): exactly once per epoch, equal batch counts, and no Ray Data execution
+  per epoch (the first batch costs one ``ray.get`` of a block). Blocks are fetched by a background
+  thread ``prefetch_batches`` blocks ahead.
+* **streaming** (Ray Train's ``streaming_split``): one Ray Data execution per epoch, shard order
+  re-shuffled by Ray per execution (not a function of ``epoch``); for sets above the cache budget.
+
+``decode``: ``cpu_tasks`` = images arrive decoded; ``worker`` = rows carry the encoded bytes and are
+decoded here in batches with ``torchvision.io.decode_jpeg`` (nvjpeg when ``device`` is CUDA, libjpeg
+on the CPU) or ``decode_image`` (PNG, ...). Whatever torchvision rejects or warns about is decided
+by the same PIL decode the CPU tasks use, so ``undecodable_image`` counts are the same in both modes.
+"""
+from __future__ import annotations
+
+import concurrent.futures
+import warnings
+import weakref
+from typing import Any, Iterator
+
+import numpy as np
+
+from pipeline.data.format import FIRST_DROPPED, UNDECODABLE_IMAGE, decode_aspect, decode_image
+
+_JPEG_MAGIC = b"\xff\xd8"
+_BLOCKS: "weakref.WeakKeyDictionary[Any, list]" = weakref.WeakKeyDictionary()
+
+
+def epoch_block_order(num_blocks: int, seed: int, epoch: int) -> np.ndarray:
+    """The order in which every worker's epoch ``epoch`` visits the cached blocks: a pure function
+    of (seed, epoch, number of blocks)."""
+    return np.random.default_rng([int(seed) & 0xFFFFFFFF, int(epoch), 0xCAC2]).permutation(num_blocks)
+
+
+def worker_row_range(total: int, rank: int, world: int) -> tuple[int, int]:
+    """Rows ``[lo, hi)`` of the epoch's row sequence that worker ``rank`` of ``world`` reads."""
+    return total * rank // world, total * (rank + 1) // world
+
+
+def iter_train_batches(shard, *, batch_size: int, device: Any = "cpu", decode: str | None = None,
+                       prefetch_batches: int = 2, pin_memory: bool = False, epoch: int = 0,
+                       seed: int = 0, rank: int | None = None, world_size: int | None = None
+                       ) -> Iterator[dict[str, Any]]:
+    """One epoch of batches from ``shard`` (``ray.train.get_dataset_shard("train")``, or a Ray
+    Dataset / DataIterator outside Train with explicit ``rank``/``world_size``). See the module
+    docstring. ``decode``: ``None`` = whatever the rows hold; ``"cpu_tasks"``/``"worker"`` also check
+    that the dataset was built that way (a mismatch is a ValueError, not a silent slow path)."""
+    import torch
+    device = torch.device(device)
+    if _is_streaming(shard):
+        rows = shard.iter_batches(batch_size=batch_size, batch_format="numpy",
+                                  prefetch_batches=prefetch_batches)
+    else:
+        if rank is None or world_size is None:
+            ctx = _train_context()
+            rank = ctx.get_world_rank() if rank is None else rank
+            world_size = ctx.get_world_size() if world_size is None else world_size
+        rows = _cached_rows(shard, batch_size=batch_size, epoch=epoch, seed=seed, rank=rank,
+                            world=world_size, prefetch=max(1, prefetch_batches))
+    for batch in rows:
+        yield _to_torch(batch, device, decode, pin_memory)
+
+
+def _train_context():
+    import ray.train
+    return ray.train.get_context()
+
+
+def _is_streaming(shard) -> bool:
+    try:
+        from ray.data._internal.iterator.stream_split_iterator import StreamSplitDataIterator
+    except ImportError:  # pragma: no cover - other Ray layouts: decide by name
+        return type(shard).__name__ == "StreamSplitDataIterator"
+    return isinstance(shard, StreamSplitDataIterator)
+
+
+def _cached_blocks(shard) -> list[tuple[Any, int]]:
+    """(block ref, rows) of a cached shard, in the materialised (index) order; looked up once per
+    worker process (``DataIterator.materialize`` of a materialised dataset copies nothing)."""
+    if shard in _BLOCKS:
+        return _BLOCKS[shard]
+    ds = shard if hasattr(shard, "iter_internal_ref_bundles") else shard.materialize()
+    blocks = [(entry.ref, int(entry.metadata.num_rows)) for bundle in ds.iter_internal_ref_bundles()
+              for entry in bundle.blocks if entry.metadata.num_rows]
+    _BLOCKS[shard] = blocks
+    return blocks
+
+
+def _cached_rows(shard, *, batch_size: int, epoch: int, seed: int, rank: int, world: int,
+                 prefetch: int) -> Iterator[dict[str, np.ndarray]]:
+    """Numpy batches of this worker's rows of epoch ``epoch`` (see the module docstring)."""
+    import ray
+    from ray.data.block import BlockAccessor
+
+    blocks = _cached_blocks(shard)
+    order = epoch_block_order(len(blocks), seed, epoch)
+    total = sum(n for _, n in blocks)
+    lo, hi = worker_row_range(total, rank, world)
+    wanted = []  # (block ref, first row, end row) of the blocks overlapping [lo, hi)
+    start = 0
+    for b in order:
+        ref, n = blocks[b]
+        a, z = max(lo, start), min(hi, start + n)
+        if a < z:
+            wanted.append((ref, a - start, z - start))
+        start += n
+
+    def fetch(item):
+        ref, a, z = item
+        return BlockAccessor.for_block(ray.get(ref)).slice(a, z, copy=False)
+
+    pending: list[tuple[int, dict]] = []
+    filled = 0
+    with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="cacr-blocks") as pool:
+        futures = [pool.submit(fetch, w) for w in wanted[:prefetch]]
+        for i in range(len(wanted)):
+            block = futures[i].result()
+            futures[i] = None  # drop the reference: the block may leave this process
+            if i + prefetch < len(wanted):
+                futures.append(pool.submit(fetch, wanted[i + prefetch]))
+            cols = BlockAccessor.for_block(block).to_numpy()
+            n, off = len(cols["skip"]), 0
+            while off < n:
+                take = min(batch_size - filled, n - off)
+                pending.append({k: v[off:off + take] for k, v in cols.items()})
+                filled += take
+                off += take
+                if filled == batch_size:
+                    yield _concat(pending)
+                    pending, filled = [], 0
+    if pending:
+        yield _concat(pending)
+
+
+def _concat(parts: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    if len(parts) == 1:
+        return parts[0]
+    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+
+def _to_torch(batch: dict[str, np.ndarray], device, decode: str | None, pin_memory: bool) -> dict[str, Any]:
+    import torch
+    encoded = "decode_size" in batch
+    if decode is not None and decode != ("worker" if encoded else "cpu_tasks"):
+        raise ValueError(f"iter_train_batches(decode={decode!r}) but the dataset was built with "
+                         f"decode={'worker' if encoded else 'cpu_tasks'} (build_dataset(decode=...))")
+    skip = np.array(batch["skip"], dtype=np.int8)
+    out: dict[str, Any] = {"label": torch.from_numpy(np.asarray(batch["label"], np.int64).copy()),
+                           "id": torch.from_numpy(np.asarray(batch["id"], np.int64).copy())}
+    if encoded:
+        size = int(batch["decode_size"][0]) if len(skip) else 0
+        aspect = bool(batch["aspect"][0]) if len(skip) else False
+        image, hw = decode_batch(list(batch["image"]), skip, size=size, aspect=aspect, device=device)
+        out["image"] = image
+        if aspect:
+            out["hw"] = hw
+    else:
+        for k in ("image", "hw"):
+            if k in batch:
+                with warnings.catch_warnings():
+                    # zero-copy from the object store, as Ray's iter_torch_batches: read-only
+                    # memory that the train step never writes to (augmentation makes new tensors)
+                    warnings.simplefilter("ignore")
+                    t = torch.as_tensor(np.ascontiguousarray(batch[k]))
+                if pin_memory and torch.cuda.is_available():
+                    t = t.pin_memory()  # as iter_torch_batches(pin_memory=True), also for device="cpu"
+                if device.type != "cpu":
+                    t = t.to(device, non_blocking=pin_memory)
+                out[k] = t
+    out["skip"] = torch.from_numpy(skip)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# worker-side decode
+
+
+def decode_batch(raw: list, skip: np.ndarray, *, size: int, aspect: bool, device: Any = "cpu"):
+    """Encoded images -> (canvas uint8 (n, S, S, 3) on ``device``, hw int32 (n, 2) on ``device``).
+
+    Rows whose code is already a dropping one stay zero; rows nothing can decode get
+    ``UNDECODABLE_IMAGE`` in ``skip`` (modified in place). Geometry as on the CPU path
+    (format.decode_image / decode_aspect): square sets resize the shorter side to S and centre-crop;
+    aspect sets downscale only when the longer side exceeds S and sit top-left on the canvas."""
+    import torch
+    device = torch.device(device)
+    n = len(raw)
+    canvas = torch.zeros((n, size, size, 3), dtype=torch.uint8, device=device)
+    hw = torch.zeros((n, 2), dtype=torch.int32)
+    todo = [i for i in range(n) if skip[i] < FIRST_DROPPED]
+    decoded = _decode_all([raw[i] for i in todo], device)
+    for i, img in zip(todo, decoded):
+        if img is None:  # torchvision refused or warned: PIL decides (the CPU tasks' verdict)
+            arr = decode_aspect(raw[i], size) if aspect else decode_image(raw[i], size)
+            if arr is None:
+                skip[i] = UNDECODABLE_IMAGE
+                continue
+            img = torch.from_numpy(np.array(arr)).permute(2, 0, 1).to(device)
+        else:
+            img = _fit(img, size, aspect)
+        h, w = img.shape[1:]
+        canvas[i, :h, :w] = img.permute(1, 2, 0)
+        hw[i, 0], hw[i, 1] = h, w
+    return canvas, hw.to(device)
+
+
+def _decode_all(blobs: list, device) -> list:
+    """CHW uint8 tensors (JPEGs batched with decode_jpeg on ``device``, others with decode_image on
+    the CPU), ``None`` where torchvision raised or warned (corrupt data it would half-decode)."""
+    import torch
+    from torchvision.io import ImageReadMode, decode_image, decode_jpeg
+
+    out: list = [None] * len(blobs)
+    tensors = [torch.frombuffer(bytearray(b), dtype=torch.uint8) if b else None for b in blobs]
+    jpeg = [i for i, b in enumerate(blobs) if b and bytes(b[:2]) == _JPEG_MAGIC]
+    if jpeg:
+        got = _quiet(lambda: decode_jpeg([tensors[i] for i in jpeg], mode=ImageReadMode.RGB, device=device))
+        if got is None:  # one bad image fails the whole call: find it one by one
+            got = [_quiet(lambda t=tensors[i]: decode_jpeg(t, mode=ImageReadMode.RGB, device=device))
+                   for i in jpeg]
+        for i, img in zip(jpeg, got):
+            out[i] = img
+    jset = set(jpeg)
+    for i, t in enumerate(tensors):
+        if t is not None and i not in jset:
+            img = _quiet(lambda t=t: decode_image(t, mode=ImageReadMode.RGB))
+            out[i] = None if img is None else img.to(device)
+    return out
+
+
+def _quiet(fn):
+    """fn() or None when it raises or warns (libjpeg reports corrupt data as a UserWarning)."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            result = fn()
+        except Exception:  # noqa: BLE001 - any decoder failure: PIL gets the last word
+            return None
+    # torchvision >= 0.29 announces the deprecation of its codecs on every call: not about the data
+    corrupt = [w for w in caught if not issubclass(w.category, (DeprecationWarning, FutureWarning))]
+    return None if corrupt else result
+
+
+def _fit(img, size: int, aspect: bool):
+    """CHW uint8 -> the stored geometry at ``size`` (bilinear with antialias, like PIL's resize)."""
+    import torch.nn.functional as F
+    h, w = img.shape[1:]
+    if aspect:
+        if max(h, w) <= size:
+            return img
+        scale = size / max(h, w)
+        nh, nw = max(1, round(h * scale)), max(1, round(w * scale))
+        return _resize(img, nh, nw, F)
+    if (h, w) == (size, size):
+        return img
+    scale = size / min(h, w)
+    nh, nw = max(size, round(h * scale)), max(size, round(w * scale))
+    img = _resize(img, nh, nw, F)
+    top, left = (nh - size) // 2, (nw - size) // 2
+    return img[:, top:top + size, left:left + size]
+
+
+def _resize(img, nh: int, nw: int, F):
+    x = img.unsqueeze(0).float()
+    x = F.interpolate(x, size=(nh, nw), mode="bilinear", align_corners=False, antialias=True)
+    return x.round_().clamp_(0, 255).to(img.dtype)[0]
+
+
+__all__ = ["iter_train_batches", "decode_batch", "epoch_block_order", "worker_row_range"]
