@@ -58,6 +58,9 @@ class DataConfig:
                                      "decode processes than Ray keeps alive between epochs)")
     data_resource: str | None = _f(
         None, "custom Ray resource that decode tasks require (pin decoding to CPU-only data nodes)")
+    imbalance: str | None = _f(
+        None, "long-tail profile of the training split when `cacr train` prepares the shards "
+              "(exp:R | linear:R | linear | none; see `cacr prepare --imbalance`)")
 
 
 @dataclass
@@ -75,7 +78,8 @@ class ModelConfig:
 
 @dataclass
 class LossConfig:
-    name: str = _choice("cacr", ("cacr", "infonce"), "loss: CACR or the InfoNCE baseline")
+    name: str = _choice("cacr", ("cacr", "infonce", "cacr_queue"),
+                        "loss: CACR, the InfoNCE baseline, or queue CACR (momentum encoder + key queue)")
     num_positives: int = _f(4, "K, positive views per query; V = K + 1 views per image")
     alpha: float = _f(1.0, "weight of contrastive attraction")
     beta: float = _f(1.0, "weight of contrastive repulsion")
@@ -84,6 +88,8 @@ class LossConfig:
     detach_weights: bool = _f(False, "stop gradients through the attraction/repulsion weights")
     same_view_negatives: bool = _f(False, "also use same-view views of other images as negatives")
     temperature: float = _f(0.2, "InfoNCE temperature (loss.name=infonce)")
+    queue_size: int = _f(65536, "cacr_queue: keys kept in the queue (M); negatives of every query")
+    queue_momentum: float = _f(0.999, "cacr_queue: constant EMA momentum m of the key encoder")
 
 
 @dataclass
@@ -169,7 +175,22 @@ class Config:
             raise ConfigError(f"config key 'augment': {e}") from None
         if self.fail_at_step is not None and self.fail_at_step < 1:
             raise ConfigError(f"config key 'fail_at_step' = {self.fail_at_step}: must be >= 1 or null")
+        self._validate_longtail()
         return self
+
+    def _validate_longtail(self) -> None:
+        """data.imbalance parses; the queue holds at least one key and m is a proper momentum."""
+        from pipeline.data.imbalance import parse_profile
+
+        try:
+            parse_profile(self.data.imbalance)
+        except ValueError as e:
+            raise ConfigError(f"config key 'data.imbalance': {e}") from None
+        if self.loss.queue_size < 1:
+            raise ConfigError(f"config key 'loss.queue_size' = {self.loss.queue_size}: must be >= 1")
+        if not 0 <= self.loss.queue_momentum < 1:
+            raise ConfigError(f"config key 'loss.queue_momentum' = {self.loss.queue_momentum}: "
+                              "must be in [0, 1)")
 
     @property
     def num_views(self) -> int:

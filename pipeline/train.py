@@ -423,7 +423,8 @@ def plan_data(cfg: Config) -> DataPlan:
             raise data.DataError(f"no shards at '{url}': run `cacr prepare SOURCE {url}` first, or set "
                                  "data.source to prepare them automatically")
         print(f"[cacr] no shards at {url}: preparing them from '{cfg.data.source}'", flush=True)
-        data.prepare(cfg.data.source, url, storage=cfg.storage, image_size=cfg.data.image_size)
+        data.prepare(cfg.data.source, url, storage=cfg.storage, image_size=cfg.data.image_size,
+                     imbalance=cfg.data.imbalance)
     train_scan = data.scan_shards(url, "train", cfg.storage)
     if train_scan.rows < cfg.global_batch:
         raise data.DataError(f"'{url}' has {train_scan.rows} readable training samples, fewer than one "
