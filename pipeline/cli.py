@@ -94,6 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("evaluate", help="kNN + linear-probe accuracy of a checkpoint's frozen encoder")
     p.add_argument("checkpoint", help="checkpoint dir or file (local or s3://)")
     p.add_argument("--data", help="labelled shard set (default: the one the checkpoint trained on)")
+    p.add_argument("--tensorboard", metavar="DIR", help="where the per-class chart, confusion matrices and "
+                   "embedding projector go (default: <run>/tensorboard next to the checkpoint; none: off)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="evaluation options")
     p.set_defaults(func=_cmd_evaluate)
 
