@@ -90,6 +90,7 @@ class LossConfig:
     temperature: float = _f(0.2, "InfoNCE temperature (loss.name=infonce)")
     queue_size: int = _f(65536, "cacr_queue: keys kept in the queue (M); negatives of every query")
     queue_momentum: float = _f(0.999, "cacr_queue: constant EMA momentum m of the key encoder")
+    queue_bn_splits: int = _f(4, "cacr_queue: key-encoder shuffle-BN sub-batches per worker (1: off)")
 
 
 @dataclass
@@ -188,6 +189,8 @@ class Config:
             raise ConfigError(f"config key 'data.imbalance': {e}") from None
         if self.loss.queue_size < 1:
             raise ConfigError(f"config key 'loss.queue_size' = {self.loss.queue_size}: must be >= 1")
+        if self.loss.queue_bn_splits < 1:
+            raise ConfigError(f"config key 'loss.queue_bn_splits' = {self.loss.queue_bn_splits}: must be >= 1")
         if not 0 <= self.loss.queue_momentum < 1:
             raise ConfigError(f"config key 'loss.queue_momentum' = {self.loss.queue_momentum}: "
                               "must be in [0, 1)")

@@ -92,7 +92,7 @@ def test_evaluate_json_has_per_class_and_group_accuracy(lt_eval):
     for m in ("knn", "linear"):
         acc, n = np.array(pc[f"{m}_top1"]), np.array(pc["val_counts"])
         # overall = per-class weighted by validation counts; each group = the same over its classes
-        assert float((acc * n).sum() / n.sum()) == pytest.approx(r[f"{m}_top1"], abs=1e-9)
+        assert float((acc * n).sum() / n.sum()) == pytest.approx(r[f"{m}_top1"], abs=1e-6)  # float32 mean
         for name, cls in g["classes"].items():
             assert g[f"{m}_top1"][name] == pytest.approx(float((acc[cls] * n[cls]).sum() / n[cls].sum()))
     assert r["tensorboard"] == str(logdir)
