@@ -24,7 +24,7 @@ from typing import Any, Iterator
 
 import torch
 
-from pipeline.config import Config, from_dict, to_dict
+from pipeline.config import Config, ConfigError, from_dict, to_dict
 from pipeline.console import finite_or_none, json_line
 
 
@@ -58,7 +58,11 @@ def _loss_fn(cfg: Config):
         return lambda z: cacr_loss(z, alpha=lc.alpha, beta=lc.beta, tau_pos=lc.tau_pos,
                                    tau_neg=lc.tau_neg, detach_weights=lc.detach_weights,
                                    same_view_negatives=lc.same_view_negatives)
-    return lambda z: infonce_loss(z, temperature=lc.temperature)
+    if lc.name == "infonce":
+        return lambda z: infonce_loss(z, temperature=lc.temperature)
+    # e.g. cacr_queue: a cacr.methods Method (own networks, after_step), not a loss of one model
+    raise ConfigError(f"config key 'loss.name' = {lc.name!r}: this trainer runs only cacr and infonce "
+                      "(methods with their own networks need the cacr.methods trainer)")
 
 
 def _rebatch(batches: Iterator[dict], batch_size: int, skipped: dict[str, int]) -> Iterator[tuple]:
@@ -498,6 +502,7 @@ def run_training(cfg: Config) -> dict[str, Any]:
     """Run (or resume) one training run; prints per-epoch lines and a final JSON summary."""
     if not cfg.name:
         cfg.name = _default_name(cfg)
+    _loss_fn(cfg)  # a loss this trainer cannot run fails here, before Ray starts
     plan = plan_data(cfg)
     init_ray(cfg)
     trainer, run_url, plan = build_trainer(cfg, plan=plan)
