@@ -106,6 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoint", help="checkpoint dir or file, or a run dir (its newest checkpoint); "
                                       "local or s3://")
     p.add_argument("--data", help="labelled shard set (default: the one the checkpoint trained on)")
+    p.add_argument("--tensorboard", metavar="DIR", help="where the per-class chart, confusion matrices and "
+                   "embedding projector go (default: <run>/tensorboard next to the checkpoint; none: off)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="evaluation options")
     data_commands.add_storage_args(p)
     p.set_defaults(func=_cmd_evaluate)

@@ -62,6 +62,7 @@ class DataConfig:
                                      "decode processes than Ray keeps alive between epochs)")
     data_resource: str | None = _f(
         None, "custom Ray resource that decode tasks require (pin decoding to CPU-only data nodes)")
+<<<<<<< HEAD
     decode: str = _choice("cpu_tasks", ("cpu_tasks", "worker"),
                           "where images are decoded: Ray Data CPU tasks, or the train worker's device "
                           "(torchvision decode_jpeg; nvjpeg on a GPU) from the encoded bytes")
@@ -69,6 +70,11 @@ class DataConfig:
                                         "fits this many MB (decoded, or encoded with decode=worker) "
                                         "and permute its blocks per epoch: no per-epoch Ray Data "
                                         "start-up; 0 = stream every epoch")
+=======
+    imbalance: str | None = _f(
+        None, "long-tail profile of the training split when `cacr train` prepares the shards "
+              "(exp:R | linear:R | linear | none; see `cacr prepare --imbalance`)")
+>>>>>>> longtail
 
 
 @dataclass
@@ -103,8 +109,13 @@ class MomentumConfig:
 
 @dataclass
 class LossConfig:
+<<<<<<< HEAD
     name: str = _choice("cacr", LOSS_NAMES, "method: symmetric CACR, the InfoNCE baseline, or "
                         "momentum-encoder CACR (cacr_moco)")
+=======
+    name: str = _choice("cacr", ("cacr", "infonce", "cacr_queue"),
+                        "loss: CACR, the InfoNCE baseline, or queue CACR (momentum encoder + key queue)")
+>>>>>>> longtail
     num_positives: int = _f(4, "K, positive views per query; V = K + 1 views per image")
     alpha: float = _f(1.0, "weight of contrastive attraction")
     beta: float = _f(1.0, "weight of contrastive repulsion")
@@ -112,9 +123,16 @@ class LossConfig:
     tau_neg: float = _f(0.9, "repulsion sharpness tau- (0.9 CIFAR-10-like, 2.0 CIFAR-100 / STL-10)")
     detach_weights: bool = _f(False, "stop gradients through the attraction/repulsion weights")
     same_view_negatives: bool = _f(False, "also use same-view views of other images as negatives")
+<<<<<<< HEAD
     temperature: float = _f(0.2, "temperature of infonce and cacr_moco (authors: 1.0 ResNet-50, 0.2 ViT)")
     targets: str = _choice("light", ("light", "full"), "cacr_moco targets: light = the 2 global crops, "
                            "full = every view")
+=======
+    temperature: float = _f(0.2, "InfoNCE temperature (loss.name=infonce)")
+    queue_size: int = _f(65536, "cacr_queue: keys kept in the queue (M); negatives of every query")
+    queue_momentum: float = _f(0.999, "cacr_queue: constant EMA momentum m of the key encoder")
+    queue_bn_splits: int = _f(4, "cacr_queue: key-encoder shuffle-BN sub-batches per worker (1: off)")
+>>>>>>> longtail
 
 
 @dataclass
@@ -211,7 +229,24 @@ class Config:
             raise ConfigError(f"config key 'augment': {e}") from None
         if self.fail_at_step is not None and self.fail_at_step < 1:
             raise ConfigError(f"config key 'fail_at_step' = {self.fail_at_step}: must be >= 1 or null")
+        self._validate_longtail()
         return self
+
+    def _validate_longtail(self) -> None:
+        """data.imbalance parses; the queue holds at least one key and m is a proper momentum."""
+        from pipeline.data.imbalance import parse_profile
+
+        try:
+            parse_profile(self.data.imbalance)
+        except ValueError as e:
+            raise ConfigError(f"config key 'data.imbalance': {e}") from None
+        if self.loss.queue_size < 1:
+            raise ConfigError(f"config key 'loss.queue_size' = {self.loss.queue_size}: must be >= 1")
+        if self.loss.queue_bn_splits < 1:
+            raise ConfigError(f"config key 'loss.queue_bn_splits' = {self.loss.queue_bn_splits}: must be >= 1")
+        if not 0 <= self.loss.queue_momentum < 1:
+            raise ConfigError(f"config key 'loss.queue_momentum' = {self.loss.queue_momentum}: "
+                              "must be in [0, 1)")
 
     @property
     def num_views(self) -> int:

@@ -239,10 +239,12 @@ def extract_features(url: str, splits: list[str], *, weights_ref: Any, spec: dic
 
 def linear_probe(train_x: np.ndarray, train_y: np.ndarray, val_x: np.ndarray, val_y: np.ndarray, *,
                  num_classes: int, epochs: int = 100, lr: float = 0.1, weight_decay: float = 5e-4,
-                 batch_size: int = 256, seed: int = 0, device: str | None = None) -> dict[str, float]:
+                 batch_size: int = 256, seed: int = 0, device: str | None = None,
+                 return_predictions: bool = False) -> dict[str, Any]:
     """Logistic regression on frozen features (standardised with the train statistics): one
     ``nn.Linear``, SGD momentum 0.9 (nesterov), cosine lr by step, weight decay, cross-entropy.
-    Deterministic for a given seed (init and batch order). Returns val and train top-1."""
+    Deterministic for a given seed (init and batch order). Returns val and train top-1 (and, with
+    ``return_predictions``, the validation predictions as ``val_predictions``, an int64 array)."""
     import torch
     import torch.nn.functional as F
 
@@ -279,7 +281,10 @@ def linear_probe(train_x: np.ndarray, train_y: np.ndarray, val_x: np.ndarray, va
     with torch.no_grad():
         train_acc = float((layer(xt).argmax(1) == yt).float().mean()) if n else float("nan")
         val_acc = float((layer(xv).argmax(1) == yv).float().mean()) if len(yv) else float("nan")
-    return {"linear_top1": val_acc, "linear_train_top1": train_acc}
+        out: dict[str, Any] = {"linear_top1": val_acc, "linear_train_top1": train_acc}
+        if return_predictions:
+            out["val_predictions"] = layer(xv).argmax(1).cpu().numpy().astype(np.int64)
+    return out
 
 
 # ----------------------------------------------------------------------------------------------
@@ -344,8 +349,12 @@ def resolve_checkpoint(url: str, storage_cfg: StorageConfig | None = None, echo=
 
 
 def evaluate(checkpoint: str | dict[str, Any], data_url: str | None = None,
-             opts: EvalOptions | None = None, *, echo=None) -> dict[str, Any]:
+             opts: EvalOptions | None = None, *, echo=None, tensorboard: str | None = None) -> dict[str, Any]:
     """Evaluate a checkpoint (URL, or an already loaded state dict) on a labelled shard set.
+
+    Per-class and many/medium/few-shot accuracy (:mod:`pipeline.eval_report`) are added to the
+    result; its pictures and projector go to ``tensorboard`` (default: ``<run>/tensorboard`` next to
+    a checkpoint given by path; ``"none"`` for none).
 
     Raises CheckpointError / DataError / StorageError / EvalError (one-line user errors) before
     Ray starts for a bad checkpoint, unreachable or unlabelled data."""
@@ -398,9 +407,19 @@ def evaluate(checkpoint: str | dict[str, Any], data_url: str | None = None,
     if opts.linear_epochs > 0:
         result.update(linear_probe(xt, yt, xv, yv, num_classes=num_classes, epochs=opts.linear_epochs,
                                    lr=opts.linear_lr, weight_decay=opts.linear_wd,
-                                   batch_size=opts.linear_batch_size, seed=opts.seed))
+                                   batch_size=opts.linear_batch_size, seed=opts.seed,
+                                   return_predictions=True))
     else:
         result.update(linear_top1=None, linear_train_top1=None)
+    from pipeline import eval_report
+    from pipeline.config import DataConfig
+    tb_dir = tensorboard or (eval_report.default_logdir(ckpt_name) if isinstance(checkpoint, str) else None)
+    result.update(eval_report.per_class_evaluation(
+        result, train=(xt, yt), val=(xv, yv, va["ids"][va_lab]), num_classes=num_classes,
+        class_names=val_scan.classes, linear_pred=result.pop("val_predictions", None), knn_k=opts.knn_k,
+        knn_temperature=opts.knn_temperature, logdir=None if tb_dir == "none" else tb_dir,
+        step=int(state.get("epoch") or 0), url=url, split=split_val, storage=opts.storage,
+        data=DataConfig(url=url, source=None, image_size=cfg.data.image_size), echo=echo))
     from pipeline.config import to_dict
     from pipeline.data import merge_counts
     result.update({
@@ -423,6 +442,7 @@ def evaluate(checkpoint: str | dict[str, Any], data_url: str | None = None,
 def run_evaluate(args: argparse.Namespace) -> int:
     """CLI entry: options are parsed (and rejected) before anything is loaded."""
     opts = parse_options(getattr(args, "overrides", None) or [])
+<<<<<<< HEAD
     # --endpoint-url / --region / --profile / --anonymous (as for prepare/inspect/export) win
     for key in ("endpoint_url", "region", "profile"):
         if getattr(args, key, None):
@@ -430,6 +450,10 @@ def run_evaluate(args: argparse.Namespace) -> int:
     if getattr(args, "anonymous", False):
         opts.storage.anonymous = True
     result = evaluate(args.checkpoint, getattr(args, "data", None), opts)
+=======
+    result = evaluate(args.checkpoint, getattr(args, "data", None), opts,
+                      tensorboard=getattr(args, "tensorboard", None))
+>>>>>>> longtail
     sys.stdout.flush()
     print(json_line(result), flush=True)
     return 0

@@ -21,7 +21,11 @@ from typing import Any
 
 import torch
 
+<<<<<<< HEAD
 from pipeline.config import Config, to_dict
+=======
+from pipeline.config import Config, ConfigError, from_dict, to_dict
+>>>>>>> longtail
 from pipeline.console import finite_or_none, json_line
 
 
@@ -57,7 +61,11 @@ def _loss_fn(cfg: Config):
         return lambda z: cacr_loss(z, alpha=lc.alpha, beta=lc.beta, tau_pos=lc.tau_pos,
                                    tau_neg=lc.tau_neg, detach_weights=lc.detach_weights,
                                    same_view_negatives=lc.same_view_negatives)
-    return lambda z: infonce_loss(z, temperature=lc.temperature)
+    if lc.name == "infonce":
+        return lambda z: infonce_loss(z, temperature=lc.temperature)
+    # e.g. cacr_queue: a cacr.methods Method (own networks, after_step), not a loss of one model
+    raise ConfigError(f"config key 'loss.name' = {lc.name!r}: this trainer runs only cacr and infonce "
+                      "(methods with their own networks need the cacr.methods trainer)")
 
 
 def _rebatch(batches: Iterator[dict], batch_size: int, skipped: dict[str, int]) -> Iterator[tuple]:
@@ -438,12 +446,21 @@ def plan_data(cfg: Config) -> DataPlan:
 
     url = cfg.data.url
     if not data.has_shards(url, cfg.storage):
+<<<<<<< HEAD
         source = source_to_prepare(cfg)
         if not source:
             raise data.DataError(f"no shards at '{url}': run `cacr prepare SOURCE {url}` first (or set "
                                  "data.source=SOURCE to prepare them automatically)")
         print(f"[cacr] no shards at {url}: preparing them from '{source}'", flush=True)
         data.prepare(source, url, storage=cfg.storage, image_size=cfg.data.image_size)
+=======
+        if not cfg.data.source:
+            raise data.DataError(f"no shards at '{url}': run `cacr prepare SOURCE {url}` first, or set "
+                                 "data.source to prepare them automatically")
+        print(f"[cacr] no shards at {url}: preparing them from '{cfg.data.source}'", flush=True)
+        data.prepare(cfg.data.source, url, storage=cfg.storage, image_size=cfg.data.image_size,
+                     imbalance=cfg.data.imbalance)
+>>>>>>> longtail
     train_scan = data.scan_shards(url, "train", cfg.storage)
     val_scan = None
     if cfg.data.val_split:
@@ -555,11 +572,19 @@ def training_failed(cfg: Config, run_url: str, error: BaseException) -> Training
 
 
 def run_training(cfg: Config) -> dict[str, Any]:
+<<<<<<< HEAD
     """Run (or resume) one training run; prints per-epoch lines and a final JSON summary. Every
     path printed is absolute (or an s3:// URL): usable from any directory."""
     from pipeline import storage
 
     cfg, plan = prepare_run(cfg)
+=======
+    """Run (or resume) one training run; prints per-epoch lines and a final JSON summary."""
+    if not cfg.name:
+        cfg.name = _default_name(cfg)
+    _loss_fn(cfg)  # a loss this trainer cannot run fails here, before Ray starts
+    plan = plan_data(cfg)
+>>>>>>> longtail
     init_ray(cfg)
     check_cluster(cfg)
     trainer, run_url, plan = build_trainer(cfg, plan=plan)

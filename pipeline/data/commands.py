@@ -58,6 +58,12 @@ def add_prepare_args(parser: argparse.ArgumentParser) -> None:
                              "folders; CIFAR uses its own test batch, 0 drops it)")
     parser.add_argument("--parallel", choices=("auto", "ray", "local"), default="auto",
                         help="one Ray task per shard (auto: sources of 20000+ images)")
+    parser.add_argument("--imbalance", default=None, metavar="PROFILE",
+                        help="long-tailed TRAINING split (validation stays balanced): exp:R (class c "
+                             "keeps R^(-c/(C-1))), linear:R (1/R .. 1, linear; plain 'linear' = the "
+                             "authors' (c+1)/C), none; seeded by --seed")
+    parser.add_argument("--allow-empty-classes", action="store_true",
+                        help="accept an --imbalance profile that leaves a class with no training image")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar / lines")
     add_storage_args(parser)
 
@@ -73,7 +79,12 @@ def run_prepare(args: argparse.Namespace) -> int:
         prepare(args.source, args.out, storage=storage_from_args(args), shard_size=args.shard_size,
                 image_size=args.image_size, fmt=args.format, seed=args.seed,
                 val_fraction=args.val_fraction, jpeg_quality=args.jpeg_quality,
+<<<<<<< HEAD
                 parallel=args.parallel, progress=not args.no_progress, max_size=args.max_size)
+=======
+                parallel=args.parallel, progress=not args.no_progress, imbalance=args.imbalance,
+                allow_empty_classes=args.allow_empty_classes)
+>>>>>>> longtail
     except (DataError, StorageError, ConfigError) as e:
         return _fail(e)
     return 0
@@ -135,6 +146,7 @@ def inspect_shards(url: str, split: str = "train", *, storage: StorageConfig | N
         "decoded_shape": list(shape) if shape else None,
         "image_format": (scan.index or {}).get("image_format"),
         "splits": sorted((scan.index or {}).get("splits", {}) or [split]),
+        "imbalance": (scan.index or {}).get("imbalance"),
     }
 
 
@@ -150,6 +162,10 @@ def format_summary(r: dict[str, Any]) -> str:
             i = int(k)
             parts.append(f"{names[i] if 0 <= i < len(names) else ('unlabelled' if i < 0 else k)}={v}")
         lines.append("  classes: " + ", ".join(parts))
+    lt = r.get("imbalance")
+    if lt:
+        lines.append(f"  imbalance: {lt['profile']} on the training split (ratio {lt['ratio']:g}); "
+                     f"per-class train counts {lt['train_counts']}")
     if r["skipped"]:
         lines.append("  problems:")
         explain = {**SHARD_REASONS, "missing_label": "samples without a label: kept with label -1",

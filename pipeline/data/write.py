@@ -170,6 +170,7 @@ def prepare(source: str | Source, out_url: str, *, storage: StorageConfig | None
             shard_size: int | None = None, image_size: int | None = None, fmt: str = "png",
             seed: int = 0, val_fraction: float | None = None, jpeg_quality: int = 90,
             parallel: str = "auto", progress: bool = True,
+<<<<<<< HEAD
             echo: Callable[[str], None] | None = None, max_size: int | None = None) -> dict[str, Any]:
     """Convert ``source`` (``digits`` | image folder | ``cifar10:PATH`` | ``cifar100:PATH`` |
     ``skimage-photos[:N]``, or a :class:`~pipeline.data.sources.Source` built in code) into shards at
@@ -180,6 +181,16 @@ def prepare(source: str | Source, out_url: str, *, storage: StorageConfig | None
     crop). ``max_size=S`` (layout ``aspect``): aspect ratio kept, longer side <= S; larger images are
     downscaled, smaller ones kept as they are (never upscaled). index.json records ``layout`` and, for
     aspect sets, ``max_size`` (= ``image_size``, the canvas side the reader decodes onto)."""
+=======
+            echo: Callable[[str], None] | None = None, imbalance: str | None = None,
+            allow_empty_classes: bool = False) -> dict[str, Any]:
+    """Convert ``source`` (``digits`` | image folder | ``cifar10:PATH`` | ``cifar100:PATH``, or a
+    :class:`~pipeline.data.sources.Source` built in code) into shards at ``out_url``; returns the index
+    (also written as ``index.json``). Re-running skips shards already complete. ``imbalance``: a
+    long-tail profile applied to the training split only (:mod:`pipeline.data.imbalance`)."""
+    from pipeline.data import imbalance as lt
+
+>>>>>>> longtail
     echo = echo or (lambda m: print(m, file=sys.stderr, flush=True))
     fmt = {"jpeg": "jpg"}.get(fmt, fmt)
     if fmt not in ("png", "jpg"):
@@ -205,11 +216,21 @@ def prepare(source: str | Source, out_url: str, *, storage: StorageConfig | None
     else:
         os.makedirs(loc.path, exist_ok=True)
 
+    profile = lt.parse_profile(imbalance)  # bad profile: fail before reading the source
     src = open_source(source) if isinstance(source, str) else source
     size = int(max_size or image_size or src.default_image_size)
     splits = _split_indices(src, vf, seed)
+<<<<<<< HEAD
     jobs = _plan(src, splits, image_size=size, fmt=fmt, jpeg_quality=jpeg_quality, shard_size=shard_size,
                  layout=layout)
+=======
+    C = len(src.classes)
+    before = lt.class_counts(src.labels[splits["train"]], C) if "train" in splits and C else []
+    if profile is not None and "train" in splits:
+        splits["train"] = lt.subsample(splits["train"], src.labels, profile, seed=seed,
+                                       class_names=src.classes, allow_empty_classes=allow_empty_classes)
+    jobs = _plan(src, splits, image_size=size, fmt=fmt, jpeg_quality=jpeg_quality, shard_size=shard_size)
+>>>>>>> longtail
 
     # --- resume: which shards are already complete?
     existing = list_files(out_url, storage, suffix=".tar")
@@ -255,6 +276,9 @@ def prepare(source: str | Source, out_url: str, *, storage: StorageConfig | None
          f"{size}px {fmt}{' (aspect kept, longer side <= max size)' if layout == 'aspect' else ''}, "
          f"{', '.join(f'{k} {len(v)}' for k, v in splits.items())}; {len(jobs)} shards, "
          f"{len(done)} already done" + (", Ray tasks" if use_ray and todo else ""))
+    if profile is not None:
+        echo(f"prepare: --imbalance {profile.text} (train only): per-class train counts "
+             f"{lt.class_counts(src.labels[splits['train']], C)} (of {before})")
     for j in todo:
         j["payload"] = src.payload(j.pop("indices"))
     written = _run_ray(todo, out_url, storage, progress) if use_ray and todo else \
@@ -268,6 +292,9 @@ def prepare(source: str | Source, out_url: str, *, storage: StorageConfig | None
         "image_format": fmt, "channels": 3, "classes": src.classes,
         "labeled": src.labeled, "seed": seed, "val_fraction": vf,
         "shard_size": shard_size or "auto", "source_unreadable": unreadable, "splits": {},
+        "imbalance": lt.describe(profile, C, before, lt.class_counts(src.labels[splits["train"]], C)
+                                 if "train" in splits and C else [], allow_empty_classes),
+        "class_counts": {k: lt.class_counts(src.labels[v], C) for k, v in splits.items()} if C else {},
     }
     for j in jobs:
         sp = index["splits"].setdefault(j["split"], {"samples": 0, "shards": []})
