@@ -165,7 +165,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     from cacr.augment import MultiViewAugment
     from cacr.loss import alignment, uniformity
     from cacr.optim import build_optimizer, warmup_cosine
-    from pipeline.checkpoint import load_state_file, save_state
+    from pipeline.checkpoint import load_resume_state, save_state
     from pipeline.data import merge_counts
     from pipeline.monitor import TensorBoard, denormalise_grid, embedding_stats, extract_features
 
@@ -198,8 +198,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     aug_gen.manual_seed(cfg.seed * 1000 + rank)
     ckpt = ray.train.get_checkpoint()
     if ckpt is not None:
-        with ckpt.as_directory() as d:
-            state = load_state_file(d)
+        state = load_resume_state(ckpt, say=_say)  # newest COMPLETE one (manifest verified)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
