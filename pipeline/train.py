@@ -494,8 +494,11 @@ def build_trainer(cfg: Config, *, callbacks: list | None = None, storage_path: s
 
 def run_training(cfg: Config) -> dict[str, Any]:
     """Run (or resume) one training run; prints per-epoch lines and a final JSON summary."""
+    from pipeline import signals
+
     if not cfg.name:
         cfg.name = _default_name(cfg)
+    signals.set_resume(name=cfg.name)  # Ctrl-C's one line names the run to resume
     plan = plan_data(cfg)
     init_ray(cfg)
     trainer, run_url, plan = build_trainer(cfg, plan=plan)
@@ -514,6 +517,8 @@ def run_training(cfg: Config) -> dict[str, Any]:
         raise TrainingFailed(f"training run '{cfg.name}' failed ({first}); fix the cause and re-run with "
                              f"name={cfg.name} to resume from its last checkpoint")
     metrics = result.metrics or {}
+    if (metrics.get("epoch") or 0) < cfg.epochs:  # Ray Train's SIGINT handler aborted the run
+        raise signals.Interrupted()
     from pipeline.export import export_backbone
 
     backbone = None
