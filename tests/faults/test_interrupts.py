@@ -71,3 +71,31 @@ def test_train_ctrl_c_then_kill_9_then_partial_checkpoint_resume_exactly(cacr_cl
     assert summary["resumed_from_epoch"] == 1 and summary["epochs"] == 3
     assert summary["steps"] == 3 * STEPS_PER_EPOCH  # nothing lost, nothing counted twice
     assert c.own_tmp_leftovers() == []
+
+
+def test_evaluate_sigterm_stops_with_one_line_and_no_ray_left(cacr_cli, digits_shards, tmp_path):
+    """SIGTERM (a scheduler's stop) takes Ctrl-C's path: one line, Ray torn down, exit 130."""
+    import torch
+
+    from cacr.model import CACRModel
+    from pipeline.checkpoint import save_state
+    from pipeline.config import load_config, to_dict
+
+    cfg = load_config(None, [*TINY, f"data.url={digits_shards}", "data.source=null"])
+    m = cfg.model
+    model = CACRModel(m.arch, small_images=m.small_images, width=m.width, head_hidden=m.head_hidden,
+                      head_out=m.head_out, head_layers=m.head_layers, norm=m.norm)
+    ckpt = tmp_path / "checkpoint_x"
+    save_state(ckpt, {"model": model.state_dict(), "config": to_dict(cfg), "epoch": 0, "step": 0})
+    before = (ckpt / STATE_FILE).read_bytes()
+    # a long probe, so the signal lands while Ray is up and the command is busy
+    e = cacr_cli("evaluate", str(ckpt), "linear_epochs=100000", "actors=1", "threads=1")
+    e.wait_for("[cacr] features:")
+    e.proc.send_signal(signal.SIGTERM)
+    assert e.finish(STOP_GUARD_S) == 130, e.output[-3000:]
+    lines = [ln for ln in e.output.splitlines() if ln.startswith("cacr:")]
+    assert lines == [f"cacr: interrupted; re-run with: cacr evaluate {ckpt} linear_epochs=100000 "
+                     "actors=1 threads=1"], e.output[-3000:]
+    assert e.wait_no_processes() == [], "Ray processes left behind"
+    assert e.own_tmp_leftovers() == []
+    assert (ckpt / STATE_FILE).read_bytes() == before and load_state_file(ckpt)["step"] == 0
