@@ -3,9 +3,17 @@
 A checkpoint is a directory with ``state.pt`` (model, optimiser, step, epoch, config, RNG) written
 with ``torch.save`` and always read with ``weights_only=True``: only tensors and plain containers,
 never arbitrary pickled objects. It lives wherever Ray Train persisted it (local or s3://).
+
+Integrity. ``manifest.json`` lists every other file of the checkpoint with its size and SHA-256 and
+is written LAST, atomically (temp file + rename). So a checkpoint whose writer died part-way (driver
+killed with -9, node lost, a crash during the upload to S3) has no manifest, or files that do not
+match it; the loader refuses it with one line, and a resume falls back to the newest checkpoint
+that is complete (:func:`load_resume_state`). A bare ``state.pt`` passed by path is verified against
+the manifest beside it when there is one.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -17,30 +25,88 @@ import torch
 from pipeline.errors import CacrError
 
 STATE_FILE = "state.pt"
+MANIFEST_FILE = "manifest.json"
+MANIFEST_FORMAT = 1
+CHECKPOINT_PREFIX = "checkpoint_"  # Ray Train's directory names: checkpoint_<timestamp>, sortable
 
 
 class CheckpointError(CacrError, ValueError):
     """A path that is not a readable CACR checkpoint (user error: one-line message)."""
 
 
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def write_manifest(directory: str | Path) -> Path:
+    """Record size + SHA-256 of every file in ``directory`` (not the manifest itself). Call last."""
+    directory = Path(directory)
+    files = {}
+    for p in sorted(directory.rglob("*")):
+        rel = p.relative_to(directory).as_posix()
+        if p.is_file() and rel != MANIFEST_FILE and not rel.endswith(".tmp"):
+            files[rel] = {"size": p.stat().st_size, "sha256": _sha256(p)}
+    path = directory / MANIFEST_FILE
+    _write_atomic(path, json.dumps({"format": MANIFEST_FORMAT, "files": files}, indent=1).encode())
+    return path
+
+
+def verify_checkpoint(directory: str | Path) -> dict[str, Any]:
+    """Check a local checkpoint directory against its manifest; return the manifest.
+
+    Raises :class:`CheckpointError` (one line, naming the first problem) if the manifest is missing
+    or unreadable, or a listed file is missing, has another size, or another SHA-256."""
+    directory = Path(directory)
+    mpath = directory / MANIFEST_FILE
+    if not mpath.is_file():
+        raise CheckpointError(f"checkpoint '{directory}' is incomplete: no {MANIFEST_FILE} (written last, "
+                              f"so its writer stopped part-way); a checkpoint from before manifests "
+                              f"existed can still be read by passing its {STATE_FILE}")
+    try:
+        manifest = json.loads(mpath.read_text())
+        files = manifest["files"]
+        assert isinstance(files, dict) and STATE_FILE in files
+    except Exception:  # noqa: BLE001 - any damage to the manifest means "not trustworthy"
+        raise CheckpointError(f"checkpoint '{directory}' has a damaged {MANIFEST_FILE}") from None
+    for rel, want in sorted(files.items()):
+        p = directory / rel
+        if not p.is_file():
+            raise CheckpointError(f"checkpoint '{directory}' is incomplete: {rel} is missing")
+        size = p.stat().st_size
+        if size != want.get("size"):
+            raise CheckpointError(f"checkpoint '{directory}' is incomplete or corrupt: {rel} has "
+                                  f"{size} bytes, its manifest says {want.get('size')}")
+        if _sha256(p) != want.get("sha256"):
+            raise CheckpointError(f"checkpoint '{directory}' is corrupt: {rel} does not match the "
+                                  "SHA-256 in its manifest")
+    return manifest
+
+
 def save_state(directory: str | Path, state: dict[str, Any]) -> Path:
+    """Write ``state.pt`` + ``config.json``, then the manifest (last: its presence = complete)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
+    (directory / MANIFEST_FILE).unlink(missing_ok=True)  # rewriting: incomplete until the end
     path = directory / STATE_FILE
     tmp = path.with_suffix(".tmp")
     torch.save(state, tmp)
     os.replace(tmp, path)  # atomic: a crash never leaves a half-written state.pt
-    (directory / "config.json").write_text(json.dumps(state.get("config", {}), indent=2))
+    _write_atomic(directory / "config.json", json.dumps(state.get("config", {}), indent=2).encode())
+    write_manifest(directory)
     return path
 
 
-def load_state_file(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    path = Path(path)
-    if path.is_dir():
-        path = path / STATE_FILE
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint '{path}' does not exist: pass a checkpoint directory "
-                              f"(…/checkpoint_*/) or its {STATE_FILE}")
+def _read_state(path: Path, map_location) -> dict[str, Any]:
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # corrupt file, wrong format, a pickle with code in it
@@ -51,6 +117,24 @@ def load_state_file(path: str | Path, map_location: str | torch.device = "cpu") 
     return state
 
 
+def load_state_file(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Read a checkpoint directory (verified against its manifest) or a ``state.pt`` file (verified
+    when a manifest lies beside it)."""
+    path = Path(path)
+    if path.is_dir():
+        if not (path / STATE_FILE).is_file() and not (path / MANIFEST_FILE).is_file():
+            raise CheckpointError(f"checkpoint '{path}' does not exist: no {STATE_FILE} in that "
+                                  f"directory (pass a …/checkpoint_*/ directory or its {STATE_FILE})")
+        verify_checkpoint(path)
+        return _read_state(path / STATE_FILE, map_location)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint '{path}' does not exist: pass a checkpoint directory "
+                              f"(…/checkpoint_*/) or its {STATE_FILE}")
+    if path.name == STATE_FILE and (path.parent / MANIFEST_FILE).is_file():
+        verify_checkpoint(path.parent)
+    return _read_state(path, map_location)
+
+
 def load_checkpoint(url: str, storage_cfg=None, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """Read a checkpoint from a local path or an ``s3://`` URL (directory or its state.pt)."""
     if "://" not in url:
@@ -58,17 +142,73 @@ def load_checkpoint(url: str, storage_cfg=None, map_location: str | torch.device
     from pipeline import storage
 
     fs, path = storage.fsspec_fs(url, storage_cfg)
-    candidates = [path.rstrip("/") + "/" + STATE_FILE, path]
-    for cand in candidates:
-        try:
-            if fs.isfile(cand):
-                with tempfile.TemporaryDirectory() as tmp:
-                    local = Path(tmp) / STATE_FILE
-                    fs.get(cand, str(local))
-                    return load_state_file(local, map_location)
-        except CheckpointError:
-            raise
-        except Exception as e:
-            raise CheckpointError(f"checkpoint '{url}' could not be read: {type(e).__name__}: "
-                                  f"{str(e).splitlines()[0][:200]}") from None
+    path = path.rstrip("/")
+    try:
+        if fs.isfile(path):  # a state.pt: fetch it with its manifest when there is one
+            parent, name = path.rsplit("/", 1)
+            with tempfile.TemporaryDirectory() as tmp:
+                fs.get(path, str(Path(tmp) / name))
+                if name == STATE_FILE and fs.isfile(f"{parent}/{MANIFEST_FILE}"):
+                    return _load_remote_dir(fs, parent, url, map_location)
+                return load_state_file(Path(tmp) / name, map_location)
+        if fs.isdir(path) and (fs.isfile(f"{path}/{STATE_FILE}") or fs.isfile(f"{path}/{MANIFEST_FILE}")):
+            return _load_remote_dir(fs, path, url, map_location)
+    except CheckpointError:
+        raise
+    except Exception as e:
+        raise CheckpointError(f"checkpoint '{url}' could not be read: {type(e).__name__}: "
+                              f"{str(e).splitlines()[0][:200]}") from None
     raise CheckpointError(f"checkpoint '{url}' does not exist (no {STATE_FILE} there)")
+
+
+def _load_remote_dir(fs, path: str, url: str, map_location) -> dict[str, Any]:
+    """Download a checkpoint directory, verify it, load it; errors name the URL, not the temp dir."""
+    with tempfile.TemporaryDirectory() as tmp:
+        local = Path(tmp) / "ckpt"
+        fs.get(path.rstrip("/") + "/", str(local), recursive=True)
+        try:
+            return load_state_file(local, map_location)
+        except CheckpointError as e:
+            raise CheckpointError(str(e).replace(str(local / STATE_FILE), url)
+                                  .replace(str(local), url)) from None
+
+
+# ----------------------------------------------------------------------------------------------
+# Resume: the newest COMPLETE checkpoint of a run
+
+
+def load_resume_state(checkpoint, map_location: str | torch.device = "cpu",
+                      say=print) -> dict[str, Any]:
+    """State to resume from, given the ``ray.train.Checkpoint`` Ray Train hands back
+    (``ray.train.get_checkpoint()``: the latest one REPORTED, on the run's storage).
+
+    If that one fails verification (truncated, corrupted, half-uploaded), fall back to the newest
+    older ``checkpoint_*`` directory of the same run that verifies, saying so in one line; if none
+    does, raise :class:`CheckpointError`. Checkpoints newer than the reported one are never used:
+    Ray did not register them, so they may be the ones being written when the run died."""
+    import pyarrow.fs as pafs
+    from ray.train import Checkpoint
+
+    fs, path = checkpoint.filesystem, checkpoint.path.rstrip("/")
+    parent, name = path.rsplit("/", 1) if "/" in path else ("", path)
+    try:
+        siblings = [i.base_name for i in fs.get_file_info(pafs.FileSelector(parent or ".", recursive=False))
+                    if i.type == pafs.FileType.Directory and i.base_name.startswith(CHECKPOINT_PREFIX)]
+    except Exception:  # noqa: BLE001 - cannot list: only the reported one can be tried
+        siblings = []
+    candidates = [name] + sorted((s for s in siblings if s < name), reverse=True)
+    first_error = None
+    for cand in candidates:
+        cpath = f"{parent}/{cand}" if parent else cand
+        try:
+            with Checkpoint(cpath, filesystem=fs).as_directory() as d:
+                state = load_state_file(d, map_location)
+        except CheckpointError as e:
+            first_error = first_error or e
+            say(f"[cacr] skipping checkpoint {cand}: {str(e).split(': ', 1)[-1]}")
+            continue
+        if cand != name:
+            say(f"[cacr] resuming from {cand}, the newest complete checkpoint")
+        return state
+    raise CheckpointError(f"no complete checkpoint in '{parent}' ({first_error}); remove the run "
+                          "directory to start over")

@@ -137,11 +137,13 @@ def main(argv: list[str] | None = None) -> int:
             ap.error(f"unrecognized arguments: {' '.join(stray)}")
         args.overrides = [*(args.overrides or []), *extras]
     func: Callable[[argparse.Namespace], int] = args.func
+    from pipeline import signals
+
+    signals.install(ray_driver=args.command in ("train", "tune", "evaluate"))  # SIGTERM = Ctrl-C
     try:
         return int(func(args) or 0)
-    except KeyboardInterrupt:
-        print("cacr: interrupted", file=sys.stderr)
-        return 130
+    except (KeyboardInterrupt, SystemExit):  # SystemExit: Ray Train's own SIGINT handler (signals.py)
+        return signals.on_interrupt(sys.argv[1:] if argv is None else list(argv))
     except RuntimeError as e:
         from pipeline.train import TrainingFailed
 

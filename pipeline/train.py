@@ -172,7 +172,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     from cacr.augment import MultiViewAugment
     from cacr.loss import alignment, uniformity
     from cacr.optim import build_optimizer, warmup_cosine
-    from pipeline.checkpoint import load_state_file, save_state
+    from pipeline.checkpoint import load_resume_state, save_state
     from pipeline.data import merge_counts
     from pipeline.monitor import TensorBoard, denormalise_grid, embedding_stats, extract_features
 
@@ -205,8 +205,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     aug_gen.manual_seed(cfg.seed * 1000 + rank)
     ckpt = ray.train.get_checkpoint()
     if ckpt is not None:
-        with ckpt.as_directory() as d:
-            state = load_state_file(d)
+        state = load_resume_state(ckpt, say=_say)  # newest COMPLETE one (manifest verified)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
@@ -580,9 +579,15 @@ def run_training(cfg: Config) -> dict[str, Any]:
     cfg, plan = prepare_run(cfg)
 =======
     """Run (or resume) one training run; prints per-epoch lines and a final JSON summary."""
+    from pipeline import signals
+
     if not cfg.name:
         cfg.name = _default_name(cfg)
+<<<<<<< HEAD
     _loss_fn(cfg)  # a loss this trainer cannot run fails here, before Ray starts
+=======
+    signals.set_resume(name=cfg.name)  # Ctrl-C's one line names the run to resume
+>>>>>>> faults
     plan = plan_data(cfg)
 >>>>>>> longtail
     init_ray(cfg)
@@ -601,6 +606,8 @@ def run_training(cfg: Config) -> dict[str, Any]:
     if error is not None:
         raise training_failed(cfg, run_url, error)
     metrics = result.metrics or {}
+    if (metrics.get("epoch") or 0) < cfg.epochs:  # Ray Train's SIGINT handler aborted the run
+        raise signals.Interrupted()
     from pipeline.export import export_backbone
 
     backbone = None

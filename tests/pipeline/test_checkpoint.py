@@ -1,0 +1,126 @@
+"""Checkpoint integrity: the manifest written last, verification on load, and the fall-back to the
+newest COMPLETE checkpoint on resume - local and on the moto S3 endpoint (no Ray cluster needed:
+``ray.train.Checkpoint`` is a path + filesystem)."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from pipeline.checkpoint import (MANIFEST_FILE, STATE_FILE, CheckpointError, load_checkpoint,
+                                 load_resume_state, load_state_file, save_state)
+
+
+def _state(epoch: int) -> dict:
+    return {"model": {"w": torch.full((64, 64), float(epoch))}, "config": {"epochs": 3},
+            "epoch": epoch, "step": 11 * epoch}
+
+
+def _run_dir(root: Path) -> Path:
+    """A run directory as Ray Train lays it out: three checkpoints, names sortable by time."""
+    for i, epoch in enumerate((1, 2, 3)):
+        save_state(root / f"checkpoint_2026-12-02_10-0{i}-00.000000", _state(epoch))
+    return root
+
+
+def _truncate(path: Path, keep: float = 0.5) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: int(len(data) * keep)])
+
+
+def test_manifest_is_written_with_sizes_and_hashes(tmp_path):
+    save_state(tmp_path / "c", _state(1))
+    m = json.loads((tmp_path / "c" / MANIFEST_FILE).read_text())
+    assert set(m["files"]) == {STATE_FILE, "config.json"}
+    assert m["files"][STATE_FILE]["size"] == (tmp_path / "c" / STATE_FILE).stat().st_size
+    assert len(m["files"][STATE_FILE]["sha256"]) == 64
+    assert load_state_file(tmp_path / "c")["epoch"] == 1
+
+
+@pytest.mark.parametrize("damage, words", [
+    ("truncate", "bytes, its manifest says"),
+    ("flip", "does not match the SHA-256"),
+    ("no_manifest", "incomplete: no manifest.json"),
+    ("no_state", "state.pt is missing"),
+    ("bad_manifest", "damaged manifest.json"),
+])
+def test_partial_or_corrupt_checkpoint_is_refused_with_one_line(tmp_path, damage, words):
+    d = tmp_path / "c"
+    save_state(d, _state(1))
+    if damage == "truncate":
+        _truncate(d / STATE_FILE)
+    elif damage == "flip":  # same size, one byte different: only the hash can tell
+        data = bytearray((d / STATE_FILE).read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        (d / STATE_FILE).write_bytes(bytes(data))
+    elif damage == "no_manifest":
+        (d / MANIFEST_FILE).unlink()
+    elif damage == "no_state":
+        (d / STATE_FILE).unlink()
+    else:
+        (d / MANIFEST_FILE).write_text("{not json")
+    for target in (d, d / STATE_FILE):  # the directory, and its state.pt passed by path
+        if damage == "no_state" and target.name == STATE_FILE:
+            continue
+        if damage == "no_manifest" and target.name == STATE_FILE:
+            assert load_state_file(target)["epoch"] == 1  # pre-manifest checkpoints stay readable
+            continue
+        with pytest.raises(CheckpointError) as e:
+            load_state_file(target)
+        assert words in str(e.value) and "\n" not in str(e.value), str(e.value)
+
+
+def test_resume_falls_back_to_newest_complete_checkpoint_local(tmp_path):
+    from ray.train import Checkpoint
+
+    run = _run_dir(tmp_path / "run")
+    c1, c2, c3 = sorted(run.iterdir())
+    _truncate(c2 / STATE_FILE)  # the REPORTED one is partial
+    said: list[str] = []
+    state = load_resume_state(Checkpoint.from_directory(str(c2)), say=said.append)
+    assert state["epoch"] == 1 and state["step"] == 11  # not epoch 3: newer than the reported one
+    assert any(c2.name in s and "skipping" in s for s in said) and any(c1.name in s for s in said)
+    # intact reported checkpoint: used as is, silently
+    said.clear()
+    assert load_resume_state(Checkpoint.from_directory(str(c3)), say=said.append)["epoch"] == 3
+    assert said == []
+    # nothing complete left: one clear error, never a silent restart from scratch
+    (c1 / MANIFEST_FILE).unlink()
+    with pytest.raises(CheckpointError, match="no complete checkpoint"):
+        load_resume_state(Checkpoint.from_directory(str(c2)), say=said.append)
+
+
+def test_truncated_checkpoint_on_s3_is_refused_and_resume_falls_back(s3_bucket, upload_to_s3, tmp_path):
+    from ray.train import Checkpoint
+
+    from pipeline.storage import arrow_fs, fsspec_fs
+    run = _run_dir(tmp_path / "run")
+    names = sorted(p.name for p in run.iterdir())
+    url = upload_to_s3(str(run), f"{s3_bucket}/runs/r1")
+    fs, base = fsspec_fs(url)
+    newest = f"{base}/{names[2]}/{STATE_FILE}"
+    fs.pipe_file(newest, fs.cat_file(newest)[:1000])  # a half-finished upload
+    assert load_checkpoint(f"{url}/{names[1]}")["epoch"] == 2
+    for target in (f"{url}/{names[2]}", f"{url}/{names[2]}/{STATE_FILE}"):
+        with pytest.raises(CheckpointError, match="bytes, its manifest says") as e:
+            load_checkpoint(target)
+        assert url in str(e.value) and "/tmp" not in str(e.value)
+    afs, apath = arrow_fs(url)
+    said: list[str] = []
+    state = load_resume_state(Checkpoint(f"{apath}/{names[2]}", filesystem=afs), say=said.append)
+    assert state["epoch"] == 2 and any("skipping" in s for s in said)
+
+
+def test_cli_evaluate_refuses_truncated_checkpoint_in_one_line(tmp_path):
+    d = tmp_path / "checkpoint_x"
+    save_state(d, _state(1))
+    _truncate(d / STATE_FILE, 0.9)
+    r = subprocess.run([sys.executable, "-m", "pipeline.cli", "evaluate", str(d)],
+                       capture_output=True, text=True, timeout=120, env=dict(os.environ))
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(lines) == 1 and "manifest" in lines[0], r.stderr
