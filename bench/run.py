@@ -16,11 +16,7 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-<<<<<<< HEAD
-BENCHES = ["augment", "loss", "ingest", "step", "quality", "moco"]
-=======
-BENCHES = ["augment", "loss", "ingest", "step", "quality", "longtail"]
->>>>>>> longtail
+BENCHES = ["augment", "loss", "ingest", "step", "quality", "moco", "longtail"]
 REQUIRED = ("name", "value", "baseline", "ratio", "unit", "higher_is_better")
 
 

@@ -62,7 +62,6 @@ class DataConfig:
                                      "decode processes than Ray keeps alive between epochs)")
     data_resource: str | None = _f(
         None, "custom Ray resource that decode tasks require (pin decoding to CPU-only data nodes)")
-<<<<<<< HEAD
     decode: str = _choice("cpu_tasks", ("cpu_tasks", "worker"),
                           "where images are decoded: Ray Data CPU tasks, or the train worker's device "
                           "(torchvision decode_jpeg; nvjpeg on a GPU) from the encoded bytes")
@@ -70,11 +69,9 @@ class DataConfig:
                                         "fits this many MB (decoded, or encoded with decode=worker) "
                                         "and permute its blocks per epoch: no per-epoch Ray Data "
                                         "start-up; 0 = stream every epoch")
-=======
     imbalance: str | None = _f(
         None, "long-tail profile of the training split when `cacr train` prepares the shards "
               "(exp:R | linear:R | linear | none; see `cacr prepare --imbalance`)")
->>>>>>> longtail
 
 
 @dataclass
@@ -96,7 +93,7 @@ class ModelConfig:
 
 
 #: ``loss.name`` choices (methods registered in cacr.methods; cacr_queue is the queue setup's slot)
-LOSS_NAMES = ("cacr", "infonce", "cacr_moco")
+LOSS_NAMES = ("cacr", "infonce", "cacr_moco", "cacr_queue")
 
 
 @dataclass
@@ -109,13 +106,8 @@ class MomentumConfig:
 
 @dataclass
 class LossConfig:
-<<<<<<< HEAD
     name: str = _choice("cacr", LOSS_NAMES, "method: symmetric CACR, the InfoNCE baseline, or "
                         "momentum-encoder CACR (cacr_moco)")
-=======
-    name: str = _choice("cacr", ("cacr", "infonce", "cacr_queue"),
-                        "loss: CACR, the InfoNCE baseline, or queue CACR (momentum encoder + key queue)")
->>>>>>> longtail
     num_positives: int = _f(4, "K, positive views per query; V = K + 1 views per image")
     alpha: float = _f(1.0, "weight of contrastive attraction")
     beta: float = _f(1.0, "weight of contrastive repulsion")
@@ -123,16 +115,12 @@ class LossConfig:
     tau_neg: float = _f(0.9, "repulsion sharpness tau- (0.9 CIFAR-10-like, 2.0 CIFAR-100 / STL-10)")
     detach_weights: bool = _f(False, "stop gradients through the attraction/repulsion weights")
     same_view_negatives: bool = _f(False, "also use same-view views of other images as negatives")
-<<<<<<< HEAD
     temperature: float = _f(0.2, "temperature of infonce and cacr_moco (authors: 1.0 ResNet-50, 0.2 ViT)")
     targets: str = _choice("light", ("light", "full"), "cacr_moco targets: light = the 2 global crops, "
                            "full = every view")
-=======
-    temperature: float = _f(0.2, "InfoNCE temperature (loss.name=infonce)")
     queue_size: int = _f(65536, "cacr_queue: keys kept in the queue (M); negatives of every query")
     queue_momentum: float = _f(0.999, "cacr_queue: constant EMA momentum m of the key encoder")
     queue_bn_splits: int = _f(4, "cacr_queue: key-encoder shuffle-BN sub-batches per worker (1: off)")
->>>>>>> longtail
 
 
 @dataclass
@@ -207,15 +195,12 @@ class Config:
             ("optim.warmup_epochs", 0 <= self.optim.warmup_epochs <= self.epochs,
              "must be in [0, epochs]"),
             ("optim.min_lr_ratio", 0 <= self.optim.min_lr_ratio <= 1, "must be in [0, 1]"),
-<<<<<<< HEAD
             ("momentum.base", 0 <= self.momentum.base <= 1, "must be in [0, 1]"),
             ("model.predictor_hidden", self.model.predictor_hidden >= 1, "must be >= 1"),
             ("model.vit_depth", self.model.vit_depth >= 0, "must be >= 0 (0: the arch's depth)"),
             ("model.head", self.loss.name != "cacr_moco" or self.model.head == "moco",
              "loss.name=cacr_moco needs model.head=moco"),
-=======
             ("data.cache_budget_mb", self.data.cache_budget_mb >= 0, "must be >= 0 (0 = never cache)"),
->>>>>>> ingest
         ]
         for key, ok, msg in checks:
             if not ok:

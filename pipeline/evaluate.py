@@ -442,18 +442,14 @@ def evaluate(checkpoint: str | dict[str, Any], data_url: str | None = None,
 def run_evaluate(args: argparse.Namespace) -> int:
     """CLI entry: options are parsed (and rejected) before anything is loaded."""
     opts = parse_options(getattr(args, "overrides", None) or [])
-<<<<<<< HEAD
     # --endpoint-url / --region / --profile / --anonymous (as for prepare/inspect/export) win
     for key in ("endpoint_url", "region", "profile"):
         if getattr(args, key, None):
             setattr(opts.storage, key, getattr(args, key))
     if getattr(args, "anonymous", False):
         opts.storage.anonymous = True
-    result = evaluate(args.checkpoint, getattr(args, "data", None), opts)
-=======
     result = evaluate(args.checkpoint, getattr(args, "data", None), opts,
                       tensorboard=getattr(args, "tensorboard", None))
->>>>>>> longtail
     sys.stdout.flush()
     print(json_line(result), flush=True)
     return 0

@@ -79,12 +79,8 @@ def run_prepare(args: argparse.Namespace) -> int:
         prepare(args.source, args.out, storage=storage_from_args(args), shard_size=args.shard_size,
                 image_size=args.image_size, fmt=args.format, seed=args.seed,
                 val_fraction=args.val_fraction, jpeg_quality=args.jpeg_quality,
-<<<<<<< HEAD
-                parallel=args.parallel, progress=not args.no_progress, max_size=args.max_size)
-=======
-                parallel=args.parallel, progress=not args.no_progress, imbalance=args.imbalance,
-                allow_empty_classes=args.allow_empty_classes)
->>>>>>> longtail
+                parallel=args.parallel, progress=not args.no_progress, max_size=args.max_size,
+                imbalance=args.imbalance, allow_empty_classes=args.allow_empty_classes)
     except (DataError, StorageError, ConfigError) as e:
         return _fail(e)
     return 0

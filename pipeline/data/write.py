@@ -170,8 +170,8 @@ def prepare(source: str | Source, out_url: str, *, storage: StorageConfig | None
             shard_size: int | None = None, image_size: int | None = None, fmt: str = "png",
             seed: int = 0, val_fraction: float | None = None, jpeg_quality: int = 90,
             parallel: str = "auto", progress: bool = True,
-<<<<<<< HEAD
-            echo: Callable[[str], None] | None = None, max_size: int | None = None) -> dict[str, Any]:
+            echo: Callable[[str], None] | None = None, max_size: int | None = None,
+            imbalance: str | None = None, allow_empty_classes: bool = False) -> dict[str, Any]:
     """Convert ``source`` (``digits`` | image folder | ``cifar10:PATH`` | ``cifar100:PATH`` |
     ``skimage-photos[:N]``, or a :class:`~pipeline.data.sources.Source` built in code) into shards at
     ``out_url``; returns the index (also written as ``index.json``). Re-running skips shards already
@@ -180,17 +180,10 @@ def prepare(source: str | Source, out_url: str, *, storage: StorageConfig | None
     ``image_size=S`` (default layout ``square``): every image stored S x S (shorter side to S, centre
     crop). ``max_size=S`` (layout ``aspect``): aspect ratio kept, longer side <= S; larger images are
     downscaled, smaller ones kept as they are (never upscaled). index.json records ``layout`` and, for
-    aspect sets, ``max_size`` (= ``image_size``, the canvas side the reader decodes onto)."""
-=======
-            echo: Callable[[str], None] | None = None, imbalance: str | None = None,
-            allow_empty_classes: bool = False) -> dict[str, Any]:
-    """Convert ``source`` (``digits`` | image folder | ``cifar10:PATH`` | ``cifar100:PATH``, or a
-    :class:`~pipeline.data.sources.Source` built in code) into shards at ``out_url``; returns the index
-    (also written as ``index.json``). Re-running skips shards already complete. ``imbalance``: a
-    long-tail profile applied to the training split only (:mod:`pipeline.data.imbalance`)."""
+    aspect sets, ``max_size`` (= ``image_size``, the canvas side the reader decodes onto). ``imbalance``: a long-tail
+    profile applied to the training split only (:mod:`pipeline.data.imbalance`)."""
     from pipeline.data import imbalance as lt
 
->>>>>>> longtail
     echo = echo or (lambda m: print(m, file=sys.stderr, flush=True))
     fmt = {"jpeg": "jpg"}.get(fmt, fmt)
     if fmt not in ("png", "jpg"):
@@ -220,17 +213,13 @@ def prepare(source: str | Source, out_url: str, *, storage: StorageConfig | None
     src = open_source(source) if isinstance(source, str) else source
     size = int(max_size or image_size or src.default_image_size)
     splits = _split_indices(src, vf, seed)
-<<<<<<< HEAD
-    jobs = _plan(src, splits, image_size=size, fmt=fmt, jpeg_quality=jpeg_quality, shard_size=shard_size,
-                 layout=layout)
-=======
     C = len(src.classes)
     before = lt.class_counts(src.labels[splits["train"]], C) if "train" in splits and C else []
     if profile is not None and "train" in splits:
         splits["train"] = lt.subsample(splits["train"], src.labels, profile, seed=seed,
                                        class_names=src.classes, allow_empty_classes=allow_empty_classes)
-    jobs = _plan(src, splits, image_size=size, fmt=fmt, jpeg_quality=jpeg_quality, shard_size=shard_size)
->>>>>>> longtail
+    jobs = _plan(src, splits, image_size=size, fmt=fmt, jpeg_quality=jpeg_quality, shard_size=shard_size,
+                 layout=layout)
 
     # --- resume: which shards are already complete?
     existing = list_files(out_url, storage, suffix=".tar")
