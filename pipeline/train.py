@@ -21,11 +21,7 @@ from typing import Any
 
 import torch
 
-<<<<<<< HEAD
 from pipeline.config import Config, to_dict
-=======
-from pipeline.config import Config, ConfigError, from_dict, to_dict
->>>>>>> longtail
 from pipeline.console import finite_or_none, json_line
 
 
@@ -35,343 +31,6 @@ class TrainingFailed(RuntimeError):
 
 
 # ----------------------------------------------------------------------------------------------
-<<<<<<< HEAD
-=======
-# Worker side
-
-
-def _set_threads(cfg: Config) -> None:
-    n = cfg.torch_threads or max(1, (os.cpu_count() or 1) // max(1, cfg.num_workers))
-    torch.set_num_threads(n)
-
-
-def _build_model(cfg: Config):
-    from cacr.model import CACRModel
-
-    m = cfg.model
-    return CACRModel(m.arch, small_images=m.small_images, width=m.width, head_hidden=m.head_hidden,
-                     head_out=m.head_out, head_layers=m.head_layers, norm=m.norm)
-
-
-def _loss_fn(cfg: Config):
-    from cacr.loss import cacr_loss, infonce_loss
-
-    lc = cfg.loss
-    if lc.name == "cacr":
-        return lambda z: cacr_loss(z, alpha=lc.alpha, beta=lc.beta, tau_pos=lc.tau_pos,
-                                   tau_neg=lc.tau_neg, detach_weights=lc.detach_weights,
-                                   same_view_negatives=lc.same_view_negatives)
-    if lc.name == "infonce":
-        return lambda z: infonce_loss(z, temperature=lc.temperature)
-    # e.g. cacr_queue: a cacr.methods Method (own networks, after_step), not a loss of one model
-    raise ConfigError(f"config key 'loss.name' = {lc.name!r}: this trainer runs only cacr and infonce "
-                      "(methods with their own networks need the cacr.methods trainer)")
-
-
-def _rebatch(batches: Iterator[dict], batch_size: int, skipped: dict[str, int]) -> Iterator[tuple]:
-    """Drop skipped samples (counting them by reason) and re-cut full batches of good ones.
-
-    Every worker must take the same number of steps (the loss all-gathers), so partial batches are
-    never yielded; the caller additionally agrees with the other workers before each step.
-    """
-    from pipeline.data import split_batch
-
-    buf_x, buf_y, have = [], [], 0
-    for batch in batches:
-        x, y, counts = split_batch(batch)
-        for k, v in counts.items():
-            skipped[k] = skipped.get(k, 0) + int(v)
-        if x.shape[0] == 0:
-            continue
-        buf_x.append(x)
-        buf_y.append(y)
-        have += x.shape[0]
-        while have >= batch_size:
-            xs, ys = torch.cat(buf_x), torch.cat(buf_y)
-            yield xs[:batch_size], ys[:batch_size]
-            buf_x, buf_y, have = [xs[batch_size:]], [ys[batch_size:]], have - batch_size
-
-
-def _all_have_batch(has: bool, device: torch.device) -> bool:
-    """True only if every worker has a batch for this step (so none waits forever in a collective)."""
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return has
-    t = torch.tensor([1 if has else 0], device=device, dtype=torch.int32)
-    dist.all_reduce(t, op=dist.ReduceOp.MIN)
-    return bool(t.item())
-
-
-def _load_eval_split(name: str, limit: int) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """Rank 0 reads a small labelled split once (kNN bank / queries) as uint8 images."""
-    import ray.train
-
-    from pipeline.data import split_batch
-
-    try:
-        ds = ray.train.get_dataset_shard(name)
-    except Exception:
-        return None
-    if ds is None:
-        return None
-    xs, ys, n = [], [], 0
-    for batch in ds.iter_torch_batches(batch_size=512):
-        x, y, _ = split_batch(batch)
-        xs.append(x)
-        ys.append(y)
-        n += x.shape[0]
-        if n >= limit:
-            break
-    if not xs:
-        return None
-    return torch.cat(xs)[:limit], torch.cat(ys)[:limit].long()
-
-
-def _inject_failure(cfg: Config, rank: int, world: int, step: int) -> None:
-    """Debug option ``fail_at_step``: raise once in the last worker at that step (tests recovery)."""
-    if cfg.fail_at_step is None or step != cfg.fail_at_step or rank != world - 1:
-        return
-    from ray.experimental.internal_kv import _internal_kv_get, _internal_kv_put
-
-    key = f"cacr:injected-failure:{cfg.name}".encode()
-    if _internal_kv_get(key):
-        return
-    _internal_kv_put(key, b"1")
-    raise RuntimeError(f"injected failure at step {step} (fail_at_step) in worker rank {rank}")
-
-
-def _say(msg: str) -> None:
-    """A console line from a worker. Straight to stdout, which Ray forwards to the driver once:
-    Ray Train's patched ``print`` goes through its root logger, which reaches the console twice
-    when the job's environment has not switched the patch off (``ray job submit`` on a cluster)."""
-    sys.stdout.write(msg + "\n")
-    sys.stdout.flush()
-
-
-def _quiet_worker_logs(log_level: str) -> None:
-    """In this worker: Ray 2.60 logs every ``ray.train.report`` at INFO through a logger named
-    after its source FILE, which escapes RunConfig's ``LoggingConfig`` filter (that matches
-    ``ray.train.*`` names); Ray Data logs each execution of the kNN monitor's datasets."""
-    import logging
-
-    level = getattr(logging, log_level.upper())
-    logging.getLogger("ray.data").setLevel(level)
-    try:
-        from ray.train.v2._internal.execution import context as train_context
-    except ImportError:  # pragma: no cover - another Ray layout: its own level rules apply
-        return
-    train_context.logger.setLevel(level)
-
-
-def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
-    import ray.train
-    import ray.train.torch
-    import torch.distributed as dist
-
-    from cacr.augment import MultiViewAugment
-    from cacr.loss import alignment, uniformity
-    from cacr.optim import build_optimizer, warmup_cosine
-    from pipeline.checkpoint import load_resume_state, save_state
-    from pipeline.data import merge_counts
-    from pipeline.monitor import TensorBoard, denormalise_grid, embedding_stats, extract_features
-
-    cfg: Config = from_dict(Config, loop_config["config"])
-    scan_skipped: dict[str, int] = dict(loop_config.get("scan_skipped", {}))
-    steps_per_epoch: int = loop_config["steps_per_epoch"]
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    _set_threads(cfg)
-    _quiet_worker_logs(cfg.log_level)
-    device = ray.train.torch.get_device()
-    use_bf16 = device.type == "cuda"  # bf16 autocast on CPU is ~10x slower: GPU only
-
-    torch.manual_seed(cfg.seed)  # same init on every rank (DDP also broadcasts from rank 0)
-    model = _build_model(cfg)
-    if cfg.model.sync_batchnorm and world > 1:
-        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    if cfg.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    lr = cfg.optim.base_lr * cfg.global_batch / 256
-    optimizer = build_optimizer(cfg.optim.name, model, lr=lr, momentum=cfg.optim.momentum,
-                                weight_decay=cfg.optim.weight_decay)
-    total_steps = steps_per_epoch * cfg.epochs
-    warmup_steps = int(round(cfg.optim.warmup_epochs * steps_per_epoch))
-    sched = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_cosine(
-        s, warmup_steps=warmup_steps, total_steps=total_steps, min_ratio=cfg.optim.min_lr_ratio))
-
-    start_epoch, step = 0, 0
-    aug_gen = torch.Generator(device="cpu")
-    aug_gen.manual_seed(cfg.seed * 1000 + rank)
-    ckpt = ray.train.get_checkpoint()
-    if ckpt is not None:
-        state = load_resume_state(ckpt, say=_say)  # newest COMPLETE one (manifest verified)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
-        start_epoch, step = int(state["epoch"]), int(state["step"])
-        gens = state.get("aug_rng", [])
-        if rank < len(gens):
-            aug_gen.set_state(gens[rank])
-        torch.set_rng_state(state["torch_rng"])
-        if rank == 0:
-            _say(f"[cacr] resumed from checkpoint: epoch {start_epoch}, step {step}")
-
-    model = ray.train.torch.prepare_model(model)  # moves to device, wraps in DDP when world > 1
-    core = model.module if hasattr(model, "module") else model
-    augment = MultiViewAugment(cfg.augment, cfg.num_views)
-    loss_fn = _loss_fn(cfg)
-
-    tb = knn_bank = knn_val = None
-    if rank == 0:
-        tb = TensorBoard(loop_config["tensorboard_url"], cfg.storage)
-        # Written first, so runs stopped early (ASHA) appear in the HParams view as well; the
-        # metric columns are read from these scalar tags as they are logged.
-        tb.hparams(_hparams(cfg), ["val/knn_top1", "epoch/loss"])
-        if cfg.data.val_split:
-            knn_bank = _load_eval_split("knn_bank", loop_config["knn_bank_size"])
-            knn_val = _load_eval_split("knn_val", loop_config["knn_val_size"])
-            if knn_bank is None or knn_val is None or int((knn_bank[1] >= 0).sum()) == 0:
-                _say("[cacr] kNN monitor off: no labelled train/val samples")
-                knn_bank = knn_val = None
-
-    from pipeline.data import iter_train_batches as data_batches  # cached train sets come unsplit
-
-    train_shard = ray.train.get_dataset_shard("train")
-    skipped_total: dict[str, int] = {}
-    run_start = time.perf_counter()
-    knn = float("nan")
-    for epoch in range(start_epoch, cfg.epochs):
-        model.train()
-        epoch_start = time.perf_counter()
-        wait_s = 0.0
-        sum_loss = torch.zeros((), device=device)
-        n_steps = 0
-        epoch_skipped: dict[str, int] = {}
-        # Batches arrive on the CPU (split_batch counts skips there without a device sync) and
-        # move to the device once, pinned for an asynchronous copy when a GPU is used.
-        batches = _rebatch(iter(data_batches(train_shard, batch_size=cfg.batch_size, device="cpu",
-                                             decode=cfg.data.decode, prefetch_batches=2,
-                                             pin_memory=cfg.use_gpu, epoch=epoch, seed=cfg.seed)),
-                           cfg.batch_size, epoch_skipped)
-        while True:
-            t_wait = time.perf_counter()
-            item = next(batches, None)
-            if not _all_have_batch(item is not None, device):
-                break  # some worker ran out: everyone ends the epoch together
-            wait_s += time.perf_counter() - t_wait
-            images, _labels = item
-            images = images.to(device, non_blocking=True)
-            views = augment(images, generator=aug_gen, channels_last=cfg.channels_last)  # (V, n, 3, H, W)
-            if step == 0 and tb is not None:
-                tb.image("augment/views", denormalise_grid(views, cfg.augment), 0)
-            x = views.flatten(0, 1)  # view-major: row v*n + i is view v of image i
-            step += 1
-            _inject_failure(cfg, rank, world, step)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
-                z = model(x)
-            z = z.float().view(cfg.num_views, images.shape[0], -1)
-            out = loss_fn(z)
-            optimizer.zero_grad(set_to_none=True)
-            out.loss.backward()
-            optimizer.step()
-            sched.step()
-            sum_loss += out.loss.detach()
-            n_steps += 1
-            if tb is not None and (step % cfg.log_every_steps == 0 or n_steps == 1):
-                elapsed = time.perf_counter() - epoch_start
-                m = {f"train/{k}": v for k, v in out.metrics().items()}
-                m.update({"train/lr": optimizer.param_groups[0]["lr"],
-                          "train/alignment": float(alignment(z.detach())),
-                          "train/uniformity": float(uniformity(z.detach())),
-                          "perf/samples_per_s": n_steps * images.shape[0] * world / max(elapsed, 1e-9),
-                          "perf/data_wait_fraction": wait_s / max(elapsed, 1e-9)})
-                m.update(embedding_stats(z))
-                if not math.isfinite(m["train/loss"]):
-                    _say(f"[cacr] loss is {m['train/loss']} at step {step}")
-                tb.scalars(m, step)
-
-        # ---- end of epoch: reduce metrics over workers, kNN monitor, checkpoint, report ----
-        epoch_time = time.perf_counter() - epoch_start
-        stats = torch.tensor([float(sum_loss), float(n_steps), wait_s, epoch_time], dtype=torch.float64)
-        if dist.is_available() and dist.is_initialized():
-            stats = stats.to(device)
-            dist.all_reduce(stats)
-            stats = stats.cpu()
-            # every worker counts only the samples it saw; sum the per-reason counts
-            gathered: list[dict] = [None] * world  # type: ignore[list-item]
-            dist.all_gather_object(gathered, epoch_skipped)
-        else:
-            gathered = [epoch_skipped]
-        skipped_total = merge_counts(skipped_total, *gathered)
-        loss_mean = float(stats[0] / max(stats[1], 1))
-        steps_this_epoch = n_steps
-        samples_per_s = steps_this_epoch * cfg.global_batch / max(epoch_time, 1e-9)
-        wait_fraction = float(stats[2] / max(stats[3], 1e-9))
-
-        metrics: dict[str, Any] = {
-            "epoch": epoch + 1, "step": step, "resumed_from_epoch": start_epoch,
-            "loss": loss_mean, "samples_per_s": samples_per_s,
-            "data_wait_fraction": wait_fraction, "epoch_time_s": epoch_time,
-            "skipped": merge_counts(scan_skipped, skipped_total),
-        }
-        if rank == 0:
-            if knn_bank is not None:
-                from cacr.knn import knn_top1
-
-                fb = extract_features(core, knn_bank[0], cfg.augment, device)
-                fv = extract_features(core, knn_val[0], cfg.augment, device)
-                knn = knn_top1(fb, knn_bank[1], fv, knn_val[1], k=cfg.data.knn_k)
-                tb.scalars({"val/knn_top1": knn}, step)
-            metrics["knn_top1"] = knn
-            tb.scalars({"epoch/loss": loss_mean, "perf/epoch_samples_per_s": samples_per_s,
-                        "perf/epoch_data_wait_fraction": wait_fraction}, step)
-            tb.scalars({f"data/skipped/{k}": v for k, v in metrics["skipped"].items()}, step)
-            done_epochs = epoch + 1 - start_epoch
-            eta = (time.perf_counter() - run_start) / done_epochs * (cfg.epochs - epoch - 1)
-            knn_text = f"knn {knn:.4f}  " if math.isfinite(knn) else ""  # monitor off: no val split
-            _say(f"[cacr] epoch {epoch + 1}/{cfg.epochs}  loss {loss_mean:.4f}  {knn_text}"
-                 f"{samples_per_s:.0f} samples/s  data-wait {wait_fraction:.0%}  ETA {eta:.0f}s")
-            tb.sync()
-
-        with tempfile.TemporaryDirectory() as tmp:
-            checkpoint = None
-            gen_states = [aug_gen.get_state()]
-            if dist.is_available() and dist.is_initialized():
-                all_gens: list = [None] * world
-                dist.all_gather_object(all_gens, aug_gen.get_state())
-                gen_states = all_gens
-            if rank == 0:
-                save_state(tmp, {
-                    "model": core.state_dict(), "optimizer": optimizer.state_dict(),
-                    "scheduler": sched.state_dict(), "epoch": epoch + 1, "step": step,
-                    "config": to_dict(cfg), "torch_rng": torch.get_rng_state(),
-                    "aug_rng": gen_states, "metrics": {k: v for k, v in metrics.items() if k != "skipped"},
-                })
-                checkpoint = ray.train.Checkpoint.from_directory(tmp)
-            ray.train.report(metrics, checkpoint=checkpoint)
-        if not math.isfinite(loss_mean):
-            raise FloatingPointError(f"loss diverged to {loss_mean} in epoch {epoch + 1}; "
-                                     "lower optim.base_lr or check the data")
-    if tb is not None:
-        tb.close()
-
-
-def _hparams(cfg: Config) -> dict[str, Any]:
-    flat: dict[str, Any] = {}
-
-    def walk(d: dict, prefix: str) -> None:
-        for k, v in d.items():
-            if isinstance(v, dict):
-                walk(v, prefix + k + ".")
-            elif k not in ("name", "storage_path", "url", "source") and not prefix.startswith("storage."):
-                flat[prefix + k] = v
-    walk(to_dict(cfg), "")
-    return flat
-
-
-# ----------------------------------------------------------------------------------------------
->>>>>>> ingest
 # Driver side
 
 
@@ -445,21 +104,13 @@ def plan_data(cfg: Config) -> DataPlan:
 
     url = cfg.data.url
     if not data.has_shards(url, cfg.storage):
-<<<<<<< HEAD
         source = source_to_prepare(cfg)
         if not source:
             raise data.DataError(f"no shards at '{url}': run `cacr prepare SOURCE {url}` first (or set "
                                  "data.source=SOURCE to prepare them automatically)")
         print(f"[cacr] no shards at {url}: preparing them from '{source}'", flush=True)
-        data.prepare(source, url, storage=cfg.storage, image_size=cfg.data.image_size)
-=======
-        if not cfg.data.source:
-            raise data.DataError(f"no shards at '{url}': run `cacr prepare SOURCE {url}` first, or set "
-                                 "data.source to prepare them automatically")
-        print(f"[cacr] no shards at {url}: preparing them from '{cfg.data.source}'", flush=True)
-        data.prepare(cfg.data.source, url, storage=cfg.storage, image_size=cfg.data.image_size,
+        data.prepare(source, url, storage=cfg.storage, image_size=cfg.data.image_size,
                      imbalance=cfg.data.imbalance)
->>>>>>> longtail
     train_scan = data.scan_shards(url, "train", cfg.storage)
     val_scan = None
     if cfg.data.val_split:
@@ -571,25 +222,12 @@ def training_failed(cfg: Config, run_url: str, error: BaseException) -> Training
 
 
 def run_training(cfg: Config) -> dict[str, Any]:
-<<<<<<< HEAD
     """Run (or resume) one training run; prints per-epoch lines and a final JSON summary. Every
     path printed is absolute (or an s3:// URL): usable from any directory."""
-    from pipeline import storage
+    from pipeline import signals, storage
 
     cfg, plan = prepare_run(cfg)
-=======
-    """Run (or resume) one training run; prints per-epoch lines and a final JSON summary."""
-    from pipeline import signals
-
-    if not cfg.name:
-        cfg.name = _default_name(cfg)
-<<<<<<< HEAD
-    _loss_fn(cfg)  # a loss this trainer cannot run fails here, before Ray starts
-=======
     signals.set_resume(name=cfg.name)  # Ctrl-C's one line names the run to resume
->>>>>>> faults
-    plan = plan_data(cfg)
->>>>>>> longtail
     init_ray(cfg)
     check_cluster(cfg)
     trainer, run_url, plan = build_trainer(cfg, plan=plan)

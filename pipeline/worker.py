@@ -227,13 +227,12 @@ def resume(st: WorkerState) -> None:
     the whole network state then, and the method loads it."""
     import ray.train
 
-    from pipeline.checkpoint import load_state_file
+    from pipeline.checkpoint import load_resume_state
 
     ckpt = ray.train.get_checkpoint()
     if ckpt is None:
         return
-    with ckpt.as_directory() as d:
-        state = load_state_file(d)
+    state = load_resume_state(ckpt, say=_say)  # the newest COMPLETE checkpoint (manifest verified)
     st.method.load_state_dict(state["method"] if "method" in state else state["model"])
     st.optimizer.load_state_dict(state["optimizer"])
     st.scheduler.load_state_dict(state["scheduler"])
@@ -276,7 +275,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     resume(st)
     prepare(st, loop_config)
     for epoch in range(st.start_epoch, st.cfg.epochs):
-        stats = run_epoch(st)
+        stats = run_epoch(st, epoch)
         metrics = end_of_epoch(st, epoch, stats)
         checkpoint(st, epoch, metrics)
         if not math.isfinite(metrics["loss"]):
@@ -332,14 +331,19 @@ def _rebatch(batches: Iterator[dict], batch_size: int, skipped: dict[str, int]) 
             have -= batch_size
 
 
-def _epoch_batches(st: WorkerState, skipped: dict[str, int]) -> Iterator[tuple]:
+def _epoch_batches(st: WorkerState, skipped: dict[str, int], epoch: int) -> Iterator[tuple]:
     import ray.train
+
+    from pipeline.data import iter_train_batches
 
     # Batches arrive on the CPU (split_batch counts skips there without a device sync) and move
     # to the device once, pinned for an asynchronous copy when a GPU is used.
     shard = ray.train.get_dataset_shard("train")
-    raw = shard.iter_torch_batches(batch_size=st.cfg.batch_size, prefetch_batches=2, device="cpu",
-                                   pin_memory=st.cfg.use_gpu)
+    # A cached train set comes unsplit: iter_train_batches takes this worker's rows of epoch
+    # ``epoch``'s block order, a pure function of (seed, epoch) (same order after a restart).
+    raw = iter_train_batches(shard, batch_size=st.cfg.batch_size, device="cpu",
+                             decode=st.cfg.data.decode, prefetch_batches=2,
+                             pin_memory=st.cfg.use_gpu, epoch=epoch, seed=st.cfg.seed)
     return _rebatch(iter(raw), st.cfg.batch_size, skipped)
 
 
@@ -369,10 +373,10 @@ def agreed_batches(batches: Iterator[tuple], agree: StepAgreement, stats: EpochS
         yield current
 
 
-def run_epoch(st: WorkerState) -> EpochStats:
+def run_epoch(st: WorkerState, epoch: int) -> EpochStats:
     st.model.train()
     stats = EpochStats(start=time.perf_counter(), sum_loss=torch.zeros((), device=st.device))
-    batches = _epoch_batches(st, stats.skipped)
+    batches = _epoch_batches(st, stats.skipped, epoch)
     for batch in agreed_batches(batches, StepAgreement(st.group), stats):
         _step(st, stats, batch)
     return stats
