@@ -137,9 +137,10 @@ def load_state_file(path: str | Path, map_location: str | torch.device = "cpu") 
 
 def load_checkpoint(url: str, storage_cfg=None, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """Read a checkpoint from a local path or an ``s3://`` URL (directory or its state.pt)."""
-    if "://" not in url:
-        return load_state_file(url, map_location)
     from pipeline import storage
+
+    if not storage.is_remote(url):
+        return load_state_file(storage.parse_url(url).path, map_location)
 
     fs, path = storage.fsspec_fs(url, storage_cfg)
     path = path.rstrip("/")

@@ -97,7 +97,9 @@ def import_moco(checkpoint: str | Path, out_url: str, storage_cfg=None) -> dict[
              "config": to_dict(cfg), "epoch": ckpt.get("epoch"), "step": None,
              "metrics": {"imported_from": Path(str(checkpoint)).name}}
     url = export_backbone(state, out_url, storage_cfg)
-    if arch.startswith("vit") and "://" not in str(out_url):
+    from pipeline import storage
+
+    if arch.startswith("vit") and not storage.is_remote(str(out_url)):
         _fix_vit_meta(Path(out_url), net.feature_dim)
     return {"backbone": url, "arch": arch, "epoch": ckpt.get("epoch"),
             "encoder": "online (module.base_encoder; momentum encoder and predictor dropped)"}

@@ -84,7 +84,9 @@ class TensorBoard:
         from torch.utils.tensorboard import SummaryWriter
 
         self.url = logdir_url
-        self.remote = "://" in logdir_url
+        from pipeline import storage
+
+        self.remote = storage.is_remote(logdir_url)
         self.storage_cfg = storage_cfg
         if self.remote:
             self._tmp = tempfile.mkdtemp(prefix="cacr-tb-")
