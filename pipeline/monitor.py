@@ -113,7 +113,9 @@ class TensorBoard:
         clean = {k: (v if isinstance(v, (int, float, str, bool)) else str(v))
                  for k, v in hparams.items() if v is not None}
         exp, ssi, sei = hp_summary(clean, {tag: 0.0 for tag in metric_tags})
-        fw = self.writer._get_file_writer()
+        from pipeline.ray_compat import tb_file_writer
+
+        fw = tb_file_writer(self.writer)
         for s in (exp, ssi):  # session end is not written: the run may still be resumed
             fw.add_summary(s)
 

@@ -100,3 +100,15 @@ def tb_file_writer(writer: Any) -> Any:
     """The event-file writer behind a ``SummaryWriter`` (to add raw summaries, e.g. HParams
     session records, into the same run rather than a sub-run)."""
     return writer._get_file_writer()
+
+
+def disable_driver_failure_signal_handler() -> None:
+    """Ray's core installs absl's failure signal handler in the driver for SIGTERM too (stack dump,
+    abort, no clean-up); the flag it reads when it creates the driver's core worker switches that
+    off for this process only (worker processes keep theirs). Set it before ``ray.init``."""
+    from ray._private import ray_constants
+
+    if not hasattr(ray_constants, "RAY_DISABLE_FAILURE_SIGNAL_HANDLER"):
+        raise RuntimeError("ray_compat: ray._private.ray_constants.RAY_DISABLE_FAILURE_SIGNAL_HANDLER "
+                           "is gone in this Ray: SIGTERM on the driver needs another switch")
+    ray_constants.RAY_DISABLE_FAILURE_SIGNAL_HANDLER = True

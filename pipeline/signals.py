@@ -62,9 +62,9 @@ def install(ray_driver: bool = True) -> None:
     reads the flag when it creates the driver's core worker, and worker processes keep theirs."""
     signal.signal(signal.SIGTERM, _sigterm)
     if ray_driver:
-        from ray._private import ray_constants
+        from pipeline.ray_compat import disable_driver_failure_signal_handler
 
-        ray_constants.RAY_DISABLE_FAILURE_SIGNAL_HANDLER = True
+        disable_driver_failure_signal_handler()
 
 
 def on_interrupt(argv: Sequence[str]) -> int:

@@ -557,12 +557,12 @@ def _inject_failure(cfg: Config, rank: int, world: int, step: int) -> None:
     """Debug option ``fail_at_step``: raise once in the last worker at that step (tests recovery)."""
     if cfg.fail_at_step is None or step != cfg.fail_at_step or rank != world - 1:
         return
-    from ray.experimental.internal_kv import _internal_kv_get, _internal_kv_put
+    from pipeline.ray_compat import kv_get, kv_put
 
     key = f"cacr:injected-failure:{cfg.name}".encode()
-    if _internal_kv_get(key):
+    if kv_get(key):
         return
-    _internal_kv_put(key, b"1")
+    kv_put(key, b"1")
     raise RuntimeError(f"injected failure at step {step} (fail_at_step) in worker rank {rank}")
 
 
@@ -582,11 +582,9 @@ def _quiet_worker_logs(log_level: str) -> None:
 
     level = getattr(logging, log_level.upper())
     logging.getLogger("ray.data").setLevel(level)
-    try:
-        from ray.train.v2._internal.execution import context as train_context
-    except ImportError:  # pragma: no cover - another Ray layout: its own level rules apply
-        return
-    train_context.logger.setLevel(level)
+    from pipeline.ray_compat import set_train_report_log_level
+
+    set_train_report_log_level(log_level)
 
 
 def _hparams(cfg: Config) -> dict[str, Any]:

@@ -90,3 +90,22 @@ def test_kv_and_dashboard_address_on_a_running_ray(ray_session):
     # the fixture starts Ray with the dashboard (as the commands do): its address is registered
     # (None only where the dashboard could not start, which the fixture tolerates)
     assert addr is None or addr.startswith("http://")
+
+
+def test_driver_failure_signal_handler_switch_is_the_flag_ray_reads():
+    """Ray's core worker reads this flag when the driver connects; if Ray renames it, SIGTERM on
+    `cacr train` would abort with a stack dump again: fail here, loudly."""
+    import ray._raylet
+    from ray._private import ray_constants
+
+    from pipeline.ray_compat import disable_driver_failure_signal_handler
+
+    saved = ray_constants.RAY_DISABLE_FAILURE_SIGNAL_HANDLER
+    try:
+        disable_driver_failure_signal_handler()
+        assert ray_constants.RAY_DISABLE_FAILURE_SIGNAL_HANDLER is True
+    finally:
+        ray_constants.RAY_DISABLE_FAILURE_SIGNAL_HANDLER = saved
+    # the compiled core worker (Cython) is what reads it when the driver connects
+    with open(ray._raylet.__file__, "rb") as f:
+        assert b"RAY_DISABLE_FAILURE_SIGNAL_HANDLER" in f.read()
