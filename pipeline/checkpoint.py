@@ -213,3 +213,29 @@ def load_resume_state(checkpoint, map_location: str | torch.device = "cpu",
         return state
     raise CheckpointError(f"no complete checkpoint in '{parent}' ({first_error}); remove the run "
                           "directory to start over")
+
+
+STAGING_PREFIX = "cacr-ckpt-"
+
+
+def _staging_prefix(run_name: str | None) -> str:
+    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in (run_name or "run"))
+    return f"{STAGING_PREFIX}{safe}-"
+
+
+def staging_dir(run_name: str | None) -> "tempfile.TemporaryDirectory[str]":
+    """Where rank 0 writes a checkpoint before Ray Train persists it: a temp dir named after the
+    run, so that what a killed worker could not remove (Ctrl-C, preemption mid-report) is found
+    and removed by :func:`remove_staging` when the command ends."""
+    return tempfile.TemporaryDirectory(prefix=_staging_prefix(run_name))
+
+
+def remove_staging(run_name: str | None) -> int:
+    """Remove this run's checkpoint staging dirs left in this node's temp dir; returns how many."""
+    import glob
+    import shutil
+
+    left = glob.glob(os.path.join(tempfile.gettempdir(), _staging_prefix(run_name) + "*"))
+    for d in left:
+        shutil.rmtree(d, ignore_errors=True)
+    return len(left)

@@ -89,6 +89,19 @@ def joining_cluster() -> bool:
     return bool(os.environ.get("RAY_ADDRESS"))
 
 
+def check_local_gpus(use_gpu: bool | None, gpu_key: str = "use_gpu") -> int:
+    """GPUs a NEW local Ray gets; ``use_gpu`` on a machine without one is a user error, said
+    before anything else happens (no data prepared, no Ray started). Behind ``RAY_ADDRESS`` the
+    cluster's GPUs count instead (checked by :func:`check_resources`): returns 0 then."""
+    if joining_cluster():
+        return 0
+    gpus = local_gpu_count() if use_gpu is not False else 0
+    if use_gpu and gpus == 0:
+        raise ConfigError(f"{gpu_key}=true but this machine has no CUDA GPU (torch sees none): set "
+                          f"{gpu_key}=false, or run on a GPU machine / cluster (RAY_ADDRESS)")
+    return gpus
+
+
 def start_ray(*, num_cpus: int | None = None, use_gpu: bool | None = False, log_level: str = "warning",
               dashboard: bool = True, env: dict[str, str] | None = None,
               log_to_driver: bool = True, gpu_key: str = "use_gpu", **kwargs) -> bool:
@@ -108,10 +121,7 @@ def start_ray(*, num_cpus: int | None = None, use_gpu: bool | None = False, log_
     if joining_cluster():
         ray.init(log_to_driver=log_to_driver, **kwargs)
         return False
-    gpus = local_gpu_count() if use_gpu is not False else 0
-    if use_gpu and gpus == 0:
-        raise ConfigError(f"{gpu_key}=true but this machine has no CUDA GPU (torch sees none): set "
-                          f"{gpu_key}=false, or run on a GPU machine / cluster (RAY_ADDRESS)")
+    gpus = check_local_gpus(use_gpu, gpu_key)
     cpus = max(os.cpu_count() or 1, int(num_cpus or 0))
     job_env = {**quiet_env(log_level), **(env or {})}
     if dashboard:

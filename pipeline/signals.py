@@ -82,6 +82,10 @@ def on_interrupt(argv: Sequence[str]) -> int:
             ray.shutdown()  # local Ray: stops its processes; a cluster: drops our job's actors/PGs
     except Exception:  # noqa: BLE001 - stopping anyway; the line below still tells how to resume
         pass
+    if "name" in _resume:  # checkpoint staging dirs of workers killed mid-report (this node)
+        from pipeline.checkpoint import remove_staging
+
+        remove_staging(_resume["name"])
     command = argv[0] if argv else ""
     verb = "resume" if command in ("train", "tune") else "re-run"
     sys.stdout.flush()

@@ -128,7 +128,9 @@ def prepare_run(cfg: Config) -> tuple[Config, DataPlan]:
     (:func:`pipeline.storage.resolve_paths`), the run name, the storage_path writable/reachable,
     the data prepared/scanned. Returns the resolved config (what goes to Ray) and the data plan."""
     from pipeline import storage
+    from pipeline.ray_start import check_local_gpus
 
+    check_local_gpus(cfg.use_gpu)
     cfg = storage.resolve_paths(cfg)
     if not cfg.name:
         cfg.name = _default_name(cfg)

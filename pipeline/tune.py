@@ -370,6 +370,7 @@ def run_tune(path: str, overrides: list[str] | tuple[str, ...] = (), *,
     from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
+    from pipeline.ray_start import check_local_gpus
     from pipeline.train import plan_data
 
     t0 = time.perf_counter()
@@ -382,6 +383,7 @@ def run_tune(path: str, overrides: list[str] | tuple[str, ...] = (), *,
     trials_url = storage.join_url(search_url, "trials")
     storage.check_writable(storage_url, base.storage)
 
+    check_local_gpus(base.use_gpu, "train.use_gpu")  # before any data is prepared
     # Prepare the embedded default once here (not racing in every trial) and scan the shards once.
     plan = plan_data(run_base)
     if tc.metric == "knn_top1" and plan.val_scan is None:

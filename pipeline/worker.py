@@ -505,18 +505,18 @@ def checkpoint(st: WorkerState, epoch: int, metrics: dict[str, Any]) -> None:
     import ray.train
     import torch.distributed as dist
 
-    from pipeline.checkpoint import save_state
+    from pipeline.checkpoint import save_state, staging_dir
 
     aug_rng = [st.aug_gen.get_state()]
     if st.group is not None:
         aug_rng = [None] * st.world
         dist.all_gather_object(aug_rng, st.aug_gen.get_state(), group=st.group)
-    with tempfile.TemporaryDirectory() as tmp:
-        ckpt = None
-        if st.rank == 0:
-            save_state(tmp, checkpoint_state(st, epoch, metrics, aug_rng))
-            ckpt = ray.train.Checkpoint.from_directory(tmp)
-        ray.train.report(metrics, checkpoint=ckpt)
+    if st.rank != 0:
+        ray.train.report(metrics, checkpoint=None)
+        return
+    with staging_dir(st.cfg.name) as tmp:  # a killed run's leftovers are removed by name
+        save_state(tmp, checkpoint_state(st, epoch, metrics, aug_rng))
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
 
 
 # ----------------------------------------------------------------------------------------------

@@ -124,3 +124,17 @@ def test_cli_evaluate_refuses_truncated_checkpoint_in_one_line(tmp_path):
                        capture_output=True, text=True, timeout=120, env=dict(os.environ))
     lines = r.stderr.strip().splitlines()
     assert r.returncode == 2 and len(lines) == 1 and "manifest" in lines[0], r.stderr
+
+
+def test_staging_dirs_of_a_killed_run_are_removed_by_name(tmp_path, monkeypatch):
+    """A worker killed mid-report leaves its checkpoint staging dir; the command's end removes
+    exactly that run's dirs (another run's stay)."""
+    import tempfile
+
+    from pipeline.checkpoint import remove_staging, staging_dir
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    killed, alive = staging_dir("run/a b"), staging_dir("other")  # the first is never cleaned up
+    assert remove_staging("run/a b") == 1
+    assert not os.path.exists(killed.name) and os.path.isdir(alive.name)
+    alive.cleanup()
