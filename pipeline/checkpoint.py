@@ -215,6 +215,34 @@ def load_resume_state(checkpoint, map_location: str | torch.device = "cpu",
                           "directory to start over")
 
 
+def load_newest_complete(run_url: str, storage_cfg=None, map_location: str | torch.device = "cpu",
+                         say=print) -> dict[str, Any] | None:
+    """For a restart where Ray Train hands back NO checkpoint although the run directory holds
+    some: the run was stopped (Ctrl-C, kill -9) after a checkpoint was written but before Ray
+    registered it. A checkpoint whose manifest verifies is complete (the manifest is written
+    last), so the newest such ``checkpoint_*`` is resumed from; None when the run has none;
+    :class:`CheckpointError` when it has some but none is complete."""
+    from pipeline import storage
+
+    names = sorted((n for n in storage.list_dirs(run_url, storage_cfg) if n.startswith(CHECKPOINT_PREFIX)),
+                   reverse=True)
+    first_error = None
+    for name in names:
+        try:
+            state = load_checkpoint(storage.join_url(run_url, name), storage_cfg, map_location)
+        except CheckpointError as e:
+            first_error = first_error or e
+            say(f"[cacr] skipping checkpoint {name}: {str(e).split(': ', 1)[-1]}")
+            continue
+        say(f"[cacr] resuming from {name}: complete, written before the run was stopped "
+            "(Ray had not registered it)")
+        return state
+    if names:
+        raise CheckpointError(f"no complete checkpoint in '{run_url}' ({first_error}); remove the run "
+                              "directory to start over")
+    return None
+
+
 STAGING_PREFIX = "cacr-ckpt-"
 
 

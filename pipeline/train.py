@@ -173,6 +173,7 @@ def build_trainer(cfg: Config, *, callbacks: list | None = None, storage_path: s
         "config": to_dict(cfg),
         "scan_skipped": plan.skipped,
         "steps_per_epoch": plan.steps_per_epoch,
+        "run_url": run_url,
         "tensorboard_url": storage.join_url(run_url, "tensorboard"),
         "knn_bank_size": 10_000, "knn_val_size": 10_000,
     }

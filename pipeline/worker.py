@@ -176,6 +176,7 @@ class WorkerState:
     group: Any | None              # gloo group of cpu_group(), None with one worker
     steps_per_epoch: int
     scan_skipped: dict[str, int]
+    run_url: str = ""              # the run directory (local or s3://), where checkpoints live
     start_epoch: int = 0
     step: int = 0
     tb: Any = None                 # rank 0: pipeline.monitor.TensorBoard
@@ -218,7 +219,8 @@ def set_up(loop_config: dict[str, Any]) -> WorkerState:
                        method=method, model=method, optimizer=optimizer, scheduler=scheduler,
                        augment=MultiViewAugment(cfg.augment, cfg.num_views), aug_gen=aug_gen,
                        group=cpu_group(world), steps_per_epoch=loop_config["steps_per_epoch"],
-                       scan_skipped=dict(loop_config.get("scan_skipped", {})))
+                       scan_skipped=dict(loop_config.get("scan_skipped", {})),
+                       run_url=loop_config.get("run_url", ""))
 
 
 def resume(st: WorkerState) -> None:
@@ -227,12 +229,17 @@ def resume(st: WorkerState) -> None:
     the whole network state then, and the method loads it."""
     import ray.train
 
-    from pipeline.checkpoint import load_resume_state
+    from pipeline.checkpoint import load_newest_complete, load_resume_state
 
     ckpt = ray.train.get_checkpoint()
-    if ckpt is None:
+    if ckpt is not None:
+        state = load_resume_state(ckpt, say=_say)  # the newest COMPLETE one (manifest verified)
+    elif st.run_url:  # none registered: one may still have been written completely before a stop
+        state = load_newest_complete(st.run_url, st.cfg.storage, say=_say if st.rank == 0 else _quiet)
+    else:
+        state = None
+    if state is None:
         return
-    state = load_resume_state(ckpt, say=_say)  # the newest COMPLETE checkpoint (manifest verified)
     st.method.load_state_dict(state["method"] if "method" in state else state["model"])
     st.optimizer.load_state_dict(state["optimizer"])
     st.scheduler.load_state_dict(state["scheduler"])
@@ -564,6 +571,10 @@ def _inject_failure(cfg: Config, rank: int, world: int, step: int) -> None:
         return
     kv_put(key, b"1")
     raise RuntimeError(f"injected failure at step {step} (fail_at_step) in worker rank {rank}")
+
+
+def _quiet(msg: str) -> None:
+    """What ranks other than 0 do with a console line rank 0 already prints."""
 
 
 def _say(msg: str) -> None:

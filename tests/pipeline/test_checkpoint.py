@@ -138,3 +138,21 @@ def test_staging_dirs_of_a_killed_run_are_removed_by_name(tmp_path, monkeypatch)
     assert remove_staging("run/a b") == 1
     assert not os.path.exists(killed.name) and os.path.isdir(alive.name)
     alive.cleanup()
+
+
+def test_newest_complete_checkpoint_when_ray_registered_none(tmp_path):
+    """Stopped between writing a checkpoint and Ray registering it: the re-run resumes from the
+    newest checkpoint whose manifest verifies; a run without checkpoints starts fresh."""
+    from pipeline.checkpoint import load_newest_complete
+
+    assert load_newest_complete(str(tmp_path / "nothing-yet"), say=lambda m: None) is None
+    run = _run_dir(tmp_path / "run")
+    c1, c2, c3 = sorted(run.iterdir())
+    _truncate(c3 / STATE_FILE)  # the one being written when the run died
+    said: list[str] = []
+    assert load_newest_complete(str(run), say=said.append)["epoch"] == 2
+    assert any(c3.name in s and "skipping" in s for s in said)
+    for c in (c1, c2):
+        (c / MANIFEST_FILE).unlink()
+    with pytest.raises(CheckpointError, match="no complete checkpoint"):
+        load_newest_complete(str(run), say=said.append)
