@@ -98,9 +98,10 @@ class CliRun:
                 found.append(f"{d} {cmd[:120]}")
         return found
 
-    def wait_no_processes(self, timeout: float = STOP_GUARD_S) -> list[str]:
+    def wait_no_processes(self, timeout: float = STOP_GUARD_S, ignore: tuple[str, ...] = ()) -> list[str]:
         deadline = time.monotonic() + timeout
-        while (left := self.own_processes()) and time.monotonic() < deadline:
+        while (left := [p for p in self.own_processes() if not any(i in p for i in ignore)]) \
+                and time.monotonic() < deadline:
             time.sleep(1)
         return left
 

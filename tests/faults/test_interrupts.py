@@ -85,9 +85,14 @@ def test_train_ctrl_c_then_kill_9_then_partial_checkpoint_resume_exactly(cacr_cl
         time.sleep(0.2)
     b.proc.kill()
     b.finish(STOP_GUARD_S)
-    assert b.wait_no_processes() == [], "a killed driver's local Ray must die with it"
+    # A killed driver's local Ray dies with it (GCS, raylet, workers: nothing holds CPUs or the
+    # object store) - except Ray's per-node agents (dashboard, runtime env), which Ray 2.60 can
+    # leave orphaned after a SIGKILL of the driver (they hold no resources; the next run starts its
+    # own Ray; the fixture kills them). Ctrl-C / SIGTERM (above) leave nothing at all.
+    assert b.wait_no_processes(ignore=("DashboardAgent", "RuntimeEnvAgent", "agent.py")) == [], \
+        "a killed driver's local Ray must die with it"
     ckpts = _complete(runs / name)
-    assert len(ckpts) >= 2 and _epoch(ckpts[-1]) > e1
+    assert len(ckpts) >= 2 and _epoch(ckpts[-1]) > e_resumed
 
     # 3. A crash while writing: the newest checkpoint truncated. The re-run skips it.
     fallback = _epoch(ckpts[-2])
@@ -96,7 +101,8 @@ def test_train_ctrl_c_then_kill_9_then_partial_checkpoint_resume_exactly(cacr_cl
     c = cacr_cli(*resume[1:])
     assert c.finish(900) == 0, c.output[-3000:]
     assert "skipping checkpoint " + ckpts[-1].name in c.output
-    summary = json.loads(c.lines[-1])
+    # the summary line (a late "(RayTrainWorker ...)" log line may follow it in this capture)
+    summary = json.loads(next(ln for ln in reversed(c.lines) if ln.startswith("{")))
     assert summary["resumed_from_epoch"] == fallback and summary["epochs"] == epochs
     assert summary["steps"] == epochs * STEPS_PER_EPOCH  # nothing lost, nothing counted twice
     assert c.own_tmp_leftovers() == []
