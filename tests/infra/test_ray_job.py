@@ -72,7 +72,11 @@ def ray_head(tmp_path):
     dash = _free_port()
     head = subprocess.Popen([RAY, "start", "--head", "--block", "--num-cpus", "6",
                              "--port", str(_free_port()), "--include-dashboard", "true",
-                             "--dashboard-port", str(dash), "--disable-usage-stats"],
+                             "--dashboard-port", str(dash), "--disable-usage-stats",
+                             # the job API needs this head's agent HTTP server; Ray's fixed default
+                             # port (52365) is taken by any other Ray on the machine (the test
+                             # session's), and the agent then runs without it: "No available agent"
+                             "--dashboard-agent-listen-port", str(_free_port())],
                             env={**env, "RAY_AUTH_MODE": "token"}, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:

@@ -117,20 +117,34 @@ def test_evaluate_and_export_take_the_endpoint_options_and_fail_fast_unreachable
 # `cacr train` on the driver: what is checked before Ray starts
 
 
-def _ray_up() -> bool:
+@pytest.fixture
+def ray_starts(monkeypatch) -> list:
+    """Every attempt of this test's command to start or join Ray (none may happen). Recorded at
+    the one place commands start Ray, and at ``ray.init``, so a Ray that other tests of the
+    session already started in this process does not count."""
     import ray
 
-    return ray.is_initialized()
+    import pipeline.ray_start
+
+    calls: list = []
+
+    def refuse(*a, **kw):
+        calls.append((a, kw))
+        raise AssertionError("Ray was started")
+
+    monkeypatch.setattr(pipeline.ray_start, "start_ray", refuse)
+    monkeypatch.setattr(ray, "init", refuse)
+    return calls
 
 
-def test_a_typed_url_without_shards_is_never_prepared_implicitly(s3_bucket, capsys):
+def test_a_typed_url_without_shards_is_never_prepared_implicitly(s3_bucket, ray_starts, capsys):
     """data.url=s3://bucket/digitz (a typo) must not train on digits written into the bucket."""
     from pipeline.storage import list_files
 
     assert main(["train", f"data.url={s3_bucket}/digitz", "epochs=1"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and f"{s3_bucket}/digitz" in err[0] and "cacr prepare" in err[0], err
-    assert list_files(f"{s3_bucket}/digitz") == {} and not _ray_up()
+    assert list_files(f"{s3_bucket}/digitz") == {} and not ray_starts
 
 
 def test_implicit_preparation_rule(tmp_path, monkeypatch):
@@ -149,15 +163,16 @@ def test_implicit_preparation_rule(tmp_path, monkeypatch):
     assert src("data.source=null") is None
 
 
-def test_unusable_storage_path_fails_before_ray_in_one_line(s3_server, tmp_path, monkeypatch, capsys):
+def test_unusable_storage_path_fails_before_ray_in_one_line(s3_server, tmp_path, monkeypatch,
+                                                            ray_starts, capsys):
     monkeypatch.chdir(tmp_path)
     assert main(["train", "storage_path=s3://no-such-bucket-cacr/runs", "epochs=1"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "no-such-bucket-cacr" in err[0] and "does not exist" in err[0], err
-    assert not (tmp_path / "data").exists() and not _ray_up()  # nothing prepared, no Ray
+    assert not (tmp_path / "data").exists() and not ray_starts  # nothing prepared, no Ray
 
 
-def test_use_gpu_without_gpus_fails_before_ray(digits_shards, tmp_path, monkeypatch, capsys):
+def test_use_gpu_without_gpus_fails_before_ray(digits_shards, tmp_path, monkeypatch, ray_starts, capsys):
     import pipeline.ray_start
 
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
@@ -166,7 +181,7 @@ def test_use_gpu_without_gpus_fails_before_ray(digits_shards, tmp_path, monkeypa
                  f"storage_path={tmp_path}", "epochs=1"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "use_gpu=true" in err[0] and "no CUDA GPU" in err[0], err
-    assert not _ray_up()
+    assert not ray_starts
 
 
 def test_a_failed_run_promises_a_resume_only_with_a_checkpoint(tmp_path):

@@ -102,7 +102,7 @@ def test_impossible_trial_resources_fail_fast(ray_session, digits_shards, tmp_pa
     from pipeline.tune import run_tune
 
     for over, match in ((["train.cpus_per_worker=64"], "per-trial resources.*64"),
-                        (["train.use_gpu=true"], "no GPU")):
+                        (["train.use_gpu=true"], "no (CUDA )?GPU")):
         t0 = time.monotonic()
         with pytest.raises(ConfigError, match=match):
             run_tune(_tune_yaml(tmp_path, digits_shards, str(tmp_path / "tune")), over)
