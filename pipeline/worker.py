@@ -343,12 +343,15 @@ def _epoch_batches(st: WorkerState, skipped: dict[str, int], epoch: int) -> Iter
 
     from pipeline.data import iter_train_batches
 
-    # Batches arrive on the CPU (split_batch counts skips there without a device sync) and move
-    # to the device once, pinned for an asynchronous copy when a GPU is used.
+    # Decoded batches arrive on the CPU and move to the device once, pinned for an asynchronous
+    # copy when a GPU is used. With data.decode=worker the JPEG bytes are decoded straight on the
+    # worker's device (nvjpeg on a GPU). Either way the skip codes stay on the CPU, so split_batch
+    # counts skipped samples without a device sync.
     shard = ray.train.get_dataset_shard("train")
+    decode_device = st.device if st.cfg.data.decode == "worker" else "cpu"
     # A cached train set comes unsplit: iter_train_batches takes this worker's rows of epoch
     # ``epoch``'s block order, a pure function of (seed, epoch) (same order after a restart).
-    raw = iter_train_batches(shard, batch_size=st.cfg.batch_size, device="cpu",
+    raw = iter_train_batches(shard, batch_size=st.cfg.batch_size, device=decode_device,
                              decode=st.cfg.data.decode, prefetch_batches=2,
                              pin_memory=st.cfg.use_gpu, epoch=epoch, seed=st.cfg.seed)
     return _rebatch(iter(raw), st.cfg.batch_size, skipped)

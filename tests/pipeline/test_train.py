@@ -205,3 +205,42 @@ def test_cli_train_console_is_one_line_per_epoch_then_json(digits_shards, tmp_pa
     assert summary["epochs"] == 2 and summary["steps"] == 2 * STEPS_PER_EPOCH
     assert Path(summary["backbone"]).exists()
     assert "tensorboard --logdir " + summary["tensorboard_logdir"] in out
+
+
+def _photo_set_with_a_broken_jpeg(tmp_path) -> str:
+    """scikit-image's photos as an aspect-kept JPEG set (longer side <= 64), one JPEG truncated."""
+    import io
+    import tarfile
+
+    from pipeline.data import prepare
+
+    url = str(tmp_path / "photos")
+    prepare("skimage-photos:40", url, max_size=64, fmt="jpg", shard_size=10, val_fraction=0,
+            progress=False, echo=lambda m: None)
+    shard = os.path.join(url, "train-000001.tar")
+    with tarfile.open(shard) as tf:
+        members = [(m, tf.extractfile(m).read()) for m in tf.getmembers()]
+    with tarfile.open(shard, "w") as tf:
+        broken = False
+        for m, data in members:
+            if not broken and m.name.endswith(".jpg"):
+                data, broken = data[: len(data) // 3], True
+            m.size = len(data)
+            tf.addfile(m, io.BytesIO(data))
+    return url
+
+
+def test_worker_decode_trains_on_photos_from_the_whole_image(ray_session, tmp_path):
+    """data.decode=worker end to end: JPEG bytes reach the train workers, which decode them in
+    batches on their device (the CPU here; nvjpeg on a GPU: bench/gpu.sh runs the gpu-marked
+    twin), aspect-kept canvases with their valid sizes feed full-image crops, and the broken JPEG
+    is counted exactly once, as the CPU tasks would count it."""
+    from pipeline.train import run_training
+
+    url = _photo_set_with_a_broken_jpeg(tmp_path)
+    out = run_training(_cfg(url, str(tmp_path / "runs"), "epochs=1", "batch_size=8",
+                            "data.decode=worker", "data.image_size=64", "augment.crop_size=16",
+                            "data.val_split="))
+    assert out["skipped"] == {"undecodable_image": 1}
+    # 39 good images over 2 workers, 8 per worker-step: the worker with fewer full batches sets it
+    assert out["steps"] >= 2 and math.isfinite(out["loss"])
