@@ -354,20 +354,26 @@ def run(quick: bool) -> list[dict]:
         out += _recipe_lines(quick, cpu)
         if torch.cuda.is_available():
             torch.set_num_threads(prev_threads)
-            dev = torch.device("cuda")
-            for V, H, crop in [(5, 32, 32), (5, 224, 32), (2, 224, 224)]:
-                cfg = AugmentConfig(crop_size=crop)
-                B = 256 if crop == 32 else 64
-                r = _measure(cfg, V, H, B, 0, 5, dev, with_per_image=False)
-                tag = f"V{V}.{H}px" + ("" if crop == 32 else f"_crop{crop}")
-                config = dict(V=V, input_px=H, crop=crop, batch=B, device=torch.cuda.get_device_name(0),
-                              rounds=5, recipe="AugmentConfig() defaults")
-                out.append(_line(f"augment.cuda.vs_kornia.{tag}", r["ours"], r["kornia"],
-                                 "kornia.augmentation batched on the same GPU", config))
-            out += _recipe_lines(quick, dev)
+            out += cuda_lines(quick)
     finally:
         torch.set_num_threads(prev_threads)
     return out
+
+
+def cuda_lines(quick: bool) -> list[dict]:
+    """Ours vs Kornia, both batched on the same GPU (also run by bench/gpu.sh via bench_gpu)."""
+    dev = torch.device("cuda")
+    out = []
+    for V, H, crop in [(5, 32, 32), (5, 224, 32), (2, 224, 224)]:
+        cfg = AugmentConfig(crop_size=crop)
+        B = 256 if crop == 32 else 64
+        r = _measure(cfg, V, H, B, 0, 5, dev, with_per_image=False)
+        tag = f"V{V}.{H}px" + ("" if crop == 32 else f"_crop{crop}")
+        config = dict(V=V, input_px=H, crop=crop, batch=B, device=torch.cuda.get_device_name(0),
+                      rounds=5, recipe="AugmentConfig() defaults")
+        out.append(_line(f"augment.cuda.vs_kornia.{tag}", r["ours"], r["kornia"],
+                         "kornia.augmentation batched on the same GPU", config))
+    return out + _recipe_lines(quick, dev)
 
 
 if __name__ == "__main__":

@@ -35,7 +35,7 @@ of 11 steps; quick - 16 px, width 8, V = 2, batch 64 (22 steps/epoch), 4 epochs 
 2-core machine; quick epochs are short, so per-epoch fixed costs weigh more than in full mode).
 With CUDA (full and quick) one more pair: ResNet-50 at 224 px, V = 2, batch 128, bf16 autocast,
 channels_last, the ImageNet augmentation recipe of ``conf/imagenet-symmetric.yaml``, on synthetic 224-px JPEG
-shards.
+shards decoded by the train worker on the GPU (``data.decode=worker``, nvjpeg).
 
 Starts Ray itself when it is not running (``num_cpus = max(4, cores)``). Data and runs live in temp
 dirs that are removed afterwards. Usage: ``python bench/run.py [--quick] step`` or
@@ -72,9 +72,13 @@ QUICK = {"overrides": ["batch_size=64", "data.image_size=16", "augment.crop_size
                        "model.head_hidden=64", "model.head_out=32", "loss.num_positives=1"],
          "epochs": 4}
 # ResNet-50 / 224 px / V = 2 on the GPU: conf/imagenet-symmetric.yaml made single-worker and local.
+# The ImageNet-grade input path: JPEG bytes cached once in the object store, decoded in the train
+# worker on the GPU (nvjpeg), full-image crops there too; CPU decode tasks would cap the step at
+# the host's PIL rate.
 GPU_OVERRIDES = ["num_workers=1", "cpus_per_worker=1", "loss.num_positives=1", "data.data_resource=null",
                  "data.decode_num_cpus=1.0", "model.sync_batchnorm=false", "keep_checkpoints=1",
-                 "max_failures=0", "optim.warmup_epochs=0.5"]
+                 "max_failures=0", "optim.warmup_epochs=0.5", "data.decode=worker",
+                 "data.cache_budget_mb=4096"]
 
 
 def _threads() -> int:

@@ -16,17 +16,25 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-BENCHES = ["augment", "loss", "ingest", "step", "quality", "moco", "longtail"]
+BENCHES = ["augment", "loss", "ingest", "step", "quality", "moco", "longtail", "gpu"]
+GPU_ONLY = {"gpu"}  # left out of the default list on a machine without CUDA
 REQUIRED = ("name", "value", "baseline", "ratio", "unit", "higher_is_better")
+
+
+def _default_names() -> list[str]:
+    import torch
+
+    return [n for n in BENCHES if torch.cuda.is_available() or n not in GPU_ONLY]
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("names", nargs="*", help=f"benchmarks to run (default: all of {', '.join(BENCHES)})")
+    ap.add_argument("names", nargs="*", help=f"benchmarks to run (default: all of {', '.join(BENCHES)}; "
+                                             "gpu only where CUDA is available)")
     ap.add_argument("--quick", action="store_true", help="small sizes, for a smoke run")
     ap.add_argument("--out", help="also append the JSON lines to this file")
     args = ap.parse_args(argv)
-    names = args.names or BENCHES
+    names = args.names or _default_names()
     unknown = [n for n in names if n not in BENCHES]
     if unknown:
         ap.error(f"unknown benchmark(s) {unknown}; choose from {BENCHES}")
