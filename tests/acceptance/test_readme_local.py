@@ -140,3 +140,27 @@ def test_data_block_prepares_and_inspects_digits(user, acc):
     chatter = [ln for ln in r.out.splitlines() if (m := RAY_INFO.search(ln))
                and m.group(1) not in ("authentication_token_setup.py", "worker.py")]
     assert not chatter, "\n".join(chatter[:5])
+
+
+USAGE_CI = "epochs=1 batch_size=64 model.width=8 data.image_size=16 augment.crop_size=16"
+
+
+def test_train_usage_block_runs_as_written(default_run, acc):
+    """The "What `cacr train` does" block in the same working directory as command (1) (so
+    ./data/digits exists): the bare command, ``--help`` and a run of conf/digits.yaml with
+    overrides and a name; each run's summary names its own run directory under ./runs."""
+    user, _, _ = default_run
+    acc.copy_checkout_configs(user)
+    block = acc.readme_block("train-usage")
+    script = acc.append_overrides(block.text, "cacr train", USAGE_CI, block.note)
+    r = user.run(script, timeout=900)
+    assert r.returncode == 0, r.out[-6000:]
+    assert "loss.tau_neg" in r.stdout and "optim.base_lr" in r.stdout  # the --help key table
+    runs = acc.json_lines(r.stdout, "run_dir")
+    assert len(runs) == 2 and all(s["epochs"] == 1 for s in runs)
+    named = acc.resolve(runs[1]["run_dir"], user.workdir)
+    assert named.name == "my-run" and named.parent.resolve() == (user.workdir / "runs").resolve()
+    from pipeline.checkpoint import load_checkpoint
+
+    state = load_checkpoint(str(acc.resolve(runs[1]["checkpoint"], user.workdir)))
+    assert state["config"]["loss"]["tau_neg"] == 2.0 and state["config"]["name"] == "my-run"
