@@ -237,26 +237,46 @@ def sample_params(
     device = torch.device(device) if device is not None else torch.device("cpu")
     shape = (num_views, batch_size)
     T = _MAX_CROP_TRIES
-    g = generator
     if valid_hw is not None:
         valid_hw = check_valid_hw(valid_hw, batch_size, (H, W))
-        hw = valid_hw.to(device).double()
-        Hs, Ws = hw[:, 0], hw[:, 1]  # (B,), broadcast against (V, B)
-    else:
-        Hs = torch.full((1,), float(H), dtype=torch.float64, device=device)
-        Ws = torch.full((1,), float(W), dtype=torch.float64, device=device)
+    Hs, Ws = _crop_areas(valid_hw, (H, W), device)
 
     # two draws in all: float64 for the crop geometry (exact integer boxes on every device), float32
     # for the rest; columns: [0, T) area, [T, 2T) log-ratio, 2T top, 2T + 1 left
-    u64 = torch.rand(shape + (2 * T + 2,), generator=g, device=device, dtype=torch.float64)
-    u = torch.rand(shape + (15,), generator=g, device=device)
+    u64 = torch.rand(shape + (2 * T + 2,), generator=generator, device=device, dtype=torch.float64)
+    u = torch.rand(shape + (15,), generator=generator, device=device)
     top, left, height, width = _crop_boxes(cfg, u64, Hs, Ws)
+    return AugmentParams(
+        image_size=(H, W),
+        top=top.long(), left=left.long(), height=height.long(), width=width.long(),
+        **_photometric_params(cfg, u, num_views),
+        valid_hw=valid_hw,
+    )
 
-    # --- flip, colour jitter, grayscale, blur, solarize ---
+
+def _crop_areas(valid_hw: torch.Tensor | None, image_size: tuple[int, int],
+                device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(heights, widths) the crop boxes are drawn against, float64: each image's own (B,) with a
+    canvas, else the whole image's (1,) (both broadcast against (V, B))."""
+    if valid_hw is not None:
+        hw = valid_hw.to(device).double()
+        return hw[:, 0], hw[:, 1]
+    H, W = image_size
+    return (torch.full((1,), float(H), dtype=torch.float64, device=device),
+            torch.full((1,), float(W), dtype=torch.float64, device=device))
+
+
+def _photometric_params(cfg: AugmentConfig, u: torch.Tensor, num_views: int) -> dict[str, torch.Tensor]:
+    """Flip, colour jitter (factors, order), grayscale, blur and solarize of every view from the
+    (V, B, 15) uniforms ``u`` (column 14 spare). Factors of views without jitter are the identity."""
+    device = u.device
+
     def uniform(col: int, lo: float, hi: float) -> torch.Tensor:
         return u[..., col].mul(hi - lo).add_(lo)
 
-    flip = u[..., 0] < cfg.flip_p
+    def per_view(name: str) -> torch.Tensor:  # (V, 1) probabilities, float32 like u
+        return torch.tensor(cfg.per_view(name, num_views), device=device).view(num_views, 1)
+
     jitter = u[..., 1] < cfg.jitter_p
     b = uniform(2, max(0.0, 1 - cfg.brightness), 1 + cfg.brightness)
     c = uniform(3, max(0.0, 1 - cfg.contrast), 1 + cfg.contrast)
@@ -265,31 +285,20 @@ def sample_params(
     if cfg.jitter_random_order:
         order = u[..., 6:10].argsort(dim=-1)
     else:
-        order = torch.arange(4, device=device).expand(shape + (4,)).clone()
-    gray = u[..., 10] < cfg.grayscale_p
-    def per_view(name: str) -> torch.Tensor:  # (V, 1) probabilities, float32 like u
-        return torch.tensor(cfg.per_view(name, num_views), device=device).view(num_views, 1)
-
-    blur = u[..., 11] < per_view("blur_p")
-    sigma = uniform(12, cfg.blur_sigma[0], cfg.blur_sigma[1])
-    solarize = u[..., 13] < per_view("solarize_p")  # column 14: spare
-
+        order = torch.arange(4, device=device).expand(u.shape[:2] + (4,)).clone()
     one = torch.ones((), device=device)
-    return AugmentParams(
-        image_size=(H, W),
-        top=top.long(), left=left.long(), height=height.long(), width=width.long(),
-        flip=flip,
+    return dict(
+        flip=u[..., 0] < cfg.flip_p,
         jitter=jitter,
         brightness=torch.where(jitter, b, one),
         contrast=torch.where(jitter, c, one),
         saturation=torch.where(jitter, s, one),
         hue=torch.where(jitter, h, 0 * one),
         jitter_order=order,
-        grayscale=gray,
-        blur=blur,
-        blur_sigma=sigma,
-        solarize=solarize,
-        valid_hw=valid_hw,
+        grayscale=u[..., 10] < cfg.grayscale_p,
+        blur=u[..., 11] < per_view("blur_p"),
+        blur_sigma=uniform(12, cfg.blur_sigma[0], cfg.blur_sigma[1]),
+        solarize=u[..., 13] < per_view("solarize_p"),
     )
 
 
@@ -738,8 +747,12 @@ class _Run:
                              antialias=True, align_corners=False)
 
     def views(self, x: torch.Tensor, b0: int, out: torch.Tensor) -> None:
-        """Steps 2-6 for the chunk of images b0 .. b0 + Bc (x from `load`), written into out."""
-        cfg, V, c, C, dev = self.cfg, self.V, self.c, self.C, self.device
+        """Steps 2-6 for the chunk of images b0 .. b0 + Bc (x from `load`), written into out.
+
+        Working layout: ``xv`` (n = V * Bc, 3, c, c) in one of the two scratch planes ``buf``;
+        ``rows[i]`` is the natural index v * Bc + b of the view held in row i (rows are regrouped
+        by jitter op, so this map travels with them), ``fac`` their per-row factors."""
+        V, c, C = self.V, self.c, self.C
         Bc = x.shape[0]
         n = V * Bc
         b1 = b0 + Bc
@@ -751,70 +764,80 @@ class _Run:
         y = F.grid_sample(x, grid.view(Bc, V * c, c, 2), mode="bilinear", padding_mode="border",
                           align_corners=False)
 
-        # 3. row arrangement. rows[i] = natural index v * Bc + b of the view held in row i.
+        # 3. row arrangement: rows sorted by their first jitter op
         order = self.order[:, b0:b1].reshape(n, 4)
         if self.random_order:
             counts = (order.unsqueeze(-1) == self.arange4).sum(0).tolist()  # [step][op]
             rows = torch.argsort(order[:, 0], stable=True)
         else:
             counts = [[n if op == t else 0 for op in range(4)] for t in range(4)]
-            rows = torch.arange(n, device=dev)
+            rows = torch.arange(n, device=self.device)
         # one gather of (c, c) planes: row i, channel ch <- y[b_i, ch (or 0 if C == 1), v_i]
         rv = torch.div(rows, Bc, rounding_mode="floor")
         ch = self.chan if C == 3 else self.chan * 0
         plane = ((rows - rv * Bc) * C).unsqueeze(1).add(ch).mul_(V).add_(rv.unsqueeze(1)).view(-1)
-        cur = 1
         xv = self.buf[1, :n]
         torch.index_select(y.view(Bc * C * V, c * c), 0, plane, out=xv.view(n * 3, c * c))
         fac = self.factors[:, b0:b1].reshape(n, 5)[rows]
 
-        # 4. colour jitter: at each of the 4 steps rows are grouped by their op (stable sort),
-        #    so each op runs once per step, in place on a contiguous slice
         if self.any_jitter:
-            for t in range(4):
-                if t > 0 and self.random_order:
-                    perm = torch.argsort(order[rows, t], stable=True)
-                    rows, fac = rows[perm], fac[perm]
-                    nxt = self.buf[1 - cur, :n]
-                    torch.index_select(xv.view(n, -1), 0, perm, out=nxt.view(n, -1))
-                    xv, cur = nxt, 1 - cur
-                s0 = 0
-                for op, cnt in enumerate(counts[t]):
-                    if cnt and self.active[op]:
-                        xs, f = xv[s0 : s0 + cnt], fac[s0 : s0 + cnt, op]
-                        if op == 0:
-                            _brightness_(xs, f)
-                        elif op == 1:
-                            _contrast_(xs, f, self.gray_mean_w)
-                        elif op == 2:
-                            _saturation_(xs, f, self.ws)
-                        else:
-                            _hue_(xs, f, self.ws, self.hue_centers)
-                    s0 += cnt
-
-        # 5. grayscale / blur / solarize, on the selected rows only
+            xv, rows, fac = self._jitter(xv, rows, fac, order, counts)
         if self.use_gray or self.use_blur or self.use_solarize:
-            flags = self.flags[:, b0:b1].reshape(n, 3)[rows]
-            flat = xv.view(n, -1)
-            if self.use_gray:
-                sel = flags[:, 0].nonzero().squeeze(1)
-                if sel.numel():
-                    xs = xv.index_select(0, sel)
-                    g = _gray_into(xs, torch.empty((sel.numel(), c, c), device=dev))
-                    flat.index_copy_(0, sel, g.unsqueeze(1).expand(-1, 3, c, c).reshape(sel.numel(), -1))
-            if self.use_blur:
-                sel = flags[:, 1].nonzero().squeeze(1)
-                if sel.numel():
-                    blurred = _gaussian_blur(xv.index_select(0, sel), fac[sel, 4], cfg.kernel_size())
-                    flat.index_copy_(0, sel, blurred.reshape(sel.numel(), -1))
-            if self.use_solarize:
-                sel = flags[:, 2].nonzero().squeeze(1)
-                if sel.numel():
-                    xs = flat.index_select(0, sel)
-                    flat.index_copy_(0, sel, torch.where(xs >= cfg.solarize_threshold, 1.0 - xs, xs))
+            self._gray_blur_solarize(xv, self.flags[:, b0:b1].reshape(n, 3)[rows], fac)
 
         # 6. normalise, then scatter row i to out[v, b0 + b]
         xv.mul_(self.scale).add_(self.shift)
         rv = torch.div(rows, Bc, rounding_mode="floor")
         dest = rv * out.shape[1] + (rows - rv * Bc) + b0
         out.flatten(0, 1).index_copy_(0, dest, xv)
+
+    def _jitter(self, xv: torch.Tensor, rows: torch.Tensor, fac: torch.Tensor, order: torch.Tensor,
+                counts: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """4. colour jitter: at each of the 4 steps rows are grouped by their op (stable sort), so
+        each op runs once per step, in place on a contiguous slice. Regrouping moves rows into the
+        other scratch plane: returns (xv, rows, fac) as they now are."""
+        n = xv.shape[0]
+        cur = 1  # xv is buf[1]
+        for t in range(4):
+            if t > 0 and self.random_order:
+                perm = torch.argsort(order[rows, t], stable=True)
+                rows, fac = rows[perm], fac[perm]
+                nxt = self.buf[1 - cur, :n]
+                torch.index_select(xv.view(n, -1), 0, perm, out=nxt.view(n, -1))
+                xv, cur = nxt, 1 - cur
+            s0 = 0
+            for op, cnt in enumerate(counts[t]):
+                if cnt and self.active[op]:
+                    xs, f = xv[s0 : s0 + cnt], fac[s0 : s0 + cnt, op]
+                    if op == 0:
+                        _brightness_(xs, f)
+                    elif op == 1:
+                        _contrast_(xs, f, self.gray_mean_w)
+                    elif op == 2:
+                        _saturation_(xs, f, self.ws)
+                    else:
+                        _hue_(xs, f, self.ws, self.hue_centers)
+                s0 += cnt
+        return xv, rows, fac
+
+    def _gray_blur_solarize(self, xv: torch.Tensor, flags: torch.Tensor, fac: torch.Tensor) -> None:
+        """5. grayscale / blur / solarize, in place, on the rows whose flag (columns 0 / 1 / 2 of
+        ``flags``, in row order) is set; the blur sigma is column 4 of ``fac``."""
+        n, c = xv.shape[0], self.c
+        flat = xv.view(n, -1)
+        if self.use_gray:
+            sel = flags[:, 0].nonzero().squeeze(1)
+            if sel.numel():
+                xs = xv.index_select(0, sel)
+                g = _gray_into(xs, torch.empty((sel.numel(), c, c), device=self.device))
+                flat.index_copy_(0, sel, g.unsqueeze(1).expand(-1, 3, c, c).reshape(sel.numel(), -1))
+        if self.use_blur:
+            sel = flags[:, 1].nonzero().squeeze(1)
+            if sel.numel():
+                blurred = _gaussian_blur(xv.index_select(0, sel), fac[sel, 4], self.cfg.kernel_size())
+                flat.index_copy_(0, sel, blurred.reshape(sel.numel(), -1))
+        if self.use_solarize:
+            sel = flags[:, 2].nonzero().squeeze(1)
+            if sel.numel():
+                xs = flat.index_select(0, sel)
+                flat.index_copy_(0, sel, torch.where(xs >= self.cfg.solarize_threshold, 1.0 - xs, xs))

@@ -359,9 +359,7 @@ def evaluate(checkpoint: str | dict[str, Any], data_url: str | None = None,
     Raises CheckpointError / DataError / StorageError / EvalError (one-line user errors) before
     Ray starts for a bad checkpoint, unreachable or unlabelled data."""
     import ray
-    import torch
 
-    from cacr.knn import knn_top1
     from pipeline.export import backbone_state, read_checkpoint
 
     echo = echo or (lambda m: print(m, flush=True))
@@ -388,34 +386,17 @@ def evaluate(checkpoint: str | dict[str, Any], data_url: str | None = None,
     t1 = time.perf_counter()
     tr, va = extract_features(url, [opts.split_train, split_val], weights_ref=weights_ref, spec=spec,
                               cfg=cfg, opts=opts, scans=[train_scan, val_scan])
-    t_feat = time.perf_counter() - t1
-    tr_lab, va_lab = tr["labels"] >= 0, va["labels"] >= 0
-    if not tr_lab.any() or not va_lab.any():
-        which = opts.split_train if not tr_lab.any() else split_val
-        raise EvalError(f"split '{which}' of {url} has no labelled samples: evaluation needs labels")
-    xt, yt = tr["features"][tr_lab], tr["labels"][tr_lab]
-    xv, yv = va["features"][va_lab], va["labels"][va_lab]
+    (xt, yt), (xv, yv, va_ids) = _labelled_features(tr, va, url, opts.split_train, split_val)
     num_classes = int(max(yt.max(), yv.max())) + 1
-    echo(f"[cacr] features: {opts.split_train} {xt.shape}, {split_val} {xv.shape} in {t_feat:.1f}s")
+    echo(f"[cacr] features: {opts.split_train} {xt.shape}, {split_val} {xv.shape} in "
+         f"{time.perf_counter() - t1:.1f}s")
 
-    bank, bank_y = torch.from_numpy(xt), torch.from_numpy(yt)
-    q, q_y = torch.from_numpy(xv), torch.from_numpy(yv)
-    result: dict[str, Any] = {}
-    for key, k in (("knn_top1", opts.knn_k), (f"knn{opts.knn_k_large}_top1", opts.knn_k_large)):
-        result[key] = knn_top1(bank, bank_y, q, q_y, k=k, temperature=opts.knn_temperature,
-                               num_classes=num_classes)
-    if opts.linear_epochs > 0:
-        result.update(linear_probe(xt, yt, xv, yv, num_classes=num_classes, epochs=opts.linear_epochs,
-                                   lr=opts.linear_lr, weight_decay=opts.linear_wd,
-                                   batch_size=opts.linear_batch_size, seed=opts.seed,
-                                   return_predictions=True))
-    else:
-        result.update(linear_top1=None, linear_train_top1=None)
+    result = _accuracies(xt, yt, xv, yv, num_classes, opts)
     from pipeline import eval_report
     from pipeline.config import DataConfig
     tb_dir = tensorboard or (eval_report.default_logdir(ckpt_name) if isinstance(checkpoint, str) else None)
     result.update(eval_report.per_class_evaluation(
-        result, train=(xt, yt), val=(xv, yv, va["ids"][va_lab]), num_classes=num_classes,
+        result, train=(xt, yt), val=(xv, yv, va_ids), num_classes=num_classes,
         class_names=val_scan.classes, linear_pred=result.pop("val_predictions", None), knn_k=opts.knn_k,
         knn_temperature=opts.knn_temperature, logdir=None if tb_dir == "none" else tb_dir,
         step=int(state.get("epoch") or 0), url=url, split=split_val, storage=opts.storage,
@@ -436,6 +417,41 @@ def evaluate(checkpoint: str | dict[str, Any], data_url: str | None = None,
     echo(f"[cacr] kNN top-1 {result['knn_top1']:.4f} (k={opts.knn_k}), "
          f"{result[f'knn{opts.knn_k_large}_top1']:.4f} (k={opts.knn_k_large}); linear top-1 "
          + (f"{lin:.4f}" if lin is not None else "skipped"))
+    return result
+
+
+def _labelled_features(tr: dict[str, Any], va: dict[str, Any], url: str, split_train: str, split_val: str):
+    """((train features, labels), (val features, labels, ids)) of the labelled rows; a split
+    without any labelled row is a user error."""
+    tr_lab, va_lab = tr["labels"] >= 0, va["labels"] >= 0
+    if not tr_lab.any() or not va_lab.any():
+        which = split_train if not tr_lab.any() else split_val
+        raise EvalError(f"split '{which}' of {url} has no labelled samples: evaluation needs labels")
+    return ((tr["features"][tr_lab], tr["labels"][tr_lab]),
+            (va["features"][va_lab], va["labels"][va_lab], va["ids"][va_lab]))
+
+
+def _accuracies(xt: np.ndarray, yt: np.ndarray, xv: np.ndarray, yv: np.ndarray, num_classes: int,
+                opts: EvalOptions) -> dict[str, Any]:
+    """kNN top-1 at both k (bank = train, queries = val) and the linear probe (with its
+    validation predictions under ``val_predictions``, for the per-class report)."""
+    import torch
+
+    from cacr.knn import knn_top1
+
+    bank, bank_y = torch.from_numpy(xt), torch.from_numpy(yt)
+    q, q_y = torch.from_numpy(xv), torch.from_numpy(yv)
+    result: dict[str, Any] = {}
+    for key, k in (("knn_top1", opts.knn_k), (f"knn{opts.knn_k_large}_top1", opts.knn_k_large)):
+        result[key] = knn_top1(bank, bank_y, q, q_y, k=k, temperature=opts.knn_temperature,
+                               num_classes=num_classes)
+    if opts.linear_epochs > 0:
+        result.update(linear_probe(xt, yt, xv, yv, num_classes=num_classes, epochs=opts.linear_epochs,
+                                   lr=opts.linear_lr, weight_decay=opts.linear_wd,
+                                   batch_size=opts.linear_batch_size, seed=opts.seed,
+                                   return_predictions=True))
+    else:
+        result.update(linear_top1=None, linear_train_top1=None)
     return result
 
 

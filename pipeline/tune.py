@@ -367,8 +367,6 @@ def run_tune(path: str, overrides: list[str] | tuple[str, ...] = (), *,
     extra Ray Tune callbacks for a new search (tests use one to interrupt it)."""
     import ray
     from ray import tune
-    from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
     from pipeline.ray_start import check_local_gpus
     from pipeline.train import plan_data
@@ -408,39 +406,11 @@ def run_tune(path: str, overrides: list[str] | tuple[str, ...] = (), *,
         tune.with_parameters(_trial, base=to_dict(run_base), trials_url=trials_url,
                              train_scan=plan.train_scan, val_scan=plan.val_scan),
         {"CPU": TRIAL_DRIVER_CPU})
-    record = _search_record(tc, base)
     resumed = tune.Tuner.can_restore(exp_path, storage_filesystem=fs)
     if resumed:
-        stored = storage.read_text(storage.join_url(search_url, "search.yaml"), base.storage)
-        if stored is not None and yaml.safe_load(stored) != json.loads(json.dumps(record)):
-            raise ConfigError(f"search '{tc.name}' exists at {search_url} with a different search space "
-                              "or training config: re-run it unchanged to resume, or pick a new name=")
-        print(f"[cacr] resuming search '{tc.name}' from {search_url}", flush=True)
-        tuner = tune.Tuner.restore(exp_path, trainable, storage_filesystem=fs, resume_unfinished=True,
-                                   resume_errored=False, restart_errored=False)
+        tuner = _restore_tuner(tc, base, trainable, exp_path, fs, search_url)
     else:
-        storage.write_text(storage.join_url(search_url, "search.yaml"),
-                           yaml.safe_dump(record, sort_keys=False), base.storage)
-        scheduler = (ASHAScheduler(time_attr="epoch", max_t=base.epochs,
-                                   grace_period=tc.scheduler.grace_period,
-                                   reduction_factor=tc.scheduler.reduction_factor)
-                     if tc.scheduler.name == "asha" else FIFOScheduler())
-        tuner = tune.Tuner(
-            trainable,
-            param_space={k: _space(k, s) for k, s in tc.search_space.items()},
-            tune_config=tune.TuneConfig(
-                metric=tc.metric, mode=tc.mode, num_samples=tc.num_samples,
-                max_concurrent_trials=concurrency, scheduler=scheduler,
-                trial_name_creator=lambda t: f"trial_{t.trial_id}",
-                trial_dirname_creator=lambda t: f"trial_{t.trial_id}"),
-            run_config=tune.RunConfig(name=tc.name, storage_path=fs_path, storage_filesystem=fs,
-                                      verbose=tc.verbose,
-                                      callbacks=[CSVLoggerCallback(), JsonLoggerCallback(),
-                                                 *(callbacks or [])]),
-        )
-        print(f"[cacr] search '{tc.name}': {len(tc.search_space)} keys, num_samples {tc.num_samples}, "
-              f"{concurrency} trial(s) at a time, scheduler {tc.scheduler.name}, metric {tc.metric} "
-              f"({tc.mode})", flush=True)
+        tuner = _new_tuner(tc, base, trainable, fs, fs_path, search_url, concurrency, callbacks)
     print(f"[cacr] watch it: tensorboard --logdir {trials_url}", flush=True)
     with _env(env):
         grid = tuner.fit()
@@ -451,6 +421,55 @@ def run_tune(path: str, overrides: list[str] | tuple[str, ...] = (), *,
     summary = finite_or_none(summary)  # what is printed is what is returned: null, never NaN
     print(json_line(summary), flush=True)
     return summary
+
+
+def _restore_tuner(tc: TuneConfig, base: Config, trainable, exp_path: str, fs, search_url: str):
+    """The Tuner of an interrupted search, after checking that it is the same search (same
+    space, same training config: search.yaml) rather than a new one under an old name."""
+    from ray import tune
+
+    record = _search_record(tc, base)
+    stored = storage.read_text(storage.join_url(search_url, "search.yaml"), base.storage)
+    if stored is not None and yaml.safe_load(stored) != json.loads(json.dumps(record)):
+        raise ConfigError(f"search '{tc.name}' exists at {search_url} with a different search space "
+                          "or training config: re-run it unchanged to resume, or pick a new name=")
+    print(f"[cacr] resuming search '{tc.name}' from {search_url}", flush=True)
+    return tune.Tuner.restore(exp_path, trainable, storage_filesystem=fs, resume_unfinished=True,
+                              resume_errored=False, restart_errored=False)
+
+
+def _new_tuner(tc: TuneConfig, base: Config, trainable, fs, fs_path: str, search_url: str,
+               concurrency: int, callbacks: list | None):
+    """A new search: search.yaml written first (what a resume compares against), then the Tuner
+    with the scheduler, the trial names and Tune's CSV / JSON result loggers."""
+    from ray import tune
+    from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+    record = _search_record(tc, base)
+    storage.write_text(storage.join_url(search_url, "search.yaml"),
+                       yaml.safe_dump(record, sort_keys=False), base.storage)
+    scheduler = (ASHAScheduler(time_attr="epoch", max_t=base.epochs,
+                               grace_period=tc.scheduler.grace_period,
+                               reduction_factor=tc.scheduler.reduction_factor)
+                 if tc.scheduler.name == "asha" else FIFOScheduler())
+    tuner = tune.Tuner(
+        trainable,
+        param_space={k: _space(k, s) for k, s in tc.search_space.items()},
+        tune_config=tune.TuneConfig(
+            metric=tc.metric, mode=tc.mode, num_samples=tc.num_samples,
+            max_concurrent_trials=concurrency, scheduler=scheduler,
+            trial_name_creator=lambda t: f"trial_{t.trial_id}",
+            trial_dirname_creator=lambda t: f"trial_{t.trial_id}"),
+        run_config=tune.RunConfig(name=tc.name, storage_path=fs_path, storage_filesystem=fs,
+                                  verbose=tc.verbose,
+                                  callbacks=[CSVLoggerCallback(), JsonLoggerCallback(),
+                                             *(callbacks or [])]),
+    )
+    print(f"[cacr] search '{tc.name}': {len(tc.search_space)} keys, num_samples {tc.num_samples}, "
+          f"{concurrency} trial(s) at a time, scheduler {tc.scheduler.name}, metric {tc.metric} "
+          f"({tc.mode})", flush=True)
+    return tuner
 
 
 def _saved_statuses(exp_path: str, fs) -> dict[str, str]:

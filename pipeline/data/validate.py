@@ -186,31 +186,50 @@ def scan_shards(url: str, split: str = "train", storage: StorageConfig | None = 
     index = read_index(url, storage)
     listing = {n: s for n, s in list_files(url, storage, suffix=".tar").items()
                if not n.startswith((".", "_"))}
+    names, entries = _split_shards(loc.url, split, index, listing)
+    base = loc.path.rstrip("/")
+    shards = [ShardInfo(name=n, path=f"{base}/{n}", size=listing.get(n),
+                        expected=entries[n]["samples"] if n in entries else None) for n in names]
+    to_scan = _trust_index(shards, entries, deep)
+    if to_scan:
+        _scan_into(url, storage, to_scan, entries, threads)
+    scan = ShardScan(loc.url, split, shards, index, _skip_counts(loc.url, shards))
+    if not scan.readable:
+        raise DataError(f"no readable '{split}' shards under {loc.url} ({len(shards)} listed: "
+                        + ", ".join(f"{k}={v}" for k, v in sorted(scan.skipped.items())) +
+                        f"): re-run `cacr prepare SOURCE {loc.url}`")
+    return scan
+
+
+def _split_shards(where: str, split: str, index: dict[str, Any] | None,
+                  listing: dict[str, int]) -> tuple[list[str], dict[str, dict[str, Any]]]:
+    """(shard names of ``split``, name -> index entry): the index's list when there is one (files
+    it does not list are ignored, with a warning), else the listing's ``<split>-*.tar`` files (a
+    foreign shard set without our names: every .tar is training data)."""
     entries: dict[str, dict[str, Any]] = {}
     if index is not None:
         if split not in index["splits"]:
-            raise DataError(f"no split '{split}' in {loc.url}/{INDEX_NAME} (has: "
+            raise DataError(f"no split '{split}' in {where}/{INDEX_NAME} (has: "
                             f"{', '.join(sorted(index['splits'])) or 'none'}): pick --split / data.val_split")
         entries = {e["name"]: e for e in index["splits"][split]["shards"]}
         names = list(entries)
         extra = [n for n in listing if n not in entries and (m := SHARD_RE.match(n)) and m.group("split") == split]
         if extra:
-            log.warning("%s: ignoring %d '%s' shard file(s) not listed in %s (e.g. %s)", loc.url, len(extra),
+            log.warning("%s: ignoring %d '%s' shard file(s) not listed in %s (e.g. %s)", where, len(extra),
                         split, INDEX_NAME, extra[0])
     else:
         names = sorted(n for n in listing if (m := SHARD_RE.match(n)) and m.group("split") == split)
-        if not names and split == "train":  # foreign shard sets: every .tar is training data
+        if not names and split == "train":
             names = sorted(listing)
     if not names:
-        raise DataError(f"no '{split}' shards under {loc.url}: run `cacr prepare SOURCE {loc.url}` "
+        raise DataError(f"no '{split}' shards under {where}: run `cacr prepare SOURCE {where}` "
                         "or check the URL and split")
+    return names, entries
 
-    base = loc.path.rstrip("/")
-    shards = []
-    for n in names:
-        e = entries.get(n)
-        shards.append(ShardInfo(name=n, path=f"{base}/{n}", size=listing.get(n),
-                                expected=e["samples"] if e else None))
+
+def _trust_index(shards: list[ShardInfo], entries: dict[str, dict[str, Any]], deep: bool) -> list[ShardInfo]:
+    """Settle what the listing alone decides (missing; size as indexed -> the index's count, unless
+    ``deep``); return the shards whose tar headers must be read."""
     to_scan = []
     for s in shards:
         e = entries.get(s.name)
@@ -222,41 +241,44 @@ def scan_shards(url: str, split: str = "train", storage: StorageConfig | None = 
                 s.status = "empty"
         else:
             to_scan.append(s)
-    if to_scan:
-        with concurrent.futures.ThreadPoolExecutor(min(threads, len(to_scan))) as ex:
-            try:
-                results = list(ex.map(lambda s: _scan_one(url, storage, s), to_scan))
-            except StorageError:
-                raise
-            except Exception as e:  # noqa: BLE001 - storage trouble mid-scan: one clear error
-                if loc.scheme == "s3":
-                    raise classify_s3_error(e, url, storage) from None
-                raise DataError(f"cannot read shards under {loc.url}: {type(e).__name__}: {e}") from None
-        for s, r in zip(to_scan, results):
-            s.status, s.detail = r.status, r.detail
-            if r.status == "ok":
-                s.rows = r.groups
-            elif r.status == "truncated":
-                s.keep = r.groups if _index_entry_complete(r, entries.get(s.name)) else max(0, r.groups - 1)
-                s.rows = s.keep
-                s.detail += f"; keeping {s.keep} complete samples"
+    return to_scan
 
+
+def _scan_into(url: str, storage: StorageConfig | None, to_scan: list[ShardInfo],
+               entries: dict[str, dict[str, Any]], threads: int) -> None:
+    """Walk the headers of ``to_scan`` in parallel threads and record status and rows in each."""
+    with concurrent.futures.ThreadPoolExecutor(min(threads, len(to_scan))) as ex:
+        try:
+            results = list(ex.map(lambda s: _scan_one(url, storage, s), to_scan))
+        except StorageError:
+            raise
+        except Exception as e:  # noqa: BLE001 - storage trouble mid-scan: one clear error
+            if parse_url(url).scheme == "s3":
+                raise classify_s3_error(e, url, storage) from None
+            raise DataError(f"cannot read shards under {parse_url(url).url}: {type(e).__name__}: {e}") from None
+    for s, r in zip(to_scan, results):
+        s.status, s.detail = r.status, r.detail
+        if r.status == "ok":
+            s.rows = r.groups
+        elif r.status == "truncated":
+            s.keep = r.groups if _index_entry_complete(r, entries.get(s.name)) else max(0, r.groups - 1)
+            s.rows = s.keep
+            s.detail += f"; keeping {s.keep} complete samples"
+
+
+def _skip_counts(where: str, shards: list[ShardInfo]) -> dict[str, int]:
+    """The pre-scan's skip counts (reason -> count, zeros left out); each damaged shard is logged."""
     skipped = {k: 0 for k in ("corrupt_shard", "empty_shard", "missing_shard", "truncated_shard",
                               "lost_samples")}
     for s in shards:
         if s.status in ("corrupt", "empty", "missing", "truncated"):
             skipped[f"{s.status}_shard"] += 1
-            log.warning("shard %s/%s: %s (%s)", loc.url, s.name, s.status, s.detail)
+            log.warning("shard %s/%s: %s (%s)", where, s.name, s.status, s.detail)
         if s.expected is not None and s.rows < s.expected:
             skipped["lost_samples"] += s.expected - (s.rows if s.readable else 0)
         elif s.expected is None and s.status == "truncated":
             skipped["lost_samples"] += 1  # the dropped partial sample (nothing else is known)
-    scan = ShardScan(loc.url, split, shards, index, {k: v for k, v in skipped.items() if v})
-    if not scan.readable:
-        raise DataError(f"no readable '{split}' shards under {loc.url} ({len(shards)} listed: "
-                        + ", ".join(f"{k}={v}" for k, v in sorted(scan.skipped.items())) +
-                        f"): re-run `cacr prepare SOURCE {loc.url}`")
-    return scan
+    return {k: v for k, v in skipped.items() if v}
 
 
 def has_shards(url: str, storage: StorageConfig | None = None) -> bool:

@@ -185,24 +185,8 @@ def prepare(source: str | Source, out_url: str, *, storage: StorageConfig | None
     from pipeline.data import imbalance as lt
 
     echo = echo or (lambda m: print(m, file=sys.stderr, flush=True))
-    fmt = {"jpeg": "jpg"}.get(fmt, fmt)
-    if fmt not in ("png", "jpg"):
-        raise DataError(f"--format {fmt!r}: use png or jpg")
-    if shard_size is not None and shard_size < 1:
-        raise DataError("--shard-size must be >= 1")
-    if image_size is not None and image_size < 8:
-        raise DataError("--image-size must be >= 8")
-    if max_size is not None and image_size is not None:
-        raise DataError("--image-size (square) and --max-size (aspect kept) exclude each other: use one")
-    if max_size is not None and max_size < 8:
-        raise DataError("--max-size must be >= 8")
-    layout = "square" if max_size is None else "aspect"
-    if parallel not in ("auto", "ray", "local"):
-        raise DataError(f"--parallel {parallel!r}: use auto, ray or local")
-    vf = default_val_fraction(source if isinstance(source, str) else "") if val_fraction is None \
-        else float(val_fraction)
-    if not 0 <= vf < 1:
-        raise DataError(f"--val-fraction {vf}: must be in [0, 1)")
+    fmt, layout, vf = _check_options(source, fmt=fmt, shard_size=shard_size, image_size=image_size,
+                                     max_size=max_size, parallel=parallel, val_fraction=val_fraction)
     loc = parse_url(out_url)
     if loc.scheme == "s3":
         check_location(out_url, storage, must_exist=False)  # endpoint, credentials, bucket: fail fast
@@ -220,45 +204,7 @@ def prepare(source: str | Source, out_url: str, *, storage: StorageConfig | None
                                        class_names=src.classes, allow_empty_classes=allow_empty_classes)
     jobs = _plan(src, splits, image_size=size, fmt=fmt, jpeg_quality=jpeg_quality, shard_size=shard_size,
                  layout=layout)
-
-    # --- resume: which shards are already complete?
-    existing = list_files(out_url, storage, suffix=".tar")
-    old_index = _read_json(join_url(out_url, INDEX_NAME), storage)
-    known: dict[str, dict] = {}
-    if isinstance(old_index, dict):
-        try:
-            for info in load_index(json.dumps(old_index))["splits"].values():
-                known.update({e["name"]: e for e in info["shards"]})
-        except ValueError:
-            pass
-    need_marker = [j["name"] for j in jobs if j["name"] in existing and
-                   known.get(j["name"], {}).get("fingerprint") != j["fingerprint"]]
-    if need_marker:
-        with concurrent.futures.ThreadPoolExecutor(8) as ex:
-            markers = ex.map(lambda n: _read_json(join_url(out_url, PARTS_DIR, n + ".json"), storage), need_marker)
-            for n, m in zip(need_marker, markers):
-                if isinstance(m, dict):
-                    known[n] = m
-    done, todo = [], []
-    for j in jobs:
-        e = known.get(j["name"])
-        if e and e.get("fingerprint") == j["fingerprint"] and existing.get(j["name"]) == e.get("bytes"):
-            done.append(e)
-        else:
-            todo.append(j)
-    planned = {j["name"] for j in jobs}
-    stale = [n for n in existing if SHARD_RE.match(n) and n not in planned]
-    if stale:
-        fs, base = fsspec_fs(out_url, storage)
-        for n in stale:
-            fs.rm(f"{base.rstrip('/')}/{n}")
-        echo(f"prepare: removed {len(stale)} stale shard(s) from an earlier run with other options")
-    fs, base = fsspec_fs(out_url, storage)
-    if todo:
-        try:  # the old index no longer describes what is on storage
-            fs.rm(f"{base.rstrip('/')}/{INDEX_NAME}")
-        except FileNotFoundError:
-            pass
+    done, todo = _resume(jobs, out_url, storage, echo)
 
     use_ray = parallel == "ray" or (parallel == "auto" and len(src) >= AUTO_RAY_SAMPLES)
     echo(f"prepare: {src.name} -> {loc.url}: {len(src)} images, "
@@ -280,16 +226,109 @@ def prepare(source: str | Source, out_url: str, *, storage: StorageConfig | None
         "image_size": size, "layout": layout, **({"max_size": size} if layout == "aspect" else {}),
         "image_format": fmt, "channels": 3, "classes": src.classes,
         "labeled": src.labeled, "seed": seed, "val_fraction": vf,
-        "shard_size": shard_size or "auto", "source_unreadable": unreadable, "splits": {},
+        "shard_size": shard_size or "auto", "source_unreadable": unreadable,
+        "splits": _index_splits(jobs, entries),
         "imbalance": lt.describe(profile, C, before, lt.class_counts(src.labels[splits["train"]], C)
                                  if "train" in splits and C else [], allow_empty_classes),
         "class_counts": {k: lt.class_counts(src.labels[v], C) for k, v in splits.items()} if C else {},
     }
+    _write_index(index, out_url, storage)
+    if unreadable:
+        echo(f"prepare: WARNING {unreadable} source image(s) could not be read and were left out")
+    echo(f"prepare: done, {sum(s['samples'] for s in index['splits'].values())} samples in "
+         f"{len(jobs)} shards ({len(written)} written, {len(done)} skipped) at {loc.url}")
+    return index
+
+
+def _check_options(source: str | Source, *, fmt: str, shard_size: int | None, image_size: int | None,
+                   max_size: int | None, parallel: str, val_fraction: float | None) -> tuple[str, str, float]:
+    """The options of :func:`prepare`, checked before anything is read: (format, layout, val fraction)."""
+    fmt = {"jpeg": "jpg"}.get(fmt, fmt)
+    if fmt not in ("png", "jpg"):
+        raise DataError(f"--format {fmt!r}: use png or jpg")
+    if shard_size is not None and shard_size < 1:
+        raise DataError("--shard-size must be >= 1")
+    if image_size is not None and image_size < 8:
+        raise DataError("--image-size must be >= 8")
+    if max_size is not None and image_size is not None:
+        raise DataError("--image-size (square) and --max-size (aspect kept) exclude each other: use one")
+    if max_size is not None and max_size < 8:
+        raise DataError("--max-size must be >= 8")
+    if parallel not in ("auto", "ray", "local"):
+        raise DataError(f"--parallel {parallel!r}: use auto, ray or local")
+    vf = default_val_fraction(source if isinstance(source, str) else "") if val_fraction is None \
+        else float(val_fraction)
+    if not 0 <= vf < 1:
+        raise DataError(f"--val-fraction {vf}: must be in [0, 1)")
+    return fmt, "square" if max_size is None else "aspect", vf
+
+
+def _known_entries(jobs: list[dict[str, Any]], existing: dict[str, int], out_url: str,
+                   storage: StorageConfig | None) -> dict[str, dict]:
+    """name -> what is known of a shard already on storage: the old index's entry, else (when that
+    does not match the plan) its marker under ``_parts/``."""
+    old_index = _read_json(join_url(out_url, INDEX_NAME), storage)
+    known: dict[str, dict] = {}
+    if isinstance(old_index, dict):
+        try:
+            for info in load_index(json.dumps(old_index))["splits"].values():
+                known.update({e["name"]: e for e in info["shards"]})
+        except ValueError:
+            pass
+    need_marker = [j["name"] for j in jobs if j["name"] in existing and
+                   known.get(j["name"], {}).get("fingerprint") != j["fingerprint"]]
+    if need_marker:
+        with concurrent.futures.ThreadPoolExecutor(8) as ex:
+            markers = ex.map(lambda n: _read_json(join_url(out_url, PARTS_DIR, n + ".json"), storage), need_marker)
+            for n, m in zip(need_marker, markers):
+                if isinstance(m, dict):
+                    known[n] = m
+    return known
+
+
+def _resume(jobs: list[dict[str, Any]], out_url: str, storage: StorageConfig | None,
+            echo: Callable[[str], None]) -> tuple[list[dict], list[dict]]:
+    """(index entries of the shards already complete, jobs still to write). Shards of an earlier
+    plan that this one does not have are removed, and so is an index that no longer describes
+    what is on storage."""
+    existing = list_files(out_url, storage, suffix=".tar")
+    known = _known_entries(jobs, existing, out_url, storage)
+    done, todo = [], []
     for j in jobs:
-        sp = index["splits"].setdefault(j["split"], {"samples": 0, "shards": []})
+        e = known.get(j["name"])
+        if e and e.get("fingerprint") == j["fingerprint"] and existing.get(j["name"]) == e.get("bytes"):
+            done.append(e)
+        else:
+            todo.append(j)
+    planned = {j["name"] for j in jobs}
+    stale = [n for n in existing if SHARD_RE.match(n) and n not in planned]
+    fs, base = fsspec_fs(out_url, storage)
+    if stale:
+        for n in stale:
+            fs.rm(f"{base.rstrip('/')}/{n}")
+        echo(f"prepare: removed {len(stale)} stale shard(s) from an earlier run with other options")
+    if todo:
+        try:  # the old index no longer describes what is on storage
+            fs.rm(f"{base.rstrip('/')}/{INDEX_NAME}")
+        except FileNotFoundError:
+            pass
+    return done, todo
+
+
+def _index_splits(jobs: list[dict[str, Any]], entries: dict[str, dict]) -> dict[str, dict]:
+    """index.json's ``splits``: per split, its samples and its shards' entries in plan order."""
+    splits: dict[str, dict] = {}
+    for j in jobs:
+        sp = splits.setdefault(j["split"], {"samples": 0, "shards": []})
         e = entries[j["name"]]
         sp["shards"].append({k: e[k] for k in ("name", "samples", "members", "bytes", "fingerprint")})
         sp["samples"] += e["samples"]
+    return splits
+
+
+def _write_index(index: dict[str, Any], out_url: str, storage: StorageConfig | None) -> None:
+    """index.json, written last (local: atomically under a hidden name, then renamed)."""
+    loc = parse_url(out_url)
     ifs, ipath = fsspec_fs(join_url(out_url, INDEX_NAME), storage)
     data = json.dumps(index, indent=1).encode()
     if loc.scheme == "file":
@@ -299,11 +338,6 @@ def prepare(source: str | Source, out_url: str, *, storage: StorageConfig | None
         os.replace(tmp, ipath)
     else:
         ifs.pipe_file(ipath, data)
-    if unreadable:
-        echo(f"prepare: WARNING {unreadable} source image(s) could not be read and were left out")
-    echo(f"prepare: done, {sum(s['samples'] for s in index['splits'].values())} samples in "
-         f"{len(jobs)} shards ({len(written)} written, {len(done)} skipped) at {loc.url}")
-    return index
 
 
 def _run_local(jobs, out_url, storage, progress) -> list[dict]:
