@@ -210,13 +210,11 @@ def _epoch_scalars(logdir: str) -> list[dict]:
 
 
 def _raylet_pid() -> int | None:
-    try:
-        import ray
-        from ray._private import ray_constants
+    from pipeline.ray_compat import raylet_pid
 
-        node = ray._private.worker._global_node
-        return node.all_processes[ray_constants.PROCESS_TYPE_RAYLET][0].process.pid
-    except Exception:  # noqa: BLE001 - connected to a cluster we did not start: no process view
+    try:
+        return raylet_pid()
+    except Exception:  # noqa: BLE001 - no process view (tests/pipeline/test_ray_compat.py says why)
         return None
 
 

@@ -83,11 +83,9 @@ def _train_context():
 
 
 def _is_streaming(shard) -> bool:
-    try:
-        from ray.data._internal.iterator.stream_split_iterator import StreamSplitDataIterator
-    except ImportError:  # pragma: no cover - other Ray layouts: decide by name
-        return type(shard).__name__ == "StreamSplitDataIterator"
-    return isinstance(shard, StreamSplitDataIterator)
+    from pipeline.ray_compat import is_stream_split_iterator
+
+    return is_stream_split_iterator(shard)
 
 
 def _cached_blocks(shard) -> list[tuple[Any, int]]:
@@ -95,9 +93,9 @@ def _cached_blocks(shard) -> list[tuple[Any, int]]:
     worker process (``DataIterator.materialize`` of a materialised dataset copies nothing)."""
     if shard in _BLOCKS:
         return _BLOCKS[shard]
-    ds = shard if hasattr(shard, "iter_internal_ref_bundles") else shard.materialize()
-    blocks = [(entry.ref, int(entry.metadata.num_rows)) for bundle in ds.iter_internal_ref_bundles()
-              for entry in bundle.blocks if entry.metadata.num_rows]
+    from pipeline.ray_compat import block_refs
+
+    blocks = block_refs(shard)
     _BLOCKS[shard] = blocks
     return blocks
 

@@ -141,7 +141,7 @@ def child_main(shards: str, storage: str) -> dict:
     import logging
 
     import ray
-    from ray._private.services import get_node_ip_address
+    from ray.util import get_node_ip_address
     from ray.cluster_utils import Cluster
 
     t0 = time.monotonic()

@@ -3,8 +3,10 @@ installed versions: a Ray or TensorBoard upgrade that moves one fails HERE, by n
 feature degrading silently (credentials written to disk, a leaked placement group, chatty logs)."""
 from __future__ import annotations
 
+import ast
 import logging
 import os
+from pathlib import Path
 
 import pytest
 
@@ -109,3 +111,114 @@ def test_driver_failure_signal_handler_switch_is_the_flag_ray_reads():
     # the compiled core worker (Cython) is what reads it when the driver connects
     with open(ray._raylet.__file__, "rb") as f:
         assert b"RAY_DISABLE_FAILURE_SIGNAL_HANDLER" in f.read()
+
+
+# ---------------------------------------------------------------------------------------------
+# Ray Data internals behind the cached train set and the streamed one (pipeline/data/batches.py)
+
+
+@pytest.mark.slow
+def test_block_refs_of_a_materialised_dataset_and_its_iterator(ray_session):
+    """The cached train set is read by block: every row once, in the dataset's order, for a
+    Dataset and for the DataIterator Train hands a worker."""
+    import ray
+    from ray.data.block import BlockAccessor
+
+    ds = ray.data.range(10, override_num_blocks=3).materialize()
+    for source in (ds, ds.iterator()):
+        blocks = ray_compat.block_refs(source)
+        assert len(blocks) >= 2 and sum(n for _, n in blocks) == 10  # Ray may cut blocks finer
+        rows = [int(v) for ref, _ in blocks for v in BlockAccessor.for_block(ray.get(ref)).to_numpy()["id"]]
+        assert rows == list(range(10))
+
+
+@pytest.mark.slow
+def test_stream_split_iterator_is_recognised(ray_session):
+    # the private module itself: if it moves, the name fallback in ray_compat is all that is left
+    from ray.data._internal.iterator.stream_split_iterator import StreamSplitDataIterator
+
+    import ray
+
+    ds = ray.data.range(8)
+    split = ds.streaming_split(2)
+    assert isinstance(split[0], StreamSplitDataIterator)
+    assert all(ray_compat.is_stream_split_iterator(it) for it in split)
+    assert not ray_compat.is_stream_split_iterator(ds.materialize().iterator())
+    assert not ray_compat.is_stream_split_iterator(ds)
+
+
+@pytest.mark.slow
+def test_raylet_pid_is_this_instances_raylet(ray_session):
+    pid = ray_compat.raylet_pid()
+    assert isinstance(pid, int), "ray._private.worker._global_node changed: update ray_compat.raylet_pid"
+    with open(f"/proc/{pid}/cmdline", "rb") as f:
+        assert b"raylet" in f.read()
+
+
+# ---------------------------------------------------------------------------------------------
+# The guard: private Ray / TensorBoard names only in pipeline/ray_compat.py
+
+REPO = Path(__file__).resolve().parents[2]
+_PRIVATE_ROOTS = ("ray", "tensorboard", "torch.utils.tensorboard")
+# private members without a leading underscore (or reached through an object, not a module path)
+_PRIVATE_ATTRS = {"iter_internal_ref_bundles", "_get_file_writer", "_global_node",
+                  "ENV_VARS_TO_PROPAGATE", "_internal_kv_get", "_internal_kv_put", "_internal_kv_del"}
+
+
+def _is_private_path(dotted: str) -> bool:
+    parts = dotted.split(".")
+    rooted = any(dotted == r or dotted.startswith(r + ".") for r in _PRIVATE_ROOTS)
+    return rooted and any(p.startswith("_") for p in parts)
+
+
+def _root_name(node: ast.AST) -> str | None:
+    while isinstance(node, ast.Attribute):
+        node = node.value
+    return node.id if isinstance(node, ast.Name) else None
+
+
+def private_ray_uses(path: Path) -> list[str]:
+    """``file:line name`` of every private Ray / TensorBoard name used in ``path``: an import of a
+    module path with a ``_private`` / ``_internal`` / ``_x`` part (or of a ``_name`` from such a
+    package), an attribute chain ``ray._private...``, or a known private member."""
+    tree = ast.parse(path.read_text(), filename=str(path))
+    hits = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            hits += [(node.lineno, a.name) for a in node.names if _is_private_path(a.name)]
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            hits += [(node.lineno, f"{node.module}.{a.name}") for a in node.names
+                     if _is_private_path(f"{node.module}.{a.name}") or a.name in _PRIVATE_ATTRS]
+        elif isinstance(node, ast.Attribute):
+            if node.attr in _PRIVATE_ATTRS or (node.attr.startswith("_") and _root_name(node) == "ray"):
+                hits.append((node.lineno, node.attr))
+    return [f"{path.name}:{line} {name}" for line, name in sorted(set(hits))]
+
+
+def test_private_ray_apis_only_in_ray_compat():
+    offenders = []
+    for package in ("pipeline", "bench", "cacr"):
+        for path in sorted((REPO / package).rglob("*.py")):
+            if path == REPO / "pipeline" / "ray_compat.py":
+                continue
+            offenders += [f"{package}/{hit}" for hit in private_ray_uses(path)]
+    assert offenders == [], ("private Ray / TensorBoard API outside pipeline/ray_compat.py (move it "
+                             "there, with a test here):\n" + "\n".join(offenders))
+
+
+def test_private_api_checker_sees_what_it_forbids(tmp_path):
+    # the guard must catch each form (else the test above passes vacuously) and leave public
+    # Ray and our own private names alone
+    probe = tmp_path / "probe.py"
+    probe.write_text(
+        "import ray\nimport ray.data\nfrom ray.util import get_node_ip_address\n"
+        "from ray._private import ray_constants\n"
+        "from ray.data._internal.iterator.stream_split_iterator import StreamSplitDataIterator\n"
+        "import ray._private.services\n"
+        "node = ray._private.worker._global_node\n"
+        "blocks = ds.iter_internal_ref_bundles()\n"
+        "from ray.experimental.internal_kv import _internal_kv_get\n"
+        "fw = writer._get_file_writer()\n"
+        "self._cache = obj._private_thing\n")
+    lines = sorted({int(h.split(":")[1].split()[0]) for h in private_ray_uses(probe)})
+    assert lines == [4, 5, 6, 7, 8, 9, 10], private_ray_uses(probe)
