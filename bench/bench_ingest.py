@@ -261,10 +261,10 @@ def run(quick: bool = True) -> list[dict[str, Any]]:
     try:
         fs, _ = fsspec_fs("s3://bench", s3)
         fs.call_s3("create_bucket", Bucket="bench")
-        if not ray.is_initialized():
-            ray.init(num_cpus=procs + 1, include_dashboard=False, logging_level=logging.ERROR,
-                     log_to_driver=False)
-            started_ray = True
+        from pipeline.ray_start import start_ray
+
+        started_ray = start_ray(num_cpus=procs + 1, use_gpu=None, dashboard=False, log_to_driver=False,
+                                logging_level=logging.ERROR)
         from ray.data import DataContext
         DataContext.get_current().enable_progress_bars = False
         DataContext.get_current().print_on_execution_start = False

@@ -50,22 +50,16 @@ def _mean_std(xs: list[float]) -> tuple[float, float]:
 
 def _ray(threads: int) -> bool:
     """Start a local Ray when none is running; True if this benchmark started it."""
-    import ray
+    from pipeline.ray_start import start_ray
 
-    if ray.is_initialized():
-        return False
-    os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "120")
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init(log_to_driver=False, logging_level=logging.WARNING)
-    else:
-        ray.init(num_cpus=max(8, os.cpu_count() or 1), include_dashboard=False, log_to_driver=False,
-                 logging_level=logging.WARNING)
+    started = start_ray(num_cpus=8, use_gpu=None, dashboard=False, log_to_driver=False,
+                        logging_level=logging.WARNING)
     from ray.data import DataContext
 
     ctx = DataContext.get_current()
     ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False
-    return True
+    return started
 
 
 def run(quick: bool) -> list[dict[str, Any]]:

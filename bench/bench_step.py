@@ -86,12 +86,11 @@ def _threads() -> int:
 
 
 def _ensure_ray() -> None:
-    import ray
+    from pipeline.ray_start import start_ray
 
-    os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "120")
-    if not ray.is_initialized():
-        ray.init(num_cpus=max(4, os.cpu_count() or 1), include_dashboard=False, log_to_driver=False,
-                 logging_level=logging.WARNING)
+    # the commands' own start-up (RAY_ADDRESS joins a cluster, else a NEW local instance); no
+    # dashboard: the benchmark stops no trial early, and the dashboard would share the cores
+    start_ray(num_cpus=4, use_gpu=None, dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
     from ray.data import DataContext
 
     ctx = DataContext.get_current()

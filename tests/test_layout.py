@@ -45,3 +45,40 @@ def test_the_length_check_sees_what_it_forbids(tmp_path):
                      "def short():\n    return 1\n")
     assert [h.split(" ")[1] for h in long_functions(probe)] == ["long", "method"]
 
+
+def ray_inits(path: Path) -> list[str]:
+    """``file:line`` of every ``ray.init(...)`` call (or ``init`` imported from ray) in ``path``."""
+    tree = ast.parse(path.read_text(), filename=str(path))
+    imported = {a.asname or a.name for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)
+                and n.module == "ray" for a in n.names if a.name == "init"}
+    out = []
+    for node in ast.walk(tree):
+        if not isinstance(node, ast.Call):
+            continue
+        f = node.func
+        if (isinstance(f, ast.Attribute) and f.attr == "init" and isinstance(f.value, ast.Name)
+                and f.value.id == "ray") or (isinstance(f, ast.Name) and f.id in imported):
+            out.append(node.lineno)
+    return [f"{path.name}:{line}" for line in sorted(out)]
+
+
+def test_ray_is_started_only_by_ray_start():
+    """Commands, benchmarks and the test fixture start or join Ray one way,
+    pipeline.ray_start.start_ray (RAY_ADDRESS or a NEW local instance, never a bare ray.init that
+    joins whatever `ray start` left on the machine)."""
+    offenders = []
+    for package in ("pipeline", "bench", "cacr"):
+        for path in sorted((REPO / package).rglob("*.py")):
+            if path != REPO / "pipeline" / "ray_start.py":
+                offenders += [f"{package}/{hit}" for hit in ray_inits(path)]
+    offenders += [f"tests/{hit}" for hit in ray_inits(REPO / "tests" / "conftest.py")]
+    assert offenders == [], "ray.init outside pipeline/ray_start.py:\n" + "\n".join(offenders)
+
+
+def test_the_ray_init_check_sees_what_it_forbids(tmp_path):
+    probe = tmp_path / "probe.py"
+    probe.write_text("import ray\nfrom ray import init as start\nray.init()\n"
+                     "if not ray.is_initialized():\n    ray.init(num_cpus=2)\nstart(address='auto')\n"
+                     "obj.init()\n")
+    assert ray_inits(probe) == ["probe.py:3", "probe.py:5", "probe.py:6"]
+
