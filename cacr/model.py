@@ -28,7 +28,8 @@ resnet18/34/50 that is stock torchvision (`torchvision.models.resnet18(weights=N
 the stem edits above and `fc = nn.Identity()`, so the weights need nothing from this package
 (tested). "narrow_resnet" has no stock torchvision builder: its loader is
 `cacr.model.build_torchvision_backbone` (it returns a torchvision ResNet object). An export must
-record `backbone_spec` (arch, small_images, width, norm) next to the weights.
+record the backbone spec next to the weights: `backbone_spec` is the ONE function that makes it
+(arch, small_images, width, norm, and `depth` for a ViT of other than 12 blocks).
 
 `norm`: "batch" (BatchNorm, default), "group" (GroupNorm, no batch statistics) or "none"
 (Identity: no normalisation layers at all; used by the distributed-equality tests, where
@@ -38,7 +39,7 @@ follows the same choice (BatchNorm1d / GroupNorm / nothing between its linear la
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable, Mapping
 
 import torch
 import torch.nn as nn
@@ -54,6 +55,7 @@ __all__ = [
     "RESNET_ARCHS",
     "VIT_ARCHS",
     "build_backbone",
+    "backbone_spec",
     "zero_init_residual_",
     "CACRModel",
     "ProjectionHead",
@@ -182,6 +184,22 @@ def build_backbone(
 build_torchvision_backbone = build_backbone
 
 
+def backbone_spec(model: Mapping[str, Any]) -> dict[str, Any]:
+    """THE backbone spec: the :func:`build_backbone` keywords that rebuild a run's backbone, from
+    its ``model`` config section (a dict: ``arch``, ``small_images``, ``width``, ``norm``,
+    ``vit_depth``).  Every method records it (``Method.backbone_spec()``, stored in checkpoints
+    as ``backbone_spec``); export and evaluate rebuild the network from the stored copy, so a
+    backbone is always rebuilt with the keywords it was trained with.  A ViT's ``depth`` appears
+    only when ``vit_depth`` asks for other than the arch's 12 blocks, so specs of full-depth
+    ViTs and of every ResNet keep the four keys earlier versions wrote."""
+    arch = model.get("arch", "narrow_resnet")
+    spec = {"arch": arch, "small_images": bool(model.get("small_images", True)),
+            "width": model.get("width", 16), "norm": model.get("norm", "batch")}
+    if arch in VIT_ARCHS and model.get("vit_depth"):
+        spec["depth"] = int(model["vit_depth"])
+    return spec
+
+
 class ProjectionHead(nn.Sequential):
     """MLP head: Linear -> [norm -> ReLU -> Linear] * (layers - 1). layers = 1: one Linear."""
 
@@ -218,14 +236,16 @@ class CACRModel(nn.Module):
         head_out: int = 128,
         head_layers: int = 2,
         norm: str = "batch",
+        vit_depth: int = 0,
     ):
         super().__init__()
         if norm not in NORMS:
             raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
         self.arch = arch
         self.norm = norm
-        self.backbone_spec = {"arch": arch, "small_images": bool(small_images), "width": width, "norm": norm}
-        self.backbone = build_backbone(arch, small_images, width=width, norm=norm)
+        self.backbone_spec = backbone_spec(dict(arch=arch, small_images=small_images, width=width,
+                                                norm=norm, vit_depth=vit_depth))
+        self.backbone = build_backbone(**self.backbone_spec)
         self.feature_dim: int = self.backbone.feature_dim
         self.head_out = head_out
         self.head = ProjectionHead(self.feature_dim, head_hidden, head_out, head_layers, norm)

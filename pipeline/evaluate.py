@@ -301,19 +301,6 @@ def _checkpoint_config(state: dict[str, Any]):
         raise CheckpointError(f"checkpoint config is not readable by this version of cacr ({e})") from None
 
 
-def _check_weights(weights: dict[str, Any], spec: dict[str, Any]) -> None:
-    """Fail on the driver, in one line, when the weights do not fit the recorded architecture
-    (rather than in every actor's constructor)."""
-    from cacr.model import build_torchvision_backbone
-    from pipeline.checkpoint import CheckpointError
-
-    try:
-        build_torchvision_backbone(**spec).load_state_dict(weights, strict=True)
-    except (RuntimeError, ValueError) as e:
-        raise CheckpointError(f"checkpoint weights do not match its config's model {spec} "
-                              f"({str(e).splitlines()[0][:200]})") from None
-
-
 def _labelled_scan(url: str, split: str, storage: StorageConfig):
     from pipeline.data import scan_shards
 
@@ -360,7 +347,7 @@ def evaluate(checkpoint: str | dict[str, Any], data_url: str | None = None,
     Ray starts for a bad checkpoint, unreachable or unlabelled data."""
     import ray
 
-    from pipeline.export import backbone_state, read_checkpoint
+    from pipeline.export import backbone_state, read_checkpoint, rebuild_backbone, stored_spec
 
     echo = echo or (lambda m: print(m, flush=True))
     opts = opts or EvalOptions()
@@ -371,8 +358,8 @@ def evaluate(checkpoint: str | dict[str, Any], data_url: str | None = None,
     cfg = _checkpoint_config(state)
     weights = backbone_state(state)
     m = cfg.model
-    spec = {"arch": m.arch, "small_images": m.small_images, "width": m.width, "norm": m.norm}
-    _check_weights(weights, spec)
+    spec = stored_spec(state)  # what the run built, ViT depth included
+    rebuild_backbone(weights, spec)  # weights that do not fit: one line here, not in every actor
     url = data_url or cfg.data.url
     split_val = opts.split_val or cfg.data.val_split or "val"
     train_scan = _labelled_scan(url, opts.split_train, opts.storage)

@@ -1,9 +1,12 @@
 """`cacr export CHECKPOINT OUT`: the pretrained backbone as safetensors + a JSON with architecture
 and preprocessing. CHECKPOINT and OUT may each be local or ``s3://``.
 
-    OUT/backbone.safetensors   state_dict of ``model.backbone``: a plain torchvision ResNet whose
-                               ``fc`` is ``nn.Identity`` (output: pooled features, 512-d for resnet18)
-    OUT/backbone.json          {"backbone": {arch, small_images, width, norm}, "feature_dim",
+    OUT/backbone.safetensors   state_dict of the method's ``backbone``: a plain torchvision ResNet
+                               whose ``fc`` is ``nn.Identity`` (output: pooled features, 512-d for
+                               resnet18), or a ViT of ``cacr.vit`` (the class token's features)
+    OUT/backbone.json          {"backbone": the checkpoint's backbone spec {arch, small_images,
+                                width, norm[, depth]}, "network": which network that is (for
+                                cacr_moco / cacr_queue the ONLINE backbone), "feature_dim",
                                 "preprocessing": {image_size, crop_size, mean, std, ...},
                                 "trained": {epochs, steps, loss, metrics}, "weights_sha256", "load"}
 
@@ -23,10 +26,11 @@ Loading an export into stock torchvision (resnet18/34/50; no cacr package, no pi
     # input: RGB float32 NCHW, pixels / 255, center crop of meta["preprocessing"]["crop_size"],
     # normalised with meta["preprocessing"]["mean"] / ["std"]; output: (B, 512) features
 
-(``norm: "group"`` / ``"none"`` exports need the matching ``norm_layer``; "narrow_resnet" has no
-stock builder.) For every architecture the one-liner is
-``cacr.model.build_torchvision_backbone(**meta["backbone"])`` + ``load_state_dict``, which is what
-:func:`load_backbone` does (it also reads ``s3://`` exports).
+(``norm: "group"`` / ``"none"`` exports need the matching ``norm_layer``; "narrow_resnet" and the
+ViTs have no stock torchvision builder.) For every architecture the one-liner is
+``cacr.model.build_backbone(**meta["backbone"])`` (alias ``build_torchvision_backbone``) +
+``load_state_dict``, which is what :func:`load_backbone` does (it also reads ``s3://`` exports);
+``meta["load"]`` spells out the lines for the exported architecture.
 """
 from __future__ import annotations
 
@@ -80,8 +84,47 @@ def backbone_state(state: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def stored_spec(state: dict[str, Any]) -> dict[str, Any]:
+    """The backbone spec of a checkpoint: the one the run stored (``backbone_spec``, what the
+    method was built with), else, for checkpoints written before it was stored (and imports),
+    :func:`cacr.model.backbone_spec` of the stored config, the same function the run used."""
+    from cacr.model import backbone_spec
+
+    spec = state.get("backbone_spec")
+    if isinstance(spec, dict) and spec.get("arch"):
+        return dict(spec)
+    try:
+        return backbone_spec(state["config"]["model"])
+    except (KeyError, TypeError, AttributeError) as e:
+        from pipeline.checkpoint import CheckpointError
+        raise CheckpointError(f"checkpoint config lacks {e}: not written by cacr train") from None
+
+
+def rebuild_backbone(weights: dict[str, Any], spec: dict[str, Any]):
+    """The exported network rebuilt from ``spec`` with ``weights`` loaded strictly (eval mode);
+    weights that do not fit are a one-line CheckpointError, said on the driver."""
+    from cacr.model import build_backbone
+    from pipeline.checkpoint import CheckpointError
+
+    try:
+        net = build_backbone(**spec)
+        net.load_state_dict(weights, strict=True)
+    except (RuntimeError, ValueError, TypeError) as e:
+        raise CheckpointError(f"checkpoint weights do not match its backbone {spec} "
+                              f"({str(e).splitlines()[0][:200]})") from None
+    return net.eval()
+
+
 def _load_lines(backbone: dict[str, Any]) -> list[str]:
+    """How to load the export: stock torchvision lines where they suffice (resnet18/34/50 with
+    BatchNorm), else the cacr builder (narrow_resnet, other norms, every ViT)."""
+    from cacr.archs import RESNET_ARCHS
+
     arch = backbone["arch"]
+    if arch not in RESNET_ARCHS:
+        return ["from cacr.model import build_backbone", "from safetensors.torch import load_file",
+                "net = build_backbone(**meta['backbone'])",
+                f"net.load_state_dict(load_file('{WEIGHTS}')); net.eval()"]
     if arch == "narrow_resnet" or backbone["norm"] != "batch":
         return ["from cacr.model import build_torchvision_backbone",
                 "from safetensors.torch import load_file",
@@ -95,12 +138,18 @@ def _load_lines(backbone: dict[str, Any]) -> list[str]:
     return lines + ["net.fc = torch.nn.Identity()", f"net.load_state_dict(load_file('{WEIGHTS}')); net.eval()"]
 
 
+def _exported_network(loss: str) -> str:
+    """Which of the method's networks the export holds (momentum methods: the ONLINE backbone)."""
+    from cacr.methods import METHOD_CLASSES
+
+    cls = METHOD_CLASSES.get(loss)
+    return cls.exported_network if cls is not None else "backbone"
+
+
 def export_metadata(state: dict[str, Any]) -> dict[str, Any]:
     cfg = state["config"]
     try:
-        m, a, d = cfg["model"], cfg["augment"], cfg["data"]
-        backbone = {"arch": m["arch"], "small_images": bool(m["small_images"]), "width": int(m["width"]),
-                    "norm": m["norm"]}
+        a, d = cfg["augment"], cfg["data"]
         pre = {"image_size": d["image_size"], "crop_size": a["crop_size"], "mean": list(a["mean"]),
                "std": list(a["std"]), "scale": "pixels / 255", "layout": "NCHW float32, RGB",
                "resize": "short side to crop_size (bilinear, antialias), then center crop"}
@@ -108,9 +157,11 @@ def export_metadata(state: dict[str, Any]) -> dict[str, Any]:
     except (KeyError, TypeError) as e:
         from pipeline.checkpoint import CheckpointError
         raise CheckpointError(f"checkpoint config lacks {e}: not written by cacr train") from None
+    backbone = stored_spec(state)
     return {
         "format": FORMAT,
         "backbone": backbone,
+        "network": _exported_network(loss),
         "preprocessing": pre,
         "trained": {"epochs": state.get("epoch"), "steps": state.get("step"), "loss": loss,
                     "metrics": state.get("metrics", {})},
@@ -125,13 +176,15 @@ def export_backbone(checkpoint: str | Path | dict[str, Any], out_url: str, stora
 
     state = checkpoint if isinstance(checkpoint, dict) else read_checkpoint(str(checkpoint), storage_cfg)
     weights, meta = backbone_state(state), export_metadata(state)
+    # rebuilt once: the weights must fit the spec before anything is written
+    feature_dim = int(rebuild_backbone(weights, meta["backbone"]).feature_dim)
     out_url = str(out_url)
     with tempfile.TemporaryDirectory() as tmp:
         wpath = Path(tmp) / WEIGHTS
         # one metadata key: safetensors writes its header from a hash map, so several keys would make
         # the bytes (and weights_sha256) differ between two exports of the same checkpoint
         save_file(weights, str(wpath), metadata={"format": f"{FORMAT} {meta['backbone']['arch']}"})
-        meta["feature_dim"] = _feature_dim(weights)
+        meta["feature_dim"] = feature_dim
         meta["weights_sha256"] = hashlib.sha256(wpath.read_bytes()).hexdigest()
         (Path(tmp) / META).write_text(json.dumps(meta, indent=2))
         from pipeline import storage
@@ -154,15 +207,9 @@ def export_backbone(checkpoint: str | Path | dict[str, Any], out_url: str, stora
     return storage.join_url(out_url, WEIGHTS)
 
 
-def _feature_dim(weights: dict[str, Any]) -> int | None:
-    """Output width of the backbone: channels of the last conv of layer4."""
-    convs = [k for k in weights if k.startswith("layer4.") and k.endswith(".weight")
-             and getattr(weights[k], "ndim", 0) == 4]
-    return int(weights[convs[-1]].shape[0]) if convs else None
-
-
 def load_backbone(directory: str | Path, storage_cfg=None):
-    """Load an export (local dir or s3://) into a torchvision ResNet in eval mode -> (net, meta)."""
+    """Load an export (local dir or s3://) into its backbone (a torchvision ResNet or a cacr ViT)
+    in eval mode -> (net, meta)."""
     from safetensors.torch import load_file
 
     from cacr.model import build_torchvision_backbone

@@ -97,25 +97,8 @@ def import_moco(checkpoint: str | Path, out_url: str, storage_cfg=None) -> dict[
              "config": to_dict(cfg), "epoch": ckpt.get("epoch"), "step": None,
              "metrics": {"imported_from": Path(str(checkpoint)).name}}
     url = export_backbone(state, out_url, storage_cfg)
-    from pipeline import storage
-
-    if arch.startswith("vit") and not storage.is_remote(str(out_url)):
-        _fix_vit_meta(Path(out_url), net.feature_dim)
     return {"backbone": url, "arch": arch, "epoch": ckpt.get("epoch"),
             "encoder": "online (module.base_encoder; momentum encoder and predictor dropped)"}
-
-
-def _fix_vit_meta(out: Path, feature_dim: int) -> None:
-    """pipeline.export's load hint and feature_dim are ResNet-only: state the ViT's own (same
-    weights, so weights_sha256 is unchanged)."""
-    from pipeline.export import META, WEIGHTS
-
-    meta = json.loads((out / META).read_text())
-    meta["feature_dim"] = feature_dim
-    meta["load"] = ["from cacr.model import build_backbone", "from safetensors.torch import load_file",
-                    "net = build_backbone(**meta['backbone'])",
-                    f"net.load_state_dict(load_file('{WEIGHTS}')); net.eval()"]
-    (out / META).write_text(json.dumps(meta, indent=2))
 
 
 def run_import(args: argparse.Namespace) -> int:

@@ -22,12 +22,12 @@ import importlib
 import pkgutil
 from typing import Any
 
-from cacr.methods.base import METHODS, Method, register, view_groups
+from cacr.methods.base import METHOD_CLASSES, METHODS, Method, register, view_groups
 
 for _mod in pkgutil.iter_modules(__path__):
     importlib.import_module(f"{__name__}.{_mod.name}")
 
-__all__ = ["METHODS", "Method", "build_method", "register", "view_groups"]
+__all__ = ["METHOD_CLASSES", "METHODS", "Method", "build_method", "register", "view_groups"]
 
 
 def build_method(name: str, *, model: dict[str, Any], loss: dict[str, Any], **extra: Any) -> Method:

@@ -11,8 +11,10 @@ The trainer (``pipeline/``) only knows this interface:
   the position in the whole run (step / total steps), used by schedules such as the cosine momentum.
   Returns scalars worth logging (e.g. ``{"momentum": m}``); the default does nothing.
 * ``backbone``: the network whose pooled features are exported and evaluated (the ONLINE backbone
-  for momentum methods); ``backbone_spec()``: the keyword arguments that rebuild it
-  (see :func:`cacr.model.build_backbone`), recorded in checkpoints and ``backbone.json``.
+  for momentum methods; ``exported_network`` says which in words, for ``backbone.json``);
+  ``backbone_spec()``: the keyword arguments that rebuild it (made by
+  :func:`cacr.model.backbone_spec`, see :func:`cacr.model.build_backbone`), recorded in
+  checkpoints and ``backbone.json``.
 * ``state_dict()`` covers everything a resume needs (momentum networks, queues as buffers); the
   optimiser only sees ``trainable_parameters()``.
 
@@ -45,6 +47,8 @@ class Method(nn.Module):
 
     #: registry name (``loss.name`` in the config)
     name: str = ""
+    #: which of the method's networks ``backbone`` is, in words (``network`` in backbone.json)
+    exported_network: str = "backbone"
 
     def forward(self, views: Views) -> LossOutput:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -77,6 +81,8 @@ class Method(nn.Module):
 
 #: name -> factory ``(model: dict, loss: dict, **extra) -> Method``; filled by ``register``.
 METHODS: dict[str, Callable[..., Method]] = {}
+#: name -> the registered class (what export reads ``exported_network`` from)
+METHOD_CLASSES: dict[str, type[Method]] = {}
 
 
 def register(name: str) -> Callable[[type[Method]], type[Method]]:
@@ -85,5 +91,6 @@ def register(name: str) -> Callable[[type[Method]], type[Method]]:
             raise ValueError(f"method {name!r} registered twice")
         cls.name = name
         METHODS[name] = cls.from_config  # type: ignore[attr-defined]
+        METHOD_CLASSES[name] = cls
         return cls
     return deco

@@ -42,7 +42,7 @@ from torch import nn
 from cacr.heads import moco_predictor, moco_projector
 from cacr.loss import LossOutput, cacr_moco_loss
 from cacr.methods.base import Method, Views, register, view_groups
-from cacr.model import RESNET_ARCHS, build_backbone
+from cacr.model import RESNET_ARCHS, backbone_spec, build_backbone
 
 TARGETS = ("light", "full")
 
@@ -58,6 +58,9 @@ def momentum_at(progress: float, base: float, cosine: bool = True) -> float:
 @register("cacr_moco")
 class MomentumCACR(Method):
     """See the module docstring.  Build with :meth:`from_config` or directly."""
+
+    exported_network = ("online backbone (the momentum target network, the projector and the "
+                        "predictor are not exported)")
 
     def __init__(self, *, spec: dict[str, Any], head_hidden: int = 4096, head_out: int = 256,
                  predictor_hidden: int = 4096, temperature: float = 1.0, targets: str = "light",
@@ -102,11 +105,7 @@ class MomentumCACR(Method):
         targets = loss.get("targets", "light")
         if num_views is not None and num_views < 2:
             raise ValueError(f"cacr_moco: needs >= 2 views per image, got {num_views}")
-        spec = {"arch": model["arch"], "small_images": bool(model.get("small_images", False)),
-                "width": int(model.get("width", 16)), "norm": model.get("norm", "batch")}
-        if spec["arch"] not in RESNET_ARCHS and model.get("vit_depth"):
-            spec["depth"] = int(model["vit_depth"])
-        return cls(spec=spec, head_hidden=int(model.get("head_hidden", 4096)),
+        return cls(spec=backbone_spec(model), head_hidden=int(model.get("head_hidden", 4096)),
                    head_out=int(model.get("head_out", 256)),
                    predictor_hidden=int(model.get("predictor_hidden", 4096)),
                    temperature=float(loss.get("temperature", 1.0)), targets=targets,

@@ -52,12 +52,15 @@ from cacr.loss_queue import cacr_queue_loss
 from cacr.methods.base import Method, Views, register, view_groups
 from cacr.model import CACRModel
 
-MODEL_KEYS = ("small_images", "width", "head_hidden", "head_out", "head_layers", "norm")
+MODEL_KEYS = ("small_images", "width", "head_hidden", "head_out", "head_layers", "norm", "vit_depth")
 
 
 @register("cacr_queue")
 class QueueCACR(Method):
     """Online + momentum encoder, key queue, queue CACR loss (see the module docstring)."""
+
+    exported_network = ("online backbone (the momentum key encoder, the projection head and the "
+                        "queue are not exported)")
 
     def __init__(self, model: dict[str, Any] | None = None, *, queue_size: int = 65536,
                  momentum: float = 0.999, alpha: float = 1.0, beta: float = 1.0, tau_pos: float = 1.0,

@@ -30,7 +30,8 @@ from cacr.model import CACRModel
 
 #: the ``model`` config keys a CACRModel is built from (other keys, e.g. ``sync_batchnorm``, are
 #: the trainer's business)
-MODEL_KEYS = ("arch", "small_images", "width", "head_hidden", "head_out", "head_layers", "norm")
+MODEL_KEYS = ("arch", "small_images", "width", "head_hidden", "head_out", "head_layers", "norm",
+              "vit_depth")
 
 
 def cacr_model(model: Mapping[str, Any]) -> CACRModel:
@@ -42,6 +43,8 @@ def cacr_model(model: Mapping[str, Any]) -> CACRModel:
 
 class SymmetricMethod(Method):
     """One :class:`CACRModel` for all views + a loss on the ``(V, n, D)`` embeddings."""
+
+    exported_network = "encoder f, shared by every view (the projection head g is not exported)"
 
     def __init__(self, model: CACRModel):
         super().__init__()

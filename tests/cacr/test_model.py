@@ -185,3 +185,21 @@ def test_channels_last_same_output():
         m_cl = m.to(memory_format=torch.channels_last)
         b = m_cl(x.contiguous(memory_format=torch.channels_last))
     torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+def test_every_method_builds_its_backbone_from_the_one_spec():
+    """cacr.model.backbone_spec is the one source: every method's backbone and its recorded spec
+    come from it, ViT depth included (model.vit_depth was once honoured by cacr_moco only)."""
+    from cacr.methods import build_method
+    from cacr.model import backbone_spec
+
+    model = {"arch": "vit_small", "small_images": False, "width": 16, "norm": "batch", "vit_depth": 1,
+             "head": "moco", "head_hidden": 8, "head_out": 4, "head_layers": 2, "predictor_hidden": 8}
+    want = {"arch": "vit_small", "small_images": False, "width": 16, "norm": "batch", "depth": 1}
+    assert backbone_spec(model) == want
+    assert "depth" not in backbone_spec({**model, "vit_depth": 0})  # the arch's 12: the old 4 keys
+    assert "depth" not in backbone_spec({**model, "arch": "resnet18"})
+    for name in ("cacr", "infonce", "cacr_moco", "cacr_queue"):
+        method = build_method(name, model=model, loss={"queue_size": 4}, num_views=2)
+        assert method.backbone_spec() == want, name
+        assert len(method.backbone.blocks) == 1, name

@@ -131,3 +131,86 @@ def test_cli_export_bad_checkpoint_and_bad_target(tmp_path):
     ckpt, _ = _checkpoint(tmp_path / "ckpt", "model.width=4")
     (tmp_path / "afile").write_text("x")
     _one_line_error(_cacr("export", str(ckpt), str(tmp_path / "afile")), "is a file")
+
+
+def _fresh_method(*overrides: str):
+    from pipeline.worker import method_from_config
+
+    cfg = load_config(None, ["data.source=null", *overrides])
+    torch.manual_seed(0)
+    return cfg, method_from_config(cfg).eval()
+
+
+def _save_run_checkpoint(directory: Path, cfg, method) -> Path:
+    """A checkpoint as the worker writes it (pipeline.worker.checkpoint_state's keys, with the
+    method's own ``backbone_spec``)."""
+    from pipeline.checkpoint import save_state
+
+    save_state(directory, {"model": method.model_state(), "method": method.state_dict(),
+                           "backbone_spec": method.backbone_spec(), "config": to_dict(cfg),
+                           "epoch": 1, "step": 5, "metrics": {}})
+    return directory
+
+
+def test_vit_export_keeps_depth_and_says_how_to_load_it(tmp_path):
+    """A ViT run with model.vit_depth: the export is rebuilt from the checkpoint's stored spec
+    (depth included: a 12-block rebuild cannot take 2 blocks' weights), states its feature
+    width, and its load lines give the trained network's features."""
+    from pipeline.export import export_backbone, load_backbone
+
+    cfg, method = _fresh_method("model.arch=vit_small", "model.vit_depth=2", "model.small_images=false",
+                                "model.head_hidden=16", "model.head_out=8")
+    ckpt = _save_run_checkpoint(tmp_path / "ckpt", cfg, method)
+    out = tmp_path / "export"
+    export_backbone(str(ckpt), str(out))
+    meta = json.loads((out / "backbone.json").read_text())
+    assert meta["backbone"] == {"arch": "vit_small", "small_images": False, "width": 16, "norm": "batch",
+                                "depth": 2}
+    assert meta["feature_dim"] == 384
+    assert meta["network"].startswith("encoder f") and "not exported" in meta["network"]
+    assert not any("torchvision.models" in line for line in meta["load"])
+    scope: dict = {"meta": meta}
+    exec(compile("\n".join(meta["load"]).replace("load_file('backbone.safetensors')",  # noqa: S102
+                                                 f"load_file('{out}/backbone.safetensors')"),
+                 "backbone.json load", "exec"), scope)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        want = method.backbone(x)
+        torch.testing.assert_close(scope["net"](x), want)
+        torch.testing.assert_close(load_backbone(out)[0](x), want)
+
+
+@pytest.mark.parametrize("name,overrides", [
+    ("cacr_moco", ["model.head=moco", "model.predictor_hidden=16"]),
+    ("cacr_queue", ["loss.queue_size=16"]),
+])
+def test_momentum_method_export_is_the_online_backbone_and_says_so(tmp_path, name, overrides):
+    from pipeline.export import export_backbone, load_backbone
+
+    cfg, method = _fresh_method(f"loss.name={name}", "model.width=4", "model.head_hidden=16",
+                                "model.head_out=8", *overrides)
+    # make the momentum copy differ from the online network (after training they always do)
+    target = method.target_backbone if name == "cacr_moco" else method.target.backbone
+    with torch.no_grad():
+        for p in target.parameters():
+            p.add_(1.0)
+    export_backbone(str(_save_run_checkpoint(tmp_path / "ckpt", cfg, method)), str(tmp_path / "export"))
+    net, meta = load_backbone(tmp_path / "export")
+    assert meta["network"].startswith("online backbone") and meta["trained"]["loss"] == name
+    assert meta["feature_dim"] == 32
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(net(x), method.backbone.eval()(x))
+        assert not torch.allclose(net(x), target.eval()(x))
+
+
+def test_stored_spec_wins_and_old_checkpoints_fall_back_to_their_config():
+    from cacr.model import backbone_spec
+    from pipeline.export import stored_spec
+
+    cfg = to_dict(load_config(None, ["data.source=null", "model.arch=vit_small", "model.vit_depth=3"]))
+    # before runs stored their spec: the config's, through the same function the run used
+    assert stored_spec({"config": cfg}) == backbone_spec(cfg["model"]) == {
+        "arch": "vit_small", "small_images": True, "width": 16, "norm": "batch", "depth": 3}
+    stored = {"arch": "vit_small", "small_images": False, "width": 16, "norm": "batch", "depth": 2}
+    assert stored_spec({"config": cfg, "backbone_spec": stored}) == stored
