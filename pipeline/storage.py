@@ -1,9 +1,11 @@
 """URL -> filesystem: the ONE place that knows about local paths and ``s3://``.
 
 Everything else in the project calls :func:`is_remote`, :func:`join_url`, :func:`read_text` /
-:func:`write_text` (small files), :func:`fsspec_fs` (listing, writing shards) or :func:`arrow_fs`
-(Ray Data reads) and never looks at a URL's scheme or builds a filesystem itself
-(tests/pipeline/test_storage.py fails if ``://`` handling appears anywhere else in pipeline/).
+:func:`write_text` (small files), :func:`open_atomic` (a large file written in one go),
+:func:`ensure_location` (a directory to write into), :func:`fsspec_fs` (listing, reading) or
+:func:`arrow_fs` (Ray Data reads) and never looks at a URL's scheme or builds a filesystem itself
+(tests/pipeline/test_storage.py fails if ``://`` handling or a scheme comparison appears anywhere
+else in pipeline/).
 ``file:///abs`` and plain paths are the same thing: local.
 
 User paths are resolved ONCE, on the driver, before anything reaches Ray (:func:`resolve_paths`):
@@ -23,6 +25,7 @@ own credentials - instance profile, IRSA or the same variables in the container)
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import os
 import re
 import time
@@ -35,9 +38,9 @@ from pipeline.errors import CacrError
 
 __all__ = [
     "StorageError", "Location", "parse_url", "is_s3", "is_remote", "join_url", "resolve_url",
-    "resolve_paths", "url_of", "read_text", "write_text", "resolve_endpoint", "describe_endpoint",
-    "s3fs_options", "fsspec_fs", "arrow_fs", "check_location", "check_writable", "list_files",
-    "list_dirs",
+    "resolve_paths", "url_of", "read_text", "write_text", "open_atomic", "ensure_location",
+    "resolve_endpoint", "describe_endpoint", "s3fs_options", "fsspec_fs", "arrow_fs",
+    "check_location", "check_writable", "list_files", "list_dirs",
 ]
 
 # Timeouts: the data path retries patiently; the up-front check must answer within ~30 s.
@@ -145,12 +148,17 @@ def read_text(url: str, storage: StorageConfig | None = None) -> str | None:
         raise classify_s3_error(e, url, storage) from None
 
 
+def _hidden_tmp(path: str) -> str:
+    """A temporary name next to ``path`` that readers skip (leading dot) and no other process uses."""
+    return os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.tmp-{os.getpid()}")
+
+
 def write_text(url: str, text: str, storage: StorageConfig | None = None) -> None:
     """Write a small text file (local: parents created, replaced atomically; s3://: one PUT)."""
     loc = parse_url(url)
     if loc.scheme == "file":
         os.makedirs(os.path.dirname(loc.path) or ".", exist_ok=True)
-        tmp = f"{loc.path}.tmp-{os.getpid()}"
+        tmp = _hidden_tmp(loc.path)
         with open(tmp, "w", encoding="utf-8") as f:
             f.write(text)
         os.replace(tmp, loc.path)
@@ -160,6 +168,39 @@ def write_text(url: str, text: str, storage: StorageConfig | None = None) -> Non
         fs.pipe_file(path, text.encode("utf-8"))
     except Exception as e:  # noqa: BLE001
         raise classify_s3_error(e, url, storage) from None
+
+
+@contextlib.contextmanager
+def open_atomic(url: str, storage: StorageConfig | None = None):
+    """A binary file object to write ``url`` in one go; readers never see it half written. Local:
+    written under a hidden temporary name next to it and renamed on success (removed on failure);
+    s3://: s3fs's upload, which only completes (the object only appears) on a clean close. Errors
+    pass through as they are (the caller knows what failed)."""
+    fs, path = fsspec_fs(url, storage)
+    if parse_url(url).scheme != "file":
+        with fs.open(path, "wb") as f:
+            yield f
+        return
+    tmp = _hidden_tmp(path)
+    try:
+        with open(tmp, "wb") as f:
+            yield f
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
+
+
+def ensure_location(url: str, storage: StorageConfig | None = None) -> None:
+    """Make ``url`` ready to receive files: a local directory is created (with its parents); for
+    s3:// (where prefixes need no creating) the endpoint, credentials and bucket are checked, so a
+    bad location fails fast in one line (:func:`check_location`)."""
+    loc = parse_url(url)
+    if loc.scheme == "file":
+        os.makedirs(loc.path, exist_ok=True)
+    else:
+        check_location(url, storage, must_exist=False)
 
 
 def _redact(url: str | None) -> str:

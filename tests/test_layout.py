@@ -82,3 +82,19 @@ def test_the_ray_init_check_sees_what_it_forbids(tmp_path):
                      "obj.init()\n")
     assert ray_inits(probe) == ["probe.py:3", "probe.py:5", "probe.py:6"]
 
+
+def test_code_cites_documents_inside_the_repository():
+    """The method specification and design live in docs/; code and tests cite them there, never
+    at a path outside the repository (which a reader of the repository cannot open)."""
+    import re
+
+    cite = re.compile(r"(\S*?)\b(METHOD|DESIGN|LONGTAIL)\.md")
+    bad = []
+    for package in ("pipeline", "cacr", "bench", "tests"):
+        for path in sorted((REPO / package).rglob("*.py")):
+            for lineno, line in enumerate(path.read_text().splitlines(), 1):
+                for m in cite.finditer(line):
+                    where = m.group(1).strip("`'\"(")
+                    if where not in ("", "docs/") or not (REPO / "docs" / f"{m.group(2)}.md").is_file():
+                        bad.append(f"{path.relative_to(REPO)}:{lineno}: {m.group(0)}")
+    assert bad == [], "documents cited outside docs/:\n" + "\n".join(bad)

@@ -204,7 +204,8 @@ def build_dataset(url: str, split: str = "train", *, data: DataConfig | None = N
     [+ ``key`` str with ``with_keys``].
 
     * ``data``: decode size (``data.image_size``), ``decode_num_cpus``, ``data_resource`` and
-      ``decode``; without it images come out at the stored size and decode tasks take 0.25 CPU.
+      ``decode``; without it images come out at the stored size and decode tasks take
+      DataConfig's default ``decode_num_cpus`` (1 CPU).
     * ``decode``: ``cpu_tasks`` (default; kNN, inspect and export read this way) decodes in Ray Data
       tasks (above); ``worker`` (the train set under ``data.decode=worker``) leaves ``image`` as the encoded bytes (+ ``decode_size``, ``aspect`` columns) for
       :func:`pipeline.data.iter_train_batches` to decode on the train worker's device.

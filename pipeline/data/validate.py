@@ -28,8 +28,8 @@ from typing import Any, Iterator
 
 from pipeline.config import StorageConfig
 from pipeline.data.format import (INDEX_NAME, SHARD_RE, DataError, load_index, split_key)
-from pipeline.storage import StorageError, check_location, classify_s3_error, fsspec_fs, join_url, \
-    list_files, parse_url
+from pipeline.storage import StorageError, check_location, classify_s3_error, fsspec_fs, is_remote, \
+    join_url, list_files, parse_url
 
 log = logging.getLogger(__name__)
 
@@ -148,7 +148,7 @@ def read_index(url: str, storage: StorageConfig | None = None) -> dict[str, Any]
     except FileNotFoundError:
         return None
     except Exception as e:  # noqa: BLE001
-        if parse_url(url).scheme == "s3":
+        if is_remote(url):
             raise classify_s3_error(e, url, storage) from None
         raise
     try:
@@ -253,7 +253,7 @@ def _scan_into(url: str, storage: StorageConfig | None, to_scan: list[ShardInfo]
         except StorageError:
             raise
         except Exception as e:  # noqa: BLE001 - storage trouble mid-scan: one clear error
-            if parse_url(url).scheme == "s3":
+            if is_remote(url):
                 raise classify_s3_error(e, url, storage) from None
             raise DataError(f"cannot read shards under {parse_url(url).url}: {type(e).__name__}: {e}") from None
     for s, r in zip(to_scan, results):

@@ -17,7 +17,6 @@ import hashlib
 import json
 import logging
 import math
-import os
 import sys
 import time
 from typing import Any, Callable
@@ -28,8 +27,8 @@ from pipeline.config import StorageConfig
 from pipeline.data.format import (FORMAT_VERSION, INDEX_NAME, PARTS_DIR, SHARD_RE, DataError,
                                   encode_image, load_index, shard_name)
 from pipeline.data.sources import Source, load_images, open_source
-from pipeline.storage import StorageError, check_location, classify_s3_error, fsspec_fs, join_url, \
-    list_files, parse_url
+from pipeline.storage import StorageError, classify_s3_error, ensure_location, fsspec_fs, is_remote, \
+    join_url, list_files, open_atomic, parse_url, write_text
 
 log = logging.getLogger(__name__)
 
@@ -104,12 +103,8 @@ def write_shard(job: dict[str, Any], out_url: str, storage: StorageConfig | None
 
     name, size, fmt = job["name"], job["image_size"], job["format"]
     images = load_images(job["payload"], size, job.get("layout", "square"))
-    url = join_url(out_url, name)
-    fs, path = fsspec_fs(url, storage)
-    local = parse_url(out_url).scheme == "file"
-    tmp = os.path.join(os.path.dirname(path), f".{name}.tmp-{os.getpid()}") if local else path
     samples = members = unreadable = 0
-    with fs.open(tmp, "wb") as f:
+    with open_atomic(join_url(out_url, name), storage) as f:
         writer = wds.TarWriter(f, encoder=False, mtime=0.0, user="cacr", group="cacr")
         for key, label, img in zip(job["keys"], job["labels"], images):
             if img is None:
@@ -123,14 +118,9 @@ def write_shard(job: dict[str, Any], out_url: str, storage: StorageConfig | None
             members += len(sample) - 1
         writer.close()
         nbytes = f.tell()
-    if local:
-        os.replace(tmp, path)
     entry = {"name": name, "samples": samples, "members": members, "bytes": int(nbytes),
              "fingerprint": job["fingerprint"], "unreadable": unreadable}
-    mfs, mpath = fsspec_fs(join_url(out_url, PARTS_DIR, name + ".json"), storage)
-    if local:
-        os.makedirs(os.path.dirname(mpath), exist_ok=True)
-    mfs.pipe_file(mpath, json.dumps(entry).encode())
+    write_text(join_url(out_url, PARTS_DIR, name + ".json"), json.dumps(entry), storage)
     return entry
 
 
@@ -188,10 +178,7 @@ def prepare(source: str | Source, out_url: str, *, storage: StorageConfig | None
     fmt, layout, vf = _check_options(source, fmt=fmt, shard_size=shard_size, image_size=image_size,
                                      max_size=max_size, parallel=parallel, val_fraction=val_fraction)
     loc = parse_url(out_url)
-    if loc.scheme == "s3":
-        check_location(out_url, storage, must_exist=False)  # endpoint, credentials, bucket: fail fast
-    else:
-        os.makedirs(loc.path, exist_ok=True)
+    ensure_location(out_url, storage)  # s3: endpoint, credentials, bucket checked: fail fast
 
     profile = lt.parse_profile(imbalance)  # bad profile: fail before reading the source
     src = open_source(source) if isinstance(source, str) else source
@@ -327,17 +314,8 @@ def _index_splits(jobs: list[dict[str, Any]], entries: dict[str, dict]) -> dict[
 
 
 def _write_index(index: dict[str, Any], out_url: str, storage: StorageConfig | None) -> None:
-    """index.json, written last (local: atomically under a hidden name, then renamed)."""
-    loc = parse_url(out_url)
-    ifs, ipath = fsspec_fs(join_url(out_url, INDEX_NAME), storage)
-    data = json.dumps(index, indent=1).encode()
-    if loc.scheme == "file":
-        tmp = os.path.join(loc.path, f".{INDEX_NAME}.tmp-{os.getpid()}")
-        with open(tmp, "wb") as f:
-            f.write(data)
-        os.replace(tmp, ipath)
-    else:
-        ifs.pipe_file(ipath, data)
+    """index.json, written last (local: atomically, under a hidden name then renamed)."""
+    write_text(join_url(out_url, INDEX_NAME), json.dumps(index, indent=1), storage)
 
 
 def _run_local(jobs, out_url, storage, progress) -> list[dict]:
@@ -358,7 +336,7 @@ def _guard(fn, job, out_url, storage):
     except (StorageError, DataError):
         raise
     except OSError as e:
-        if parse_url(out_url).scheme == "s3":
+        if is_remote(out_url):
             raise classify_s3_error(e, out_url, storage) from None
         raise DataError(f"cannot write shard {job['name']} under {out_url}: {e}") from None
 

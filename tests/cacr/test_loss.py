@@ -1,5 +1,5 @@
 """cacr.loss against independent float64 references written with explicit Python loops, straight
-from the formulas of /work/shared/METHOD.md (they call nothing from cacr)."""
+from the formulas of docs/METHOD.md (they call nothing from cacr)."""
 
 from __future__ import annotations
 

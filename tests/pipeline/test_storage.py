@@ -154,16 +154,35 @@ def _docstring_nodes(tree: ast.AST) -> set[int]:
     return ids
 
 
+_SCHEME_NAMES = {"s3", "s3a", "gs", "gcs", "az", "abfs", "hdfs", "file"}
+
+
+def _names_a_scheme(node: ast.AST) -> bool:
+    """``x.scheme``, or a literal storage scheme name ("s3", "file", also inside a tuple / list /
+    set literal) as one side of a comparison."""
+    if isinstance(node, ast.Attribute):
+        return node.attr == "scheme"
+    if isinstance(node, ast.Constant):
+        return node.value in _SCHEME_NAMES
+    if isinstance(node, (ast.Tuple, ast.List, ast.Set)):
+        return any(_names_a_scheme(e) for e in node.elts)
+    return False
+
+
 def scheme_handling(path: Path) -> list[str]:
     """Code in ``path`` that looks at or builds a URL scheme itself: a string literal that IS a
     scheme ("://", "s3://", "file://", also as the literal head of an f-string like
-    f"s3://{bucket}"). Help texts that merely mention s3://bucket/prefix, docstrings and comments
-    are not code that handles URLs."""
+    f"s3://{bucket}"), or a comparison of a scheme (``parse_url(u).scheme == "s3"``,
+    ``scheme in ("s3", "file")``). Help texts that merely mention s3://bucket/prefix, docstrings
+    and comments are not code that handles URLs."""
     tree = ast.parse(path.read_text())
     docs = _docstring_nodes(tree)
-    return [f"{path.name}:{node.lineno}: {node.value!r}" for node in ast.walk(tree)
+    hits = [(node.lineno, repr(node.value)) for node in ast.walk(tree)
             if isinstance(node, ast.Constant) and isinstance(node.value, str)
             and id(node) not in docs and _SCHEME.match(node.value)]
+    hits += [(node.lineno, "scheme comparison") for node in ast.walk(tree) if isinstance(node, ast.Compare)
+             and any(_names_a_scheme(o) for o in (node.left, *node.comparators))]
+    return [f"{path.name}:{line}: {what}" for line, what in sorted(hits)]
 
 
 def test_only_storage_py_handles_url_schemes():
@@ -182,8 +201,11 @@ def test_scheme_checker_sees_the_patterns_it_forbids(tmp_path):
     # the guard itself must catch what it is for (else the test above passes vacuously)
     f = tmp_path / "probe.py"
     f.write_text('"""Docstring mentioning s3://bucket/x is fine."""\nremote = "://" in u\n'
-                 'x = f"s3://{b}/k"\nhelp_ = "local dir or s3://bucket/prefix"\n# "://" in a comment\n')
-    assert [h.split(": ", 1)[1] for h in scheme_handling(f)] == ["'://'", "'s3://'"]
+                 'x = f"s3://{b}/k"\nhelp_ = "local dir or s3://bucket/prefix"\n# "://" in a comment\n'
+                 'if parse_url(u).scheme == "s3":\n    pass\nlocal = loc.scheme != "file"\n'
+                 'ok = kind in ("s3", "gs")\nfine = fmt == "png" and loc.path == p\n')
+    assert [h.split(": ", 1)[1] for h in scheme_handling(f)] == [
+        "'://'", "'s3://'", "scheme comparison", "scheme comparison", "scheme comparison"]
 
 
 def test_is_remote_and_file_urls_agree(tmp_path, monkeypatch):
@@ -223,3 +245,22 @@ def test_check_writable(tmp_path, s3_server):
         check_writable(str(tmp_path / "afile" / "runs"))
     with pytest.raises(StorageError, match="bucket 'no-such-bucket-cacr'.*does not exist"):
         check_writable("s3://no-such-bucket-cacr/runs")
+
+
+def test_open_atomic_readers_never_see_a_half_written_file(tmp_path, s3_bucket):
+    from pipeline.storage import ensure_location, open_atomic
+
+    local = tmp_path / "new" / "dir"
+    ensure_location(str(local))  # created, parents too
+    for url in (str(local / "a.tar"), f"{s3_bucket}/atomic/a.tar"):
+        with open_atomic(url) as f:
+            f.write(b"half")
+            assert list_files(url.rsplit("/", 1)[0], suffix=".tar") == {}  # not there yet
+        assert list_files(url.rsplit("/", 1)[0], suffix=".tar") == {"a.tar": 4}
+    with pytest.raises(RuntimeError):
+        with open_atomic(str(local / "b.tar")) as f:
+            f.write(b"partial")
+            raise RuntimeError("writer failed")
+    assert sorted(p.name for p in local.iterdir()) == ["a.tar"]  # no b.tar, no temporary left
+    with pytest.raises(StorageError, match="does not exist"):
+        ensure_location("s3://no-such-bucket-cacr/x")
