@@ -125,3 +125,11 @@ def test_job_submit_runs_cacr_train_on_the_cluster(ray_head, digits_shards, tmp_
     out = r.stdout + r.stderr
     assert r.returncode == 0, out[-4000:]
     assert "Started a local Ray instance" in out, out[-3000:]
+
+    # So do the data commands that use Ray (`cacr inspect`; `cacr prepare --parallel ray` takes the
+    # same pipeline.ray_start path): never a bare ray.init() that would join the `ray start` head.
+    r = subprocess.run([sys.executable, "-m", "pipeline.cli", "inspect", digits_shards, "--log-level", "info"],
+                       env=local_env, capture_output=True, text=True, timeout=300)
+    out = r.stdout + r.stderr
+    assert r.returncode == 0, out[-4000:]
+    assert "Started a local Ray instance" in out and "existing Ray cluster" not in out, out[-3000:]
