@@ -19,6 +19,7 @@ is_stream_split_iterator      ``ray.data._internal.iterator.stream_split_iterato
                               ``.StreamSplitDataIterator`` (what a streamed Train shard is)
 block_refs                    ``Dataset.iter_internal_ref_bundles`` (blocks of a cached set)
 raylet_pid                    ``ray._private.worker._global_node.all_processes`` (bench only)
+drop_progress_bar_notice      the logger of ``ray.data._internal.progress`` (its message text)
 ============================  ==============================================================
 
 tests/pipeline/test_ray_compat.py also fails if a private import appears anywhere else in
@@ -152,3 +153,25 @@ def raylet_pid() -> int | None:
     node = ray._private.worker._global_node
     procs = node.all_processes.get(ray_constants.PROCESS_TYPE_RAYLET) if node is not None else None
     return procs[0].process.pid if procs else None
+
+
+_PROGRESS_LOGGER = "ray.data._internal.progress"
+_PROGRESS_NOTICE = "Progress bars disabled"
+
+
+class _DropProgressNotice(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(_PROGRESS_NOTICE)
+
+
+def drop_progress_bar_notice() -> None:
+    """Drop Ray Data's one-time "Progress bars disabled" warning in this process (we disable
+    the bars on purpose; in a train worker the notice reaches the driver's console late, after
+    the summary JSON that must be the last line). Other warnings of that logger still pass."""
+    import ray.data._internal.progress as progress
+
+    if getattr(progress, "logger", None) is None or progress.logger.name != _PROGRESS_LOGGER:
+        raise RuntimeError(f"ray_compat: Ray Data's progress logger is no longer {_PROGRESS_LOGGER!r}")
+    log = logging.getLogger(_PROGRESS_LOGGER)
+    if not any(isinstance(f, _DropProgressNotice) for f in log.filters):
+        log.addFilter(_DropProgressNotice())

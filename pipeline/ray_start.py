@@ -69,7 +69,10 @@ def quiet_driver(log_level: str) -> None:
         return
     import ray.data  # noqa: F401 - configures its logger on import; set the level after that
 
+    from pipeline.ray_compat import drop_progress_bar_notice
+
     logging.getLogger("ray.data").setLevel(getattr(logging, level))
+    drop_progress_bar_notice()
 
 
 def free_port() -> int:

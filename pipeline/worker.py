@@ -596,9 +596,11 @@ def _quiet_worker_logs(log_level: str) -> None:
 
     level = getattr(logging, log_level.upper())
     logging.getLogger("ray.data").setLevel(level)
-    from pipeline.ray_compat import set_train_report_log_level
+    from pipeline.ray_compat import drop_progress_bar_notice, set_train_report_log_level
 
     set_train_report_log_level(log_level)
+    if level > logging.INFO:
+        drop_progress_bar_notice()
 
 
 def _hparams(cfg: Config) -> dict[str, Any]:

@@ -222,3 +222,31 @@ def test_private_api_checker_sees_what_it_forbids(tmp_path):
         "self._cache = obj._private_thing\n")
     lines = sorted({int(h.split(":")[1].split()[0]) for h in private_ray_uses(probe)})
     assert lines == [4, 5, 6, 7, 8, 9, 10], private_ray_uses(probe)
+
+
+def test_progress_bar_notice_dropped_other_warnings_kept():
+    """The notice Ray Data logs when its bars are off (we switch them off) must not reach the
+    console: from a train worker it arrives after the summary JSON, the promised last line."""
+    import ray.data
+
+    from ray.data._internal.progress import get_progress_manager
+
+    seen: list[str] = []
+
+    class Grab(logging.Handler):
+        def emit(self, record):
+            seen.append(record.getMessage())
+
+    log = logging.getLogger("ray.data._internal.progress")
+    grab = Grab(level=logging.WARNING)
+    log.addHandler(grab)
+    try:
+        ray_compat.drop_progress_bar_notice()
+        ray_compat.drop_progress_bar_notice()  # idempotent
+        log.warning("Progress bars disabled. To enable, set ...")
+        log.warning("something else")
+        assert get_progress_manager.__module__ == "ray.data._internal.progress"
+    finally:
+        log.removeHandler(grab)
+    assert seen == ["something else"]
+    assert ray.data is not None
