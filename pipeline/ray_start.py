@@ -130,10 +130,48 @@ def start_ray(*, num_cpus: int | None = None, use_gpu: bool | None = False, log_
     if dashboard:
         _init_with_dashboard(cpus, gpus, job_env, log_to_driver=log_to_driver, **kwargs)
     else:
-        ray.init(address="local", num_cpus=cpus, num_gpus=gpus, include_dashboard=False,
-                 log_to_driver=log_to_driver, runtime_env={"env_vars": job_env} if job_env else None,
-                 **kwargs)
+        _init(address="local", num_cpus=cpus, num_gpus=gpus, include_dashboard=False,
+              log_to_driver=log_to_driver, runtime_env={"env_vars": job_env} if job_env else None,
+              **kwargs)
     return True
+
+
+START_ATTEMPTS = 3
+_START_TIMEOUT = "timed out during startup"
+
+
+def _init(**kwargs) -> None:
+    """``ray.init`` that tries again when a NEW local node times out starting: Ray waits a fixed
+    30 s for the raylet to register (ray/_private/node.py), which a busy laptop or CI machine can
+    miss; another try usually succeeds. Anything else raises at once."""
+    import psutil  # a Ray dependency
+    import ray
+
+    for attempt in range(1, START_ATTEMPTS + 1):
+        before = {p.pid for p in psutil.Process().children(recursive=True)}
+        try:
+            ray.init(**kwargs)
+            return
+        except Exception as e:  # noqa: BLE001 - Ray raises a bare Exception for this case
+            if _START_TIMEOUT not in str(e) or attempt == START_ATTEMPTS:
+                raise
+            if ray.is_initialized():
+                ray.shutdown()
+            _kill_new_children(before)  # the half-started node's GCS / raylet / agents
+            print(f"[cacr] the local Ray node was slow to start (busy machine); trying again "
+                  f"({attempt + 1}/{START_ATTEMPTS})", flush=True)
+
+
+def _kill_new_children(before: set[int]) -> None:
+    import psutil
+
+    new = [p for p in psutil.Process().children(recursive=True) if p.pid not in before]
+    for p in new:
+        try:
+            p.kill()
+        except psutil.Error:
+            pass
+    psutil.wait_procs(new, timeout=10)
 
 
 def _init_with_dashboard(num_cpus: int, num_gpus: int, env_vars: dict[str, str], **kwargs) -> str | None:
@@ -146,8 +184,8 @@ def _init_with_dashboard(num_cpus: int, num_gpus: int, env_vars: dict[str, str],
     url = f"http://127.0.0.1:{port}"
     env_vars = {**env_vars, STATE_API_ENV: os.environ.get(STATE_API_ENV) or url}
     try:
-        ray.init(address="local", num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=True,
-                 dashboard_port=port, runtime_env={"env_vars": env_vars}, **kwargs)
+        _init(address="local", num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=True,
+              dashboard_port=port, runtime_env={"env_vars": env_vars}, **kwargs)
     except Exception as e:  # noqa: BLE001 - e.g. dashboard deps missing: run without, say so
         if ray.is_initialized():
             ray.shutdown()
@@ -155,8 +193,8 @@ def _init_with_dashboard(num_cpus: int, num_gpus: int, env_vars: dict[str, str],
         print(f"[cacr] warning: Ray with dashboard failed to start ({first}); without it, workers "
               "of a crashed or stopped run may not be freed (ray#54305)", flush=True)
         env_vars.pop(STATE_API_ENV)
-        ray.init(address="local", num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=False,
-                 runtime_env={"env_vars": env_vars} if env_vars else None, **kwargs)
+        _init(address="local", num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=False,
+              runtime_env={"env_vars": env_vars} if env_vars else None, **kwargs)
         return None
     actual = dashboard_url()
     if actual and actual != env_vars[STATE_API_ENV]:  # the dashboard moved to another port (taken)

@@ -84,6 +84,21 @@ def test_default_train_writes_everything_where_it_prints(default_run, acc):
     assert not stray, f"event files under Ray's temp dir instead of {tb}: {stray}"
 
 
+def test_default_train_console_is_one_line_per_epoch_then_json(default_run, acc):
+    """What a user watches: one progress line per epoch (once, not echoed by Ray's logging),
+    none of Ray's per-report / per-dataset chatter, and the summary JSON as the very last line."""
+    _, r, s = default_run
+    out = r.stdout + r.stderr
+    epoch_lines = [ln for ln in out.splitlines() if "[cacr] epoch " in ln]
+    assert [ln.split("[cacr] epoch ")[1].split()[0] for ln in epoch_lines] == ["1/2", "2/2"], out[-3000:]
+    assert all(" knn " in ln and "samples/s" in ln and "ETA" in ln for ln in epoch_lines)
+    for noise in ("Reporting training result", "Failed to query Ray Train Controller",
+                  "execution finished in", "exclude_resources", "Progress bars disabled"):
+        assert noise not in out, noise
+    assert json.loads(r.stdout.strip().splitlines()[-1]) == s, "the summary JSON is not the last line"
+    assert "tensorboard --logdir " + s["tensorboard_logdir"] in out
+
+
 def test_evaluate_and_export_the_printed_checkpoint_then_load_it(default_run, acc):
     user, _, s = default_run
     block = acc.readme_block("evaluate-export")
@@ -147,8 +162,8 @@ USAGE_CI = "epochs=1 batch_size=64 model.width=8 data.image_size=16 augment.crop
 
 def test_train_usage_block_runs_as_written(default_run, acc):
     """The "What `cacr train` does" block in the same working directory as command (1) (so
-    ./data/digits exists): the bare command, ``--help`` and a run of conf/digits.yaml with
-    overrides and a name; each run's summary names its own run directory under ./runs."""
+    ./data/digits exists): ``--help`` and a run of conf/digits.yaml with overrides and a name,
+    whose summary names its own run directory under ./runs."""
     user, _, _ = default_run
     acc.copy_checkout_configs(user)
     block = acc.readme_block("train-usage")
@@ -157,10 +172,10 @@ def test_train_usage_block_runs_as_written(default_run, acc):
     assert r.returncode == 0, r.out[-6000:]
     assert "loss.tau_neg" in r.stdout and "optim.base_lr" in r.stdout  # the --help key table
     runs = acc.json_lines(r.stdout, "run_dir")
-    assert len(runs) == 2 and all(s["epochs"] == 1 for s in runs)
-    named = acc.resolve(runs[1]["run_dir"], user.workdir)
+    assert len(runs) == 1 and runs[0]["epochs"] == 1
+    named = acc.resolve(runs[0]["run_dir"], user.workdir)
     assert named.name == "my-run" and named.parent.resolve() == (user.workdir / "runs").resolve()
     from pipeline.checkpoint import load_checkpoint
 
-    state = load_checkpoint(str(acc.resolve(runs[1]["checkpoint"], user.workdir)))
+    state = load_checkpoint(str(acc.resolve(runs[0]["checkpoint"], user.workdir)))
     assert state["config"]["loss"]["tau_neg"] == 2.0 and state["config"]["name"] == "my-run"

@@ -250,3 +250,4 @@ def test_progress_bar_notice_dropped_other_warnings_kept():
         log.removeHandler(grab)
     assert seen == ["something else"]
     assert ray.data is not None
+

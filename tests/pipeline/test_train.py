@@ -107,7 +107,7 @@ def test_s3_storage_for_data_checkpoints_and_tensorboard(ray_session, s3_digits_
     cfg = _cfg(s3_digits_shards, f"{s3_bucket}/runs", "epochs=1", "loss.name=infonce")
     out = run_training(cfg)
     assert out["run_dir"].startswith("s3://") and out["epochs"] == 1
-    assert math.isfinite(out["loss"])
+    assert math.isfinite(out["loss"]) and out["knn_top1"] > 0.3  # InfoNCE trains (chance: 0.1)
     fs, path = fsspec_fs(out["run_dir"])
     names = [p.rsplit("/", 1)[-1] for p in fs.ls(path)]
     assert any(n.startswith("checkpoint_") for n in names), names
@@ -122,37 +122,6 @@ def test_s3_storage_for_data_checkpoints_and_tensorboard(ray_session, s3_digits_
     for p in fs.find(path):
         if p.endswith((".json", ".yaml")):
             assert b"testing" not in fs.cat(p)
-
-
-def test_cacr_beats_random_init_and_infonce_trains(ray_session, digits_shards, tmp_path):
-    """Both losses train; a trained encoder's kNN beats the untrained one of the same shape."""
-    import torch
-
-    from cacr.knn import knn_top1
-    from pipeline.checkpoint import load_checkpoint
-    from pipeline.data import build_dataset, split_batch
-    from pipeline.monitor import extract_features
-    from pipeline.train import run_training
-    from pipeline.worker import method_from_config
-
-    cfg = _cfg(digits_shards, str(tmp_path / "runs"), "epochs=3")
-    cacr = run_training(cfg)
-    info = run_training(_cfg(digits_shards, str(tmp_path / "runs"), "epochs=3", "loss.name=infonce"))
-    assert math.isfinite(info["loss"]) and info["knn_top1"] > 0.3
-
-    def split(name):
-        ds = build_dataset(digits_shards, name, data=cfg.data, shuffle=False)
-        xs, ys = zip(*[split_batch(b)[:2] for b in ds.iter_torch_batches(batch_size=512)])
-        return torch.cat(xs), torch.cat(ys)
-    (xb, yb), (xv, yv) = split("train"), split("val")
-    torch.manual_seed(123)
-    rand = method_from_config(cfg).backbone
-    dev = torch.device("cpu")
-    random_knn = knn_top1(extract_features(rand, xb, cfg.augment, dev), yb,
-                          extract_features(rand, xv, cfg.augment, dev), yv, k=20)
-    assert cacr["knn_top1"] > random_knn + 0.02, (cacr["knn_top1"], random_knn)
-    state = load_checkpoint(cacr["checkpoint"])
-    assert state["epoch"] == 3 and state["config"]["loss"]["name"] == "cacr"
 
 
 def _cacr(*args, env=None, timeout=120):
@@ -184,29 +153,6 @@ def test_cli_missing_shards_is_one_clear_line(tmp_path):
     assert len(r.stderr.strip().splitlines()) == 1, r.stderr
 
 
-def test_cli_train_console_is_one_line_per_epoch_then_json(digits_shards, tmp_path):
-    """The README's command as a user runs it: its own local Ray (here beside the test session's),
-    one progress line per epoch - once, not echoed by Ray's logging - Ray's per-report INFO
-    chatter off, and the summary JSON as the very last line."""
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    r = subprocess.run([sys.executable, "-m", "pipeline.cli", "train", *TINY, "epochs=2",
-                        f"data.url={digits_shards}", "data.source=null",
-                        f"storage_path={tmp_path / 'runs'}", "name=console"],
-                       capture_output=True, text=True, timeout=400, env=env)
-    out = r.stdout + r.stderr
-    assert r.returncode == 0, out[-3000:]
-    epoch_lines = [ln for ln in out.splitlines() if "[cacr] epoch " in ln]
-    assert [ln.split("[cacr] epoch ")[1].split()[0] for ln in epoch_lines] == ["1/2", "2/2"], out
-    assert all(" knn " in ln and "samples/s" in ln and "ETA" in ln for ln in epoch_lines)
-    for noise in ("Reporting training result", "Failed to query Ray Train Controller",
-                  "execution finished in", "exclude_resources"):
-        assert noise not in out, noise
-    summary = json.loads(r.stdout.strip().splitlines()[-1])
-    assert summary["epochs"] == 2 and summary["steps"] == 2 * STEPS_PER_EPOCH
-    assert Path(summary["backbone"]).exists()
-    assert "tensorboard --logdir " + summary["tensorboard_logdir"] in out
-
-
 def _photo_set_with_a_broken_jpeg(tmp_path) -> str:
     """scikit-image's photos as an aspect-kept JPEG set (longer side <= 64), one JPEG truncated."""
     import io
@@ -232,8 +178,8 @@ def _photo_set_with_a_broken_jpeg(tmp_path) -> str:
 
 def test_worker_decode_trains_on_photos_from_the_whole_image(ray_session, tmp_path):
     """data.decode=worker end to end: JPEG bytes reach the train workers, which decode them in
-    batches on their device (the CPU here; nvjpeg on a GPU: bench/gpu.sh runs the gpu-marked
-    twin), aspect-kept canvases with their valid sizes feed full-image crops, and the broken JPEG
+    batches on their device (the CPU here; nvjpeg on a GPU: bench/gpu.sh's step pair runs this
+    path there), aspect-kept canvases with their valid sizes feed full-image crops, and the broken JPEG
     is counted exactly once, as the CPU tasks would count it."""
     from pipeline.train import run_training
 
