@@ -154,8 +154,7 @@ def fresh_user(s3_server, tmp_path):
         env = {k: v for k, v in os.environ.items()
                if k not in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS", "RAY_AUTH_MODE")}
         env.update(HOME=str(home), RAY_TMPDIR=str(ray_tmp), AWS_ACCESS_KEY_ID="AKIACACRTESTKEY",
-                   AWS_SECRET_ACCESS_KEY=secret, OMP_NUM_THREADS="1",
-                   RAY_raylet_start_wait_time_s="180")  # a loaded CI machine starts Ray slowly
+                   AWS_SECRET_ACCESS_KEY=secret, OMP_NUM_THREADS="1")
         return env, [work, home, ray_tmp]
 
     yield make
