@@ -9,6 +9,7 @@ silently. Callers never import the private names themselves.
 function                      private name it relies on (Ray 2.60)
 ============================  ==============================================================
 kv_get / kv_put / kv_del      ``ray.experimental.internal_kv._internal_kv_*`` (GCS key-value)
+kv_keys                       ``ray.experimental.internal_kv._internal_kv_list``
 dashboard_address             ``ray._private.ray_constants.DASHBOARD_ADDRESS`` in the GCS KV
 set_train_report_log_level    ``ray.train.v2._internal.execution.context.logger``
 tune_propagate_env            ``ray.tune.execution.class_cache.ENV_VARS_TO_PROPAGATE``
@@ -43,6 +44,13 @@ def kv_del(key: bytes) -> None:
     from ray.experimental.internal_kv import _internal_kv_del
 
     _internal_kv_del(key)
+
+
+def kv_keys(prefix: bytes) -> list[bytes]:
+    """Keys of the GCS key-value store that start with ``prefix``."""
+    from ray.experimental.internal_kv import _internal_kv_list
+
+    return [k if isinstance(k, bytes) else str(k).encode() for k in _internal_kv_list(prefix)]
 
 
 def dashboard_address() -> str | None:

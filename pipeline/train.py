@@ -147,8 +147,9 @@ def build_trainer(cfg: Config, *, callbacks: list | None = None, storage_path: s
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from pipeline import data, storage
+    from pipeline import data, storage, storage_retry
 
+    storage_retry.set_tag(cfg.name)  # filesystems made from here on count S3 retries for this run
     plan = plan or plan_data(cfg)
     # Ray Data's per-epoch progress bars would drown the one line per epoch that matters.
     ctx = ray.data.DataContext.get_current()
@@ -210,7 +211,15 @@ def list_checkpoints(run_url: str, storage_cfg=None) -> list[str]:
 
 
 def training_failed(cfg: Config, run_url: str, error: BaseException) -> TrainingFailed:
-    """The one line for a failed run; "re-run to resume" only when a checkpoint exists to resume."""
+    """The one line for a failed run; "re-run to resume" only when a checkpoint exists to resume.
+    An S3 endpoint that stopped answering is named (and not asked again for the checkpoints)."""
+    from pipeline import storage
+
+    if storage.storage_unreachable(error):
+        return TrainingFailed(
+            f"training run '{cfg.name}' stopped: S3 {storage.describe_endpoint(cfg.storage)} did not "
+            f"answer for storage.retry_deadline_s={cfg.storage.retry_deadline_s:g} s; once it is back, "
+            f"re-run with name={cfg.name} to resume from the last checkpoint")
     first = next((ln.strip() for ln in reversed(str(error).strip().splitlines()) if ln.strip()),
                  type(error).__name__)
     try:
@@ -260,6 +269,7 @@ def run_training(cfg: Config) -> dict[str, Any]:
         "epochs": metrics.get("epoch"), "steps": metrics.get("step"),
         "knn_top1": metrics.get("knn_top1"), "loss": metrics.get("loss"),
         "samples_per_s": metrics.get("samples_per_s"), "skipped": metrics.get("skipped", {}),
+        "storage_retries": metrics.get("storage_retries", 0),
         "resumed_from_epoch": metrics.get("resumed_from_epoch"), "wall_s": round(wall, 1),
         "checkpoint": (storage.url_of(result.checkpoint.path, like=cfg.storage_path)
                        if result.checkpoint else None),

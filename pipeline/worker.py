@@ -200,7 +200,10 @@ def set_up(loop_config: dict[str, Any]) -> WorkerState:
 
     from cacr.augment import MultiViewAugment
 
+    from pipeline import storage_retry
+
     cfg: Config = from_dict(Config, loop_config["config"])
+    storage_retry.set_tag(cfg.name)  # S3 retries of this process count for this run
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     _set_threads(cfg)
@@ -480,16 +483,21 @@ def _monitor_epoch(st: WorkerState, epoch: int, metrics: dict[str, Any], collect
         fv = extract_features(st.method.backbone, xv, cfg.augment, st.device)
         st.knn_top1 = knn_top1(fb, yb, fv, yv, k=cfg.data.knn_k)
         tb.scalars({"val/knn_top1": st.knn_top1}, st.step)
+    from pipeline.storage_retry import cluster_counts
+
     knn, loss, sps, wait = st.knn_top1, metrics["loss"], metrics["samples_per_s"], metrics["data_wait_fraction"]
     metrics["knn_top1"] = knn
+    # S3 requests of this run retried so far (every process: data tasks, workers, controller)
+    retries = metrics["storage_retries"] = int(cluster_counts(cfg.name)["retries"])
     tb.scalars({"epoch/loss": loss, "perf/epoch_samples_per_s": sps, "perf/epoch_data_wait_fraction": wait,
-                "perf/epoch_collective_wait_fraction": collective_wait}, st.step)
+                "perf/epoch_collective_wait_fraction": collective_wait, "storage/retries": retries}, st.step)
     tb.scalars({f"data/skipped/{k}": v for k, v in metrics["skipped"].items()}, st.step)
     done = epoch + 1 - st.start_epoch
     eta = (time.perf_counter() - st.run_start) / done * (cfg.epochs - epoch - 1)
     knn_text = f"knn {knn:.4f}  " if math.isfinite(knn) else ""  # monitor off: no val split
+    retry_text = f"  storage retries {retries}" if retries else ""
     _say(f"[cacr] epoch {epoch + 1}/{cfg.epochs}  loss {loss:.4f}  {knn_text}"
-         f"{sps:.0f} samples/s  data-wait {wait:.0%}  ETA {eta:.0f}s")
+         f"{sps:.0f} samples/s  data-wait {wait:.0%}  ETA {eta:.0f}s{retry_text}")
     tb.sync()
 
 

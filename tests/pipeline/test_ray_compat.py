@@ -84,6 +84,8 @@ def test_kv_and_dashboard_address_on_a_running_ray(ray_session):
     assert ray_compat.kv_get(key) is None
     ray_compat.kv_put(key, b"1")
     assert ray_compat.kv_get(key) == b"1"
+    assert key in ray_compat.kv_keys(key[:-2])
+    assert ray_compat.kv_keys(key + b"-none") == []
     ray_compat.kv_del(key)
     assert ray_compat.kv_get(key) is None
     addr = ray_compat.dashboard_address()
