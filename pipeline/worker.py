@@ -266,7 +266,7 @@ def prepare(st: WorkerState, loop_config: dict[str, Any]) -> None:
     st.method = st.model.module if isinstance(st.model, nn.parallel.DistributedDataParallel) else st.model
     if st.rank != 0:
         return
-    st.tb = TensorBoard(loop_config["tensorboard_url"], st.cfg.storage)
+    st.tb = TensorBoard(loop_config["tensorboard_url"], st.cfg.storage, run_name=st.cfg.name)
     # Written first, so runs stopped early (ASHA) appear in the HParams view as well; the metric
     # columns are read from these scalar tags as they are logged.
     st.tb.hparams(_hparams(st.cfg), ["val/knn_top1", "epoch/loss"])
