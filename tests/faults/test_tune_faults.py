@@ -47,7 +47,7 @@ def _train_workers(run) -> list[int]:
 def test_tune_worker_killed_then_ctrl_c_then_resumed(cacr_cli, digits_shards, s3_bucket, tmp_path):
     from pipeline.storage import fsspec_fs
 
-    epochs = 5
+    epochs = 8
     name = f"tf-{uuid.uuid4().hex[:8]}"
     doc = {"name": name, "train": {**TRIAL, "data.url": digits_shards, "epochs": epochs},
            "search_space": {"loss.tau_neg": {"type": "grid", "values": [2.0, 3.0]}},
