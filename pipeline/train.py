@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 import os
 import time
+import uuid
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -155,9 +156,11 @@ def build_trainer(cfg: Config, *, callbacks: list | None = None, storage_path: s
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False
+    # Streaming: epoch e's shard order = f(seed, e), e published by the workers under this key.
+    order_key = f"{cfg.name}:{uuid.uuid4().hex[:8]}"
     datasets = {"train": data.build_train_dataset(cfg.data.url, data=cfg.data, storage=cfg.storage,
                                                   seed=cfg.seed, num_workers=cfg.num_workers,
-                                                  scan=plan.train_scan)}
+                                                  scan=plan.train_scan, order_key=order_key)}
     if plan.val_scan is not None:
         # Unsplit, unshuffled copies that only rank 0 reads, once, for the kNN monitor.
         datasets["knn_bank"] = data.build_dataset(cfg.data.url, "train", data=cfg.data, storage=cfg.storage,
@@ -175,6 +178,7 @@ def build_trainer(cfg: Config, *, callbacks: list | None = None, storage_path: s
         "scan_skipped": plan.skipped,
         "steps_per_epoch": plan.steps_per_epoch,
         "run_url": run_url,
+        "data_order_key": order_key,
         "tensorboard_url": storage.join_url(run_url, "tensorboard"),
         "knn_bank_size": 10_000, "knn_val_size": 10_000,
     }

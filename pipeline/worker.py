@@ -177,6 +177,7 @@ class WorkerState:
     steps_per_epoch: int
     scan_skipped: dict[str, int]
     run_url: str = ""              # the run directory (local or s3://), where checkpoints live
+    data_order_key: str = ""       # rank 0 publishes each epoch under it (streaming shard order)
     start_epoch: int = 0
     step: int = 0
     tb: Any = None                 # rank 0: pipeline.monitor.TensorBoard
@@ -223,7 +224,8 @@ def set_up(loop_config: dict[str, Any]) -> WorkerState:
                        augment=MultiViewAugment(cfg.augment, cfg.num_views), aug_gen=aug_gen,
                        group=cpu_group(world), steps_per_epoch=loop_config["steps_per_epoch"],
                        scan_skipped=dict(loop_config.get("scan_skipped", {})),
-                       run_url=loop_config.get("run_url", ""))
+                       run_url=loop_config.get("run_url", ""),
+                       data_order_key=loop_config.get("data_order_key", ""))
 
 
 def resume(st: WorkerState) -> None:
@@ -349,6 +351,10 @@ def _epoch_batches(st: WorkerState, skipped: dict[str, int], epoch: int) -> Iter
     # Batches arrive on the CPU (split_batch counts skips there without a device sync) and move
     # to the device once, pinned for an asynchronous copy when a GPU is used.
     shard = ray.train.get_dataset_shard("train")
+    if st.rank == 0 and st.data_order_key:  # a streaming set plans epoch e's shard order from it
+        from pipeline.data.read import publish_epoch
+
+        publish_epoch(st.data_order_key, epoch)
     # A cached train set comes unsplit: iter_train_batches takes this worker's rows of epoch
     # ``epoch``'s block order, a pure function of (seed, epoch) (same order after a restart).
     raw = iter_train_batches(shard, batch_size=st.cfg.batch_size, device="cpu",
@@ -389,6 +395,8 @@ def run_epoch(st: WorkerState, epoch: int) -> EpochStats:
     batches = _epoch_batches(st, stats.skipped, epoch)
     for batch in agreed_batches(batches, StepAgreement(st.group), stats):
         _step(st, stats, batch)
+    for _ in batches:  # another worker ran out first: this one's remaining rows still count
+        pass           # their skip reasons (a sample is trained on, left over, or counted)
     return stats
 
 

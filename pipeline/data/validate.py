@@ -240,6 +240,9 @@ def scan_shards(url: str, split: str = "train", storage: StorageConfig | None = 
                 s.keep = r.groups if _index_entry_complete(r, entries.get(s.name)) else max(0, r.groups - 1)
                 s.rows = s.keep
                 s.detail += f"; keeping {s.keep} complete samples"
+            if s.expected is not None and s.rows > s.expected:  # members out of order: more key
+                s.rows = s.expected                               # groups than samples written
+                s.keep = s.expected if s.keep is not None else None
 
     skipped = {k: 0 for k in ("corrupt_shard", "empty_shard", "missing_shard", "truncated_shard",
                               "lost_samples")}
