@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-BENCHES = ["augment", "loss", "ingest", "step", "quality", "moco", "longtail"]
+BENCHES = ["augment", "loss", "ingest", "step", "quality", "moco", "longtail", "memory"]
 REQUIRED = ("name", "value", "baseline", "ratio", "unit", "higher_is_better")
 
 

@@ -15,6 +15,7 @@ set_train_report_log_level    ``ray.train.v2._internal.execution.context.logger`
 tune_propagate_env            ``ray.tune.execution.class_cache.ENV_VARS_TO_PROPAGATE``
 tune_stop_forwarding_secrets  the same set (Tune lists AWS credentials in it)
 tb_file_writer                ``torch.utils.tensorboard.SummaryWriter._get_file_writer``
+object_store_stats            ``ray._private.internal_api.get_memory_info_reply`` (store stats)
 ============================  ==============================================================
 """
 from __future__ import annotations
@@ -120,3 +121,16 @@ def disable_driver_failure_signal_handler() -> None:
         raise RuntimeError("ray_compat: ray._private.ray_constants.RAY_DISABLE_FAILURE_SIGNAL_HANDLER "
                            "is gone in this Ray: SIGTERM on the driver needs another switch")
     ray_constants.RAY_DISABLE_FAILURE_SIGNAL_HANDLER = True
+
+
+def object_store_stats() -> dict[str, int]:
+    """Object-store totals over the cluster of the connected driver, in bytes: ``used``,
+    ``capacity``, ``spilled`` (since the cluster started), ``restored``, ``fallback`` (allocated on
+    disk because the store was full). Ray's ``ray memory --stats-only`` shows the same numbers."""
+    import ray
+    from ray._private.internal_api import get_memory_info_reply, get_state_from_address
+
+    st = get_memory_info_reply(get_state_from_address(ray.get_runtime_context().gcs_address)).store_stats
+    return {"used": int(st.object_store_bytes_used), "capacity": int(st.object_store_bytes_avail),
+            "spilled": int(st.spilled_bytes_total), "restored": int(st.restored_bytes_total),
+            "fallback": int(st.object_store_bytes_fallback)}

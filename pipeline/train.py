@@ -273,7 +273,7 @@ def run_training(cfg: Config) -> dict[str, Any]:
         "epochs": metrics.get("epoch"), "steps": metrics.get("step"),
         "knn_top1": metrics.get("knn_top1"), "loss": metrics.get("loss"),
         "samples_per_s": metrics.get("samples_per_s"), "skipped": metrics.get("skipped", {}),
-        "storage_retries": metrics.get("storage_retries", 0),
+        "storage_retries": metrics.get("storage_retries", 0), "rows_read": metrics.get("rows_read"),
         "resumed_from_epoch": metrics.get("resumed_from_epoch"), "wall_s": round(wall, 1),
         "checkpoint": (storage.url_of(result.checkpoint.path, like=cfg.storage_path)
                        if result.checkpoint else None),

@@ -311,6 +311,7 @@ class EpochStats:
     data_wait_s: float = 0.0
     collective_wait_s: float = 0.0
     skipped: dict[str, int] = field(default_factory=dict)
+    rows: int = 0                  # rows of the train set read (samples, bad or good, + padding)
 
 
 def _rebatch(batches: Iterator[dict], batch_size: int, skipped: dict[str, int]) -> Iterator[tuple]:
@@ -343,7 +344,13 @@ def _rebatch(batches: Iterator[dict], batch_size: int, skipped: dict[str, int]) 
             have -= batch_size
 
 
-def _epoch_batches(st: WorkerState, skipped: dict[str, int], epoch: int) -> Iterator[tuple]:
+def _counted(batches: Iterator[dict], stats: EpochStats) -> Iterator[dict]:
+    for batch in batches:
+        stats.rows += len(batch["skip"])
+        yield batch
+
+
+def _epoch_batches(st: WorkerState, stats: EpochStats, epoch: int) -> Iterator[tuple]:
     import ray.train
 
     from pipeline.data import iter_train_batches
@@ -360,7 +367,7 @@ def _epoch_batches(st: WorkerState, skipped: dict[str, int], epoch: int) -> Iter
     raw = iter_train_batches(shard, batch_size=st.cfg.batch_size, device="cpu",
                              decode=st.cfg.data.decode, prefetch_batches=2,
                              pin_memory=st.cfg.use_gpu, epoch=epoch, seed=st.cfg.seed)
-    return _rebatch(iter(raw), st.cfg.batch_size, skipped)
+    return _rebatch(_counted(iter(raw), stats), st.cfg.batch_size, stats.skipped)
 
 
 def _next_batch(batches: Iterator[tuple], stats: EpochStats) -> tuple | None:
@@ -392,7 +399,7 @@ def agreed_batches(batches: Iterator[tuple], agree: StepAgreement, stats: EpochS
 def run_epoch(st: WorkerState, epoch: int) -> EpochStats:
     st.model.train()
     stats = EpochStats(start=time.perf_counter(), sum_loss=torch.zeros((), device=st.device))
-    batches = _epoch_batches(st, stats.skipped, epoch)
+    batches = _epoch_batches(st, stats, epoch)
     for batch in agreed_batches(batches, StepAgreement(st.group), stats):
         _step(st, stats, batch)
     for _ in batches:  # another worker ran out first: this one's remaining rows still count
@@ -446,12 +453,12 @@ def _log_step(st: WorkerState, stats: EpochStats, out: LossOutput, updates: dict
 
 
 def _reduce(st: WorkerState, stats: EpochStats, epoch_time: float) -> tuple[list[float], list[dict]]:
-    """Sums over workers of (loss, steps, data wait, collective wait, epoch time), and every
-    worker's skip counts (each counts only the samples it saw)."""
+    """Sums over workers of (loss, steps, data wait, collective wait, epoch time, rows read), and
+    every worker's skip counts (each counts only the samples it saw)."""
     import torch.distributed as dist
 
     t = torch.tensor([float(stats.sum_loss), float(stats.steps), stats.data_wait_s,
-                      stats.collective_wait_s, epoch_time], dtype=torch.float64)
+                      stats.collective_wait_s, epoch_time, float(stats.rows)], dtype=torch.float64)
     if st.group is None:
         return t.tolist(), [stats.skipped]
     dist.all_reduce(t, group=st.group)
@@ -466,13 +473,16 @@ def end_of_epoch(st: WorkerState, epoch: int, stats: EpochStats) -> dict[str, An
     from pipeline.data import merge_counts
 
     epoch_time = time.perf_counter() - stats.start
-    (loss, steps, wait, coll, time_sum), gathered = _reduce(st, stats, epoch_time)
+    (loss, steps, wait, coll, time_sum, rows), gathered = _reduce(st, stats, epoch_time)
     st.skipped_total = merge_counts(st.skipped_total, *gathered)
     metrics: dict[str, Any] = {
         "epoch": epoch + 1, "step": st.step, "resumed_from_epoch": st.start_epoch,
         "loss": loss / max(steps, 1), "samples_per_s": stats.steps * st.cfg.global_batch / max(epoch_time, 1e-9),
         "data_wait_fraction": wait / max(time_sum, 1e-9), "epoch_time_s": epoch_time,
         "skipped": merge_counts(st.scan_skipped, st.skipped_total),
+        # every row of the train set (samples + padding) read exactly once this epoch = its planned
+        # row count: what shows that a lost node or a restart lost or repeated nothing
+        "rows_read": int(rows),
     }
     if st.rank == 0:
         _monitor_epoch(st, epoch, metrics, coll / max(time_sum, 1e-9))
