@@ -316,8 +316,18 @@ _NO_ANSWER = ("EndpointConnectionError", "Could not connect to the endpoint URL"
 def storage_unreachable(error: BaseException | str) -> bool:
     """True when ``error`` (however deeply Ray wrapped it) is an S3 request that was given up
     because the endpoint did not answer (see :mod:`pipeline.storage_retry`)."""
-    text = error if isinstance(error, str) else _error_text(error)
-    return any(m in text for m in _NO_ANSWER)
+    if isinstance(error, str):
+        return any(m in error for m in _NO_ANSWER)
+    seen, todo = 0, [error]
+    while todo and seen < 24:  # the cause chain, and exceptions held in attributes (Ray Train's
+        exc = todo.pop()       # WorkerGroupError keeps each worker's error in worker_failures)
+        seen += 1
+        if any(m in _error_text(exc) for m in _NO_ANSWER):
+            return True
+        for v in vars(exc).values() if hasattr(exc, "__dict__") else ():
+            items = v.values() if isinstance(v, dict) else v if isinstance(v, (list, tuple)) else [v]
+            todo += [x for x in items if isinstance(x, BaseException)]
+    return False
 
 
 def _with_deadline(fn, timeout: float):

@@ -191,6 +191,15 @@ class RetryingS3FileSystem(s3fs.S3FileSystem):
         self.retry_deadline_s = float(retry_deadline_s)
         self.retry_tag = retry_tag
 
+    async def _isfile(self, path):
+        """Only "not found" is False: fsspec's ``isfile`` answers False for ANY error, so pyarrow's
+        wrapper (Ray Data's reads) turned an endpoint that stopped answering into a
+        FileNotFoundError that named neither the endpoint nor the outage."""
+        try:
+            return (await self._info(path))["type"] == "file"
+        except FileNotFoundError:
+            return False
+
     async def set_session(self, refresh=False, kwargs={}):  # noqa: B006 - s3fs's signature
         client = await super().set_session(refresh=refresh, kwargs=kwargs)
         if not getattr(client, "_cacr_retry_policy", None):

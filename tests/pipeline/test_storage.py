@@ -265,6 +265,26 @@ def test_endpoint_gone_for_good_fails_after_the_deadline_naming_it(s3_bucket, s3
     assert after["gave_up"] == before["gave_up"] + 1 and after["retries"] > before["retries"]
 
 
+def test_ray_data_read_path_reports_the_outage_not_a_missing_file(s3_bucket, s3_outage):
+    """Ray Data reads through pyarrow's fsspec wrapper, which checks ``isfile`` first: an endpoint
+    that stopped answering must surface as such (one line naming it), never as "file not found"."""
+    from pipeline.storage import storage_unreachable
+
+    cfg = StorageConfig(endpoint_url=s3_outage.endpoint, retry_deadline_s=1)
+    write_text(s3_bucket + "/p/z.tar", "x", cfg)
+    afs, path = arrow_fs(s3_bucket + "/p/z.tar", cfg)
+    s3_outage.stop()
+    with pytest.raises(Exception) as ei:
+        afs.open_input_stream(path).read()
+    assert not isinstance(ei.value, FileNotFoundError) and storage_unreachable(ei.value), repr(ei.value)
+
+    class Wrapped(RuntimeError):  # how Ray Train hands a worker's error to the driver
+        def __init__(self, failures):
+            super().__init__("Training failed due to worker errors")
+            self.worker_failures = failures
+    assert storage_unreachable(Wrapped({0: ei.value})) and not storage_unreachable(Wrapped({0: KeyError()}))
+
+
 def test_retry_policy_retries_only_what_retrying_can_fix():
     from botocore.exceptions import EndpointConnectionError
 
