@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-BENCHES = ["augment", "loss", "ingest", "step", "quality", "moco", "longtail", "gpu"]
+BENCHES = ["augment", "loss", "ingest", "step", "quality", "moco", "longtail", "memory", "gpu"]
 GPU_ONLY = {"gpu"}  # left out of the default list on a machine without CUDA
 REQUIRED = ("name", "value", "baseline", "ratio", "unit", "higher_is_better")
 

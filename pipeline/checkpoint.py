@@ -244,11 +244,18 @@ def load_newest_complete(run_url: str, storage_cfg=None, map_location: str | tor
 
 
 STAGING_PREFIX = "cacr-ckpt-"
+STAGING_KINDS = ("ckpt", "tb")  # checkpoint staging; TensorBoard's local mirror of a remote logdir
 
 
-def _staging_prefix(run_name: str | None) -> str:
+def _staging_prefix(run_name: str | None, kind: str = "ckpt") -> str:
     safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in (run_name or "run"))
-    return f"{STAGING_PREFIX}{safe}-"
+    return f"cacr-{kind}-{safe}-"
+
+
+def run_temp_dir(run_name: str | None, kind: str) -> str:
+    """A temp dir of a run's process named after the run (``kind`` in :data:`STAGING_KINDS`), so
+    that what a killed process leaves is found by :func:`remove_staging`; the caller removes it."""
+    return tempfile.mkdtemp(prefix=_staging_prefix(run_name, kind))
 
 
 def staging_dir(run_name: str | None) -> "tempfile.TemporaryDirectory[str]":
@@ -259,11 +266,13 @@ def staging_dir(run_name: str | None) -> "tempfile.TemporaryDirectory[str]":
 
 
 def remove_staging(run_name: str | None) -> int:
-    """Remove this run's checkpoint staging dirs left in this node's temp dir; returns how many."""
+    """Remove this run's temp dirs (checkpoint staging, TensorBoard mirror) left in this node's
+    temp dir by killed processes; returns how many."""
     import glob
     import shutil
 
-    left = glob.glob(os.path.join(tempfile.gettempdir(), _staging_prefix(run_name) + "*"))
+    left = [d for kind in STAGING_KINDS
+            for d in glob.glob(os.path.join(tempfile.gettempdir(), _staging_prefix(run_name, kind) + "*"))]
     for d in left:
         shutil.rmtree(d, ignore_errors=True)
     return len(left)

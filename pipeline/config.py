@@ -45,6 +45,8 @@ class StorageConfig:
     region: str | None = _f(None, "S3 region (else AWS_REGION / AWS_DEFAULT_REGION / profile)")
     profile: str | None = _f(None, "named AWS profile from ~/.aws/config")
     anonymous: bool = _f(False, "unsigned requests, for public buckets")
+    retry_deadline_s: float = _f(120.0, "an S3 request that gets no answer (endpoint down) or a "
+                                        "5xx is retried with backoff for this long, then fails")
 
 
 @dataclass
@@ -201,6 +203,7 @@ class Config:
             ("model.head", self.loss.name != "cacr_moco" or self.model.head == "moco",
              "loss.name=cacr_moco needs model.head=moco"),
             ("data.cache_budget_mb", self.data.cache_budget_mb >= 0, "must be >= 0 (0 = never cache)"),
+            ("storage.retry_deadline_s", self.storage.retry_deadline_s >= 0, "must be >= 0 (0 = no retries)"),
         ]
         for key, ok, msg in checks:
             if not ok:

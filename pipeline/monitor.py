@@ -6,7 +6,7 @@ uploaded after every epoch and at the end, so ``tensorboard --logdir s3://…`` 
 from __future__ import annotations
 
 import math
-import tempfile
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -80,7 +80,7 @@ def denormalise_grid(views: torch.Tensor, aug: AugmentConfig, max_images: int = 
 class TensorBoard:
     """Rank-0 TensorBoard writer that mirrors its event files to a remote run directory."""
 
-    def __init__(self, logdir_url: str, storage_cfg=None):
+    def __init__(self, logdir_url: str, storage_cfg=None, run_name: str | None = None):
         from torch.utils.tensorboard import SummaryWriter
 
         self.url = logdir_url
@@ -89,7 +89,9 @@ class TensorBoard:
         self.remote = storage.is_remote(logdir_url)
         self.storage_cfg = storage_cfg
         if self.remote:
-            self._tmp = tempfile.mkdtemp(prefix="cacr-tb-")
+            from pipeline.checkpoint import run_temp_dir
+
+            self._tmp = run_temp_dir(run_name, "tb")  # named after the run: found if we are killed
             local = self._tmp
         else:
             local = logdir_url
@@ -132,3 +134,5 @@ class TensorBoard:
     def close(self) -> None:
         self.sync()
         self.writer.close()
+        if self.remote:
+            shutil.rmtree(self._tmp, ignore_errors=True)

@@ -9,6 +9,7 @@ silently. Callers never import the private names themselves.
 function                      private name it relies on (Ray 2.60)
 ============================  ==============================================================
 kv_get / kv_put / kv_del      ``ray.experimental.internal_kv._internal_kv_*`` (GCS key-value)
+kv_keys                       ``ray.experimental.internal_kv._internal_kv_list``
 dashboard_address             ``ray._private.ray_constants.DASHBOARD_ADDRESS`` in the GCS KV
 set_train_report_log_level    ``ray.train.v2._internal.execution.context.logger``
 tune_propagate_env            ``ray.tune.execution.class_cache.ENV_VARS_TO_PROPAGATE``
@@ -20,6 +21,7 @@ is_stream_split_iterator      ``ray.data._internal.iterator.stream_split_iterato
 block_refs                    ``Dataset.iter_internal_ref_bundles`` (blocks of a cached set)
 raylet_pid                    ``ray._private.worker._global_node.all_processes`` (bench only)
 drop_progress_bar_notice      the logger of ``ray.data._internal.progress`` (its message text)
+object_store_stats            ``ray._private.internal_api.get_memory_info_reply`` (store stats)
 ============================  ==============================================================
 
 tests/pipeline/test_ray_compat.py also fails if a private import appears anywhere else in
@@ -52,6 +54,13 @@ def kv_del(key: bytes) -> None:
     from ray.experimental.internal_kv import _internal_kv_del
 
     _internal_kv_del(key)
+
+
+def kv_keys(prefix: bytes) -> list[bytes]:
+    """Keys of the GCS key-value store that start with ``prefix``."""
+    from ray.experimental.internal_kv import _internal_kv_list
+
+    return [k if isinstance(k, bytes) else str(k).encode() for k in _internal_kv_list(prefix)]
 
 
 def dashboard_address() -> str | None:
@@ -175,3 +184,16 @@ def drop_progress_bar_notice() -> None:
     log = logging.getLogger(_PROGRESS_LOGGER)
     if not any(isinstance(f, _DropProgressNotice) for f in log.filters):
         log.addFilter(_DropProgressNotice())
+
+
+def object_store_stats() -> dict[str, int]:
+    """Object-store totals over the cluster of the connected driver, in bytes: ``used``,
+    ``capacity``, ``spilled`` (since the cluster started), ``restored``, ``fallback`` (allocated on
+    disk because the store was full). Ray's ``ray memory --stats-only`` shows the same numbers."""
+    import ray
+    from ray._private.internal_api import get_memory_info_reply, get_state_from_address
+
+    st = get_memory_info_reply(get_state_from_address(ray.get_runtime_context().gcs_address)).store_stats
+    return {"used": int(st.object_store_bytes_used), "capacity": int(st.object_store_bytes_avail),
+            "spilled": int(st.spilled_bytes_total), "restored": int(st.restored_bytes_total),
+            "fallback": int(st.object_store_bytes_fallback)}

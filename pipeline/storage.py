@@ -40,12 +40,14 @@ __all__ = [
     "StorageError", "Location", "parse_url", "is_s3", "is_remote", "join_url", "resolve_url",
     "resolve_paths", "url_of", "read_text", "write_text", "open_atomic", "ensure_location",
     "resolve_endpoint", "describe_endpoint", "s3fs_options", "fsspec_fs", "arrow_fs",
-    "check_location", "check_writable", "list_files", "list_dirs",
+    "check_location", "check_writable", "list_files", "list_dirs", "storage_unreachable",
 ]
 
-# Timeouts: the data path retries patiently; the up-front check must answer within ~30 s.
+# Timeouts: the data path retries patiently (pipeline/storage_retry.py: backoff until
+# storage.retry_deadline_s, so botocore's own retries are off there); the up-front check must
+# answer within ~30 s.
 _DATA_CONFIG = {"connect_timeout": 10, "read_timeout": 60,
-                "retries": {"max_attempts": 5, "mode": "standard"}}
+                "retries": {"total_max_attempts": 1, "mode": "standard"}}
 _CHECK_CONFIG = {"connect_timeout": 3, "read_timeout": 8,
                  "retries": {"max_attempts": 2, "mode": "standard"}}
 CHECK_TIMEOUT_S = 25.0
@@ -237,7 +239,8 @@ def describe_endpoint(storage: StorageConfig | None = None) -> str:
 
 
 def s3fs_options(storage: StorageConfig | None = None, *, check: bool = False) -> dict[str, Any]:
-    """Keyword arguments for ``s3fs.S3FileSystem`` (no secrets: botocore resolves credentials)."""
+    """Keyword arguments for ``s3fs.S3FileSystem`` (no secrets: botocore resolves credentials);
+    the data path's also for :class:`pipeline.storage_retry.RetryingS3FileSystem`."""
     storage = storage or StorageConfig()
     opts: dict[str, Any] = {
         "anon": bool(storage.anonymous),
@@ -246,6 +249,10 @@ def s3fs_options(storage: StorageConfig | None = None, *, check: bool = False) -
     }
     if check:
         opts["skip_instance_cache"] = True
+    else:
+        from pipeline import storage_retry
+        opts["retry_deadline_s"] = float(storage.retry_deadline_s)
+        opts["retry_tag"] = storage_retry.current_tag()
     ep = resolve_endpoint(storage)
     if ep:
         opts["endpoint_url"] = ep
@@ -258,13 +265,17 @@ def s3fs_options(storage: StorageConfig | None = None, *, check: bool = False) -
 
 
 def fsspec_fs(url: str, storage: StorageConfig | None = None, *, check: bool = False):
-    """(fsspec filesystem, path) for ``url``. Picklable: safe to ship into Ray tasks."""
+    """(fsspec filesystem, path) for ``url``. Picklable: safe to ship into Ray tasks. S3 requests
+    are retried through an outage (:mod:`pipeline.storage_retry`), except with ``check``."""
     loc = parse_url(url)
     if loc.scheme == "file":
         import fsspec
         return fsspec.filesystem("file"), loc.path
-    import s3fs
-    return s3fs.S3FileSystem(**s3fs_options(storage, check=check)), loc.path
+    if check:
+        import s3fs
+        return s3fs.S3FileSystem(**s3fs_options(storage, check=True)), loc.path
+    from pipeline.storage_retry import RetryingS3FileSystem
+    return RetryingS3FileSystem(**s3fs_options(storage)), loc.path
 
 
 def arrow_fs(url: str, storage: StorageConfig | None = None):
@@ -334,6 +345,30 @@ def classify_s3_error(exc: BaseException, url: str, storage: StorageConfig | Non
         return StorageError(f"'{loc.url}' not found at {where}: check the bucket and prefix")
     return StorageError(f"S3 request for '{loc.url}' at {where} failed ({type(exc).__name__}): "
                         "check the endpoint, credentials and URL")
+
+
+# What an S3 request that never got an answer leaves in an error's text (botocore's exception
+# names and messages, our own StorageError): the endpoint was down, not the request wrong.
+_NO_ANSWER = ("EndpointConnectionError", "Could not connect to the endpoint URL", "ConnectionClosedError",
+              "ConnectTimeoutError", "Connect timeout on endpoint URL", "Read timeout on endpoint URL",
+              "cannot reach S3 ")
+
+
+def storage_unreachable(error: BaseException | str) -> bool:
+    """True when ``error`` (however deeply Ray wrapped it) is an S3 request that was given up
+    because the endpoint did not answer (see :mod:`pipeline.storage_retry`)."""
+    if isinstance(error, str):
+        return any(m in error for m in _NO_ANSWER)
+    seen, todo = 0, [error]
+    while todo and seen < 24:  # the cause chain, and exceptions held in attributes (Ray Train's
+        exc = todo.pop()       # WorkerGroupError keeps each worker's error in worker_failures)
+        seen += 1
+        if any(m in _error_text(exc) for m in _NO_ANSWER):
+            return True
+        for v in vars(exc).values() if hasattr(exc, "__dict__") else ():
+            items = v.values() if isinstance(v, dict) else v if isinstance(v, (list, tuple)) else [v]
+            todo += [x for x in items if isinstance(x, BaseException)]
+    return False
 
 
 def _with_deadline(fn, timeout: float):

@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 import os
 import time
+import uuid
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -147,16 +148,19 @@ def build_trainer(cfg: Config, *, callbacks: list | None = None, storage_path: s
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from pipeline import data, storage
+    from pipeline import data, storage, storage_retry
 
+    storage_retry.set_tag(cfg.name)  # filesystems made from here on count S3 retries for this run
     plan = plan or plan_data(cfg)
     # Ray Data's per-epoch progress bars would drown the one line per epoch that matters.
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False
+    # Streaming: epoch e's shard order = f(seed, e), e published by the workers under this key.
+    order_key = f"{cfg.name}:{uuid.uuid4().hex[:8]}"
     datasets = {"train": data.build_train_dataset(cfg.data.url, data=cfg.data, storage=cfg.storage,
                                                   seed=cfg.seed, num_workers=cfg.num_workers,
-                                                  scan=plan.train_scan)}
+                                                  scan=plan.train_scan, order_key=order_key)}
     if plan.val_scan is not None:
         # Unsplit, unshuffled copies that only rank 0 reads, once, for the kNN monitor.
         datasets["knn_bank"] = data.build_dataset(cfg.data.url, "train", data=cfg.data, storage=cfg.storage,
@@ -174,6 +178,7 @@ def build_trainer(cfg: Config, *, callbacks: list | None = None, storage_path: s
         "scan_skipped": plan.skipped,
         "steps_per_epoch": plan.steps_per_epoch,
         "run_url": run_url,
+        "data_order_key": order_key,
         "tensorboard_url": storage.join_url(run_url, "tensorboard"),
         "knn_bank_size": 10_000, "knn_val_size": 10_000,
     }
@@ -210,7 +215,15 @@ def list_checkpoints(run_url: str, storage_cfg=None) -> list[str]:
 
 
 def training_failed(cfg: Config, run_url: str, error: BaseException) -> TrainingFailed:
-    """The one line for a failed run; "re-run to resume" only when a checkpoint exists to resume."""
+    """The one line for a failed run; "re-run to resume" only when a checkpoint exists to resume.
+    An S3 endpoint that stopped answering is named (and not asked again for the checkpoints)."""
+    from pipeline import storage
+
+    if storage.storage_unreachable(error):
+        return TrainingFailed(
+            f"training run '{cfg.name}' stopped: S3 {storage.describe_endpoint(cfg.storage)} did not "
+            f"answer for storage.retry_deadline_s={cfg.storage.retry_deadline_s:g} s; once it is back, "
+            f"re-run with name={cfg.name} to resume from the last checkpoint")
     first = next((ln.strip() for ln in reversed(str(error).strip().splitlines()) if ln.strip()),
                  type(error).__name__)
     try:
@@ -260,6 +273,7 @@ def run_training(cfg: Config) -> dict[str, Any]:
         "epochs": metrics.get("epoch"), "steps": metrics.get("step"),
         "knn_top1": metrics.get("knn_top1"), "loss": metrics.get("loss"),
         "samples_per_s": metrics.get("samples_per_s"), "skipped": metrics.get("skipped", {}),
+        "storage_retries": metrics.get("storage_retries", 0), "rows_read": metrics.get("rows_read"),
         "resumed_from_epoch": metrics.get("resumed_from_epoch"), "wall_s": round(wall, 1),
         "checkpoint": (storage.url_of(result.checkpoint.path, like=cfg.storage_path)
                        if result.checkpoint else None),

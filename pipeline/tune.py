@@ -39,6 +39,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import logging
 import math
 import os
 import time
@@ -295,6 +296,8 @@ def _trial(params: dict[str, Any], *, base: dict, trials_url: str, train_scan=No
     key = f"cacr:tune:reported:{cfg.name}:{uuid.uuid4().hex}".encode()
     trainer, _, _ = build_trainer(cfg, callbacks=[ForwardToTune(key)], storage_path=trials_url,
                                   plan=plan)
+    from pipeline.checkpoint import remove_staging
+
     try:
         result = trainer.fit()
     except Exception as e:  # noqa: BLE001 - classify, keep the cause
@@ -302,6 +305,8 @@ def _trial(params: dict[str, Any], *, base: dict, trials_url: str, train_scan=No
         if "loss diverged" in line or "FloatingPointError" in str(e):
             raise TrialDiverged(line) from None
         raise
+    finally:
+        remove_staging(cfg.name)  # what workers killed during the trial left on this node
     # A resumed trial whose Train run had already finished (killed after its last checkpoint,
     # before Tune saw the report) reports nothing: give Tune the final metrics once more.
     if not ray_compat.kv_get(key) and result.metrics:
@@ -412,12 +417,19 @@ def run_tune(path: str, overrides: list[str] | tuple[str, ...] = (), *,
     else:
         tuner = _new_tuner(tc, base, trainable, fs, fs_path, search_url, concurrency, callbacks)
     print(f"[cacr] watch it: tensorboard --logdir {trials_url}", flush=True)
-    with _env(env):
+    with _env(env), _no_tune_restore_hint():
         grid = tuner.fit()
     summary = _summarise(grid, tc, base, search_url, trials_url, resumed=resumed,
                          saved=_saved_statuses(exp_path, fs), wall_s=time.perf_counter() - t0)
     if started_ray:
         ray.shutdown()  # no late worker log line after the JSON line
+    if summary["interrupted"]:  # Ctrl-C / SIGTERM: Tune saved the search; the CLI says how to resume
+        from pipeline.checkpoint import remove_staging
+        from pipeline.signals import Interrupted
+
+        for row in summary["trial_table"]:  # temp dirs of the trials' killed workers (this node)
+            remove_staging(row["trial"])
+        raise Interrupted()
     summary = finite_or_none(summary)  # what is printed is what is returned: null, never NaN
     print(json_line(summary), flush=True)
     return summary
@@ -470,6 +482,25 @@ def _new_tuner(tc: TuneConfig, base: Config, trainable, fs, fs_path: str, search
           f"{concurrency} trial(s) at a time, scheduler {tc.scheduler.name}, metric {tc.metric} "
           f"({tc.mode})", flush=True)
     return tuner
+
+
+class _DropTuneRestoreHint(logging.Filter):
+    """Tune's "Resume experiment with: Tuner.restore(...)" is not how a `cacr tune` user resumes
+    (re-running the same command does; the CLI prints it): drop that one record."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "has been interrupted, but the most recent state was saved" not in record.getMessage()
+
+
+@contextlib.contextmanager
+def _no_tune_restore_hint() -> Iterator[None]:
+    tune_log = logging.getLogger("ray.tune.tune")
+    f = _DropTuneRestoreHint()
+    tune_log.addFilter(f)
+    try:
+        yield
+    finally:
+        tune_log.removeFilter(f)
 
 
 def _saved_statuses(exp_path: str, fs) -> dict[str, str]:
@@ -558,9 +589,6 @@ def _summarise(grid, tc: TuneConfig, base: Config, search_url: str, trials_url: 
                 f"# Run it: cacr train --config best_config.yaml [key=value ...]\n"
                 + yaml.safe_dump(to_dict(best_cfg), sort_keys=False))
         storage.write_text(best_config_url, text, base.storage)
-    if count["UNFINISHED"]:
-        print(f"[cacr] search interrupted with {count['UNFINISHED']} unfinished trial(s): re-run the "
-              "same command to resume it", flush=True)
     summary = {
         "best_config": best_config_url, "best_metric": best[tc.metric] if best else None,
         "best_params": best["params"] if best else None, "best_trial": best["trial"] if best else None,

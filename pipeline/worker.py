@@ -177,6 +177,7 @@ class WorkerState:
     steps_per_epoch: int
     scan_skipped: dict[str, int]
     run_url: str = ""              # the run directory (local or s3://), where checkpoints live
+    data_order_key: str = ""       # rank 0 publishes each epoch under it (streaming shard order)
     start_epoch: int = 0
     step: int = 0
     tb: Any = None                 # rank 0: pipeline.monitor.TensorBoard
@@ -200,7 +201,10 @@ def set_up(loop_config: dict[str, Any]) -> WorkerState:
 
     from cacr.augment import MultiViewAugment
 
+    from pipeline import storage_retry
+
     cfg: Config = from_dict(Config, loop_config["config"])
+    storage_retry.set_tag(cfg.name)  # S3 retries of this process count for this run
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     _set_threads(cfg)
@@ -220,7 +224,8 @@ def set_up(loop_config: dict[str, Any]) -> WorkerState:
                        augment=MultiViewAugment(cfg.augment, cfg.num_views), aug_gen=aug_gen,
                        group=cpu_group(world), steps_per_epoch=loop_config["steps_per_epoch"],
                        scan_skipped=dict(loop_config.get("scan_skipped", {})),
-                       run_url=loop_config.get("run_url", ""))
+                       run_url=loop_config.get("run_url", ""),
+                       data_order_key=loop_config.get("data_order_key", ""))
 
 
 def resume(st: WorkerState) -> None:
@@ -263,7 +268,7 @@ def prepare(st: WorkerState, loop_config: dict[str, Any]) -> None:
     st.method = st.model.module if isinstance(st.model, nn.parallel.DistributedDataParallel) else st.model
     if st.rank != 0:
         return
-    st.tb = TensorBoard(loop_config["tensorboard_url"], st.cfg.storage)
+    st.tb = TensorBoard(loop_config["tensorboard_url"], st.cfg.storage, run_name=st.cfg.name)
     # Written first, so runs stopped early (ASHA) appear in the HParams view as well; the metric
     # columns are read from these scalar tags as they are logged.
     st.tb.hparams(_hparams(st.cfg), ["val/knn_top1", "epoch/loss"])
@@ -306,6 +311,7 @@ class EpochStats:
     data_wait_s: float = 0.0
     collective_wait_s: float = 0.0
     skipped: dict[str, int] = field(default_factory=dict)
+    rows: int = 0                  # rows of the train set read (samples, bad or good, + padding)
 
 
 def _rebatch(batches: Iterator[dict], batch_size: int, skipped: dict[str, int]) -> Iterator[tuple]:
@@ -338,7 +344,13 @@ def _rebatch(batches: Iterator[dict], batch_size: int, skipped: dict[str, int]) 
             have -= batch_size
 
 
-def _epoch_batches(st: WorkerState, skipped: dict[str, int], epoch: int) -> Iterator[tuple]:
+def _counted(batches: Iterator[dict], stats: EpochStats) -> Iterator[dict]:
+    for batch in batches:
+        stats.rows += len(batch["skip"])
+        yield batch
+
+
+def _epoch_batches(st: WorkerState, stats: EpochStats, epoch: int) -> Iterator[tuple]:
     import ray.train
 
     from pipeline.data import iter_train_batches
@@ -348,13 +360,17 @@ def _epoch_batches(st: WorkerState, skipped: dict[str, int], epoch: int) -> Iter
     # worker's device (nvjpeg on a GPU). Either way the skip codes stay on the CPU, so split_batch
     # counts skipped samples without a device sync.
     shard = ray.train.get_dataset_shard("train")
+    if st.rank == 0 and st.data_order_key:  # a streaming set plans epoch e's shard order from it
+        from pipeline.data.read import publish_epoch
+
+        publish_epoch(st.data_order_key, epoch)
     decode_device = st.device if st.cfg.data.decode == "worker" else "cpu"
     # A cached train set comes unsplit: iter_train_batches takes this worker's rows of epoch
     # ``epoch``'s block order, a pure function of (seed, epoch) (same order after a restart).
     raw = iter_train_batches(shard, batch_size=st.cfg.batch_size, device=decode_device,
                              decode=st.cfg.data.decode, prefetch_batches=2,
                              pin_memory=st.cfg.use_gpu, epoch=epoch, seed=st.cfg.seed)
-    return _rebatch(iter(raw), st.cfg.batch_size, skipped)
+    return _rebatch(_counted(iter(raw), stats), st.cfg.batch_size, stats.skipped)
 
 
 def _next_batch(batches: Iterator[tuple], stats: EpochStats) -> tuple | None:
@@ -386,9 +402,11 @@ def agreed_batches(batches: Iterator[tuple], agree: StepAgreement, stats: EpochS
 def run_epoch(st: WorkerState, epoch: int) -> EpochStats:
     st.model.train()
     stats = EpochStats(start=time.perf_counter(), sum_loss=torch.zeros((), device=st.device))
-    batches = _epoch_batches(st, stats.skipped, epoch)
+    batches = _epoch_batches(st, stats, epoch)
     for batch in agreed_batches(batches, StepAgreement(st.group), stats):
         _step(st, stats, batch)
+    for _ in batches:  # another worker ran out first: this one's remaining rows still count
+        pass           # their skip reasons (a sample is trained on, left over, or counted)
     return stats
 
 
@@ -438,12 +456,12 @@ def _log_step(st: WorkerState, stats: EpochStats, out: LossOutput, updates: dict
 
 
 def _reduce(st: WorkerState, stats: EpochStats, epoch_time: float) -> tuple[list[float], list[dict]]:
-    """Sums over workers of (loss, steps, data wait, collective wait, epoch time), and every
-    worker's skip counts (each counts only the samples it saw)."""
+    """Sums over workers of (loss, steps, data wait, collective wait, epoch time, rows read), and
+    every worker's skip counts (each counts only the samples it saw)."""
     import torch.distributed as dist
 
     t = torch.tensor([float(stats.sum_loss), float(stats.steps), stats.data_wait_s,
-                      stats.collective_wait_s, epoch_time], dtype=torch.float64)
+                      stats.collective_wait_s, epoch_time, float(stats.rows)], dtype=torch.float64)
     if st.group is None:
         return t.tolist(), [stats.skipped]
     dist.all_reduce(t, group=st.group)
@@ -458,13 +476,16 @@ def end_of_epoch(st: WorkerState, epoch: int, stats: EpochStats) -> dict[str, An
     from pipeline.data import merge_counts
 
     epoch_time = time.perf_counter() - stats.start
-    (loss, steps, wait, coll, time_sum), gathered = _reduce(st, stats, epoch_time)
+    (loss, steps, wait, coll, time_sum, rows), gathered = _reduce(st, stats, epoch_time)
     st.skipped_total = merge_counts(st.skipped_total, *gathered)
     metrics: dict[str, Any] = {
         "epoch": epoch + 1, "step": st.step, "resumed_from_epoch": st.start_epoch,
         "loss": loss / max(steps, 1), "samples_per_s": stats.steps * st.cfg.global_batch / max(epoch_time, 1e-9),
         "data_wait_fraction": wait / max(time_sum, 1e-9), "epoch_time_s": epoch_time,
         "skipped": merge_counts(st.scan_skipped, st.skipped_total),
+        # every row of the train set (samples + padding) read exactly once this epoch = its planned
+        # row count: what shows that a lost node or a restart lost or repeated nothing
+        "rows_read": int(rows),
     }
     if st.rank == 0:
         _monitor_epoch(st, epoch, metrics, coll / max(time_sum, 1e-9))
@@ -483,16 +504,21 @@ def _monitor_epoch(st: WorkerState, epoch: int, metrics: dict[str, Any], collect
         fv = extract_features(st.method.backbone, xv, cfg.augment, st.device)
         st.knn_top1 = knn_top1(fb, yb, fv, yv, k=cfg.data.knn_k)
         tb.scalars({"val/knn_top1": st.knn_top1}, st.step)
+    from pipeline.storage_retry import cluster_counts
+
     knn, loss, sps, wait = st.knn_top1, metrics["loss"], metrics["samples_per_s"], metrics["data_wait_fraction"]
     metrics["knn_top1"] = knn
+    # S3 requests of this run retried so far (every process: data tasks, workers, controller)
+    retries = metrics["storage_retries"] = int(cluster_counts(cfg.name)["retries"])
     tb.scalars({"epoch/loss": loss, "perf/epoch_samples_per_s": sps, "perf/epoch_data_wait_fraction": wait,
-                "perf/epoch_collective_wait_fraction": collective_wait}, st.step)
+                "perf/epoch_collective_wait_fraction": collective_wait, "storage/retries": retries}, st.step)
     tb.scalars({f"data/skipped/{k}": v for k, v in metrics["skipped"].items()}, st.step)
     done = epoch + 1 - st.start_epoch
     eta = (time.perf_counter() - st.run_start) / done * (cfg.epochs - epoch - 1)
     knn_text = f"knn {knn:.4f}  " if math.isfinite(knn) else ""  # monitor off: no val split
+    retry_text = f"  storage retries {retries}" if retries else ""
     _say(f"[cacr] epoch {epoch + 1}/{cfg.epochs}  loss {loss:.4f}  {knn_text}"
-         f"{sps:.0f} samples/s  data-wait {wait:.0%}  ETA {eta:.0f}s")
+         f"{sps:.0f} samples/s  data-wait {wait:.0%}  ETA {eta:.0f}s{retry_text}")
     tb.sync()
 
 

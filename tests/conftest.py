@@ -20,12 +20,21 @@
   machine with AWS keys exported (``secret`` as the secret key; moto accepts any), an empty HOME
   and a private ``RAY_TMPDIR``, for a command run as a subprocess in ``work``.
 * ``find_secret(secret, dirs, s3_prefixes=()) -> [paths]``: every file / object holding it.
+* ``s3_outage`` (function): an :class:`Outage` - a TCP proxy on its own fixed port in front of the
+  moto server. ``.endpoint`` is what a run is pointed at; ``.stop()`` takes the endpoint away
+  (listening socket closed: new connections are refused; open ones reset), ``.start()`` brings it
+  back on the SAME port, with moto's state intact (the data and checkpoints stay: an outage of
+  the endpoint, not a wipe of the store). Why a proxy rather than stopping moto itself: moto's
+  ``ThreadedMotoServer.stop()`` leaves its listening socket open (connections then hang instead of
+  being refused, and no server can bind the port again), and a fresh moto process starts empty.
 """
 from __future__ import annotations
 
 import logging
 import os
 import shutil
+import socket
+import threading
 import uuid
 from pathlib import Path
 
@@ -193,3 +202,88 @@ def digits_shards(tmp_path_factory) -> str:
 @pytest.fixture(scope="session")
 def s3_digits_shards(s3_server, digits_shards) -> str:
     return upload_dir(digits_shards, f"s3://{make_bucket(s3_server, 'digits')}/sets/digits")
+
+
+class Outage:
+    """A TCP proxy 127.0.0.1:<port> -> the moto server, that can go away and come back."""
+
+    def __init__(self, upstream: str):
+        host, port = upstream.rsplit("//", 1)[1].split(":")
+        self._upstream = (host, int(port))
+        self._lock = threading.Lock()
+        self._conns: list[socket.socket] = []
+        self._listener: socket.socket | None = None
+        from pipeline.ray_start import free_port
+        self.port = free_port()
+        self.endpoint = f"http://127.0.0.1:{self.port}"
+        self.start()
+
+    def start(self) -> None:
+        s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.bind(("127.0.0.1", self.port))
+        s.listen(128)
+        self._listener = s
+        threading.Thread(target=self._accept, args=(s,), daemon=True).start()
+
+    def stop(self) -> None:
+        """The endpoint goes away: refuse new connections, reset the open ones."""
+        with self._lock:
+            listener, self._listener = self._listener, None
+            conns, self._conns = self._conns, []
+        if listener is not None:
+            listener.close()
+        for c in conns:
+            try:
+                c.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\0\0\0\0\0\0\0")  # RST
+                c.close()
+            except OSError:
+                pass
+
+    @property
+    def up(self) -> bool:
+        return self._listener is not None
+
+    def _accept(self, listener: socket.socket) -> None:
+        while True:
+            try:
+                client, _ = listener.accept()
+            except OSError:
+                return  # closed by stop()
+            try:
+                upstream = socket.create_connection(self._upstream, timeout=10)
+                upstream.settimeout(None)
+            except OSError:
+                client.close()
+                continue
+            with self._lock:
+                if self._listener is not listener:
+                    client.close()
+                    upstream.close()
+                    return
+                self._conns += [client, upstream]
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+
+    def _pump(self, src: socket.socket, dst: socket.socket) -> None:
+        try:
+            while data := src.recv(65536):
+                dst.sendall(data)
+        except OSError:
+            pass
+        for s in (src, dst):
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        with self._lock:
+            self._conns = [c for c in self._conns if c not in (src, dst)]
+
+
+@pytest.fixture
+def s3_outage(s3_server):
+    proxy = Outage(s3_server)
+    try:
+        yield proxy
+    finally:
+        proxy.stop()

@@ -22,7 +22,8 @@ What the trainer calls, in order (driver, then each train worker)::
 
 Skip reasons: pre-scan ``corrupt_shard``, ``empty_shard``, ``missing_shard``, ``truncated_shard``,
 ``lost_samples``; per sample ``missing_image``, ``undecodable_image`` (dropped), ``missing_label``,
-``bad_label`` (kept, label -1), ``read_error`` (shard failed mid-read; dropped). See format.py.
+``bad_label`` (kept, label -1), ``read_error`` (per sample of a shard that failed mid-read;
+dropped). See format.py.
 """
 from pipeline.data.format import (ALL_REASONS, INDEX_NAME, SHARD_REASONS, SKIP_REASONS, DataError,
                                   decode_image)

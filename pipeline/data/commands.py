@@ -168,7 +168,7 @@ def format_summary(r: dict[str, Any]) -> str:
                    "bad_label": "labels that are not an ASCII integer: kept with label -1",
                    "missing_image": "samples without an image member: skipped",
                    "undecodable_image": "images PIL cannot decode: skipped",
-                   "read_error": "shards that failed mid-read: samples after the failure lost"}
+                   "read_error": "samples of shards that failed mid-read (damage the pre-scan missed)"}
         for k, v in r["skipped"].items():
             lines.append(f"    {k}: {v}  ({explain.get(k, '')})")
     else:

@@ -3,8 +3,10 @@
 
     scan_shards (pre-scan, threads, no Ray)       -> which shards, rows per shard, shard-level skips
     read_datasource(TarShardDatasource)           -> rows: key, id, image (encoded bytes), label, skip
-       shard order shuffled per execution          (FileShuffleConfig(seed): Ray re-seeds it with the
-                                                    dataset's execution index, i.e. once per epoch)
+       shard order per epoch                       (a run's streaming train set: epoch_shard_order(seed,
+                                                    epoch), the epoch published by the train workers;
+                                                    else FileShuffleConfig(seed), re-seeded by Ray
+                                                    with the dataset's execution index)
     map_batches(decode, num_cpus, resources)      -> image uint8 (S, S, 3) [+ hw], label int64, skip int8,
                                                      id (decode=worker: image stays encoded bytes)
     build_train_dataset                           -> materialised once if it fits data.cache_budget_mb
@@ -85,25 +87,92 @@ def _make_datasource_class():
         _FILE_EXTENSIONS = ["tar"]
 
         def __init__(self, paths: list[str], *, plans: dict[str, tuple[int, int | None, int]],
-                     labeled: bool, block_rows: int, **kwargs):
+                     labeled: bool, block_rows: int, order: tuple[int, str] | None = None, **kwargs):
             super().__init__(paths, **kwargs)
-            self._plans = plans          # shard name -> (shard number, keep, pad rows)
+            self._plans = plans          # shard name -> (shard number, keep, pad rows, rows)
             self._labeled = labeled
             self._block_rows = block_rows
+            self._order = order          # (seed, order key): shard order = f(seed, epoch)
 
         def get_name(self) -> str:
             return "TarShards"
 
+        def get_read_tasks(self, *args, **kwargs):
+            """Ray's read tasks (one per shard, index order), permuted for the epoch the train
+            workers published (see :func:`publish_epoch`)."""
+            tasks = super().get_read_tasks(*args, **kwargs)
+            if self._order is None:
+                return tasks
+            return _order_for_epoch(tasks, *self._order)
+
         def _read_stream(self, f, path: str) -> Iterator[Any]:
             name = os.path.basename(path)
-            shard_no, keep, pad = self._plans.get(name, (0xFFFF, None, 0))
-            yield from _read_shard_blocks(f, name, shard_no, keep, pad, self._labeled, self._block_rows)
+            shard_no, keep, pad, rows = self._plans.get(name, (0xFFFF, None, 0, None))
+            yield from _read_shard_blocks(f, name, shard_no, keep, pad, self._labeled, self._block_rows,
+                                          rows)
 
     return TarShardDatasource
 
 
+# ---------------------------------------------------------------------------------------------
+# Streaming shard order: a function of (seed, epoch), whatever restarted in between
+
+EPOCH_KEY = "cacr:data-epoch:"
+ORDER_KEY = "cacr:data-order:"
+
+
+def publish_epoch(order_key: str, epoch: int) -> None:
+    """Rank 0, before it reads epoch ``epoch``: the epoch the next execution of the streaming train
+    set plans for. Ray Data's split coordinator starts an epoch's execution only once EVERY worker
+    asked for it, so the value is in place when the read tasks are planned."""
+    from pipeline import ray_compat
+
+    ray_compat.kv_put((EPOCH_KEY + order_key).encode(), str(int(epoch)).encode())
+
+
+def planned_order(order_key: str, epoch: int) -> dict[str, Any] | None:
+    """What the streaming train set planned for ``epoch``: ``{"shards": [names in read order],
+    "plans": how often Ray planned that epoch's read}`` (the driver plans the dataset too; a
+    restart plans the epoch again)."""
+    import json
+
+    from pipeline import ray_compat
+
+    raw = ray_compat.kv_get(f"{ORDER_KEY}{order_key}:{int(epoch)}".encode())
+    return json.loads(raw) if raw else None
+
+
+def epoch_shard_order(num_shards: int, seed: int, epoch: int) -> np.ndarray:
+    """The order in which epoch ``epoch`` reads the shards of a streaming train set (positions in
+    index order): a pure function of (seed, epoch, number of shards)."""
+    return np.random.default_rng([int(seed) & 0xFFFFFFFF, int(epoch), 0x5A4D]).permutation(num_shards)
+
+
+def _order_for_epoch(tasks: list, seed: int, order_key: str) -> list:
+    """Read tasks permuted by :func:`epoch_shard_order` for the published epoch (0 when none was
+    published: a dataset read outside a training run), and the order recorded."""
+    import json
+
+    from pipeline import ray_compat
+
+    raw = ray_compat.kv_get((EPOCH_KEY + order_key).encode())
+    epoch = int(raw) if raw else 0
+    tasks = [tasks[i] for i in epoch_shard_order(len(tasks), seed, epoch)]
+    before = planned_order(order_key, epoch) or {"plans": 0}
+    names = [os.path.basename(f) for t in tasks for f in (t.metadata.input_files or [])]
+    ray_compat.kv_put(f"{ORDER_KEY}{order_key}:{epoch}".encode(),
+                      json.dumps({"shards": names, "plans": before["plans"] + 1}).encode())
+    return tasks
+
+
 def _read_shard_blocks(f, name: str, shard_no: int, keep: int | None, pad: int, labeled: bool,
-                       block_rows: int) -> Iterator[Any]:
+                       block_rows: int, rows: int | None = None) -> Iterator[Any]:
+    """The rows of one shard. With ``rows`` (the pre-scan's count, what index.json says was
+    written) exactly that many rows come out, whatever the bytes turned out to hold: a shard that
+    fails or ends early after ``n`` samples (damage the size-trusting pre-scan could not see) adds
+    ``rows - n`` READ_ERROR rows, one per sample it cannot deliver; a shard whose members are out
+    of order (more key groups than samples written) stops at ``rows``. So every sample written is
+    delivered or counted, and the row count the PAD rows were computed for holds (exactly once)."""
     import pyarrow as pa
 
     cols: dict[str, list] = {"key": [], "id": [], "image": [], "label": [], "skip": []}
@@ -124,11 +193,12 @@ def _read_shard_blocks(f, name: str, shard_no: int, keep: int | None, pad: int, 
         return t
 
     n = 0
+    failed = None
     for key, members in iter_samples(f, keep):
+        if rows is not None and n >= rows:
+            break  # members out of order: more groups than samples written
         if members is None:  # tar error the pre-scan did not foresee: counted, never raised
-            log.warning("shard %s: read error after %d samples (%s)", name, n, key)
-            add(f"{name}#read_error", n, b"", -1, READ_ERROR)
-            n += 1
+            failed = key
             break
         image = next((members[e] for e in IMAGE_EXTS if e in members), None)
         label, code = parse_label(members.get(LABEL_EXT))
@@ -137,6 +207,15 @@ def _read_shard_blocks(f, name: str, shard_no: int, keep: int | None, pad: int, 
         if image is None:
             code, image = MISSING_IMAGE, b""
         add(key, n, image, label, code)
+        n += 1
+        if len(cols["key"]) >= block_rows:
+            yield table()
+    lost = (rows - n) if rows is not None else (1 if failed else 0)
+    if lost > 0:
+        log.warning("shard %s: %d of its samples unreadable after %d (%s)", name, lost, n,
+                    failed or "ended early")
+    for i in range(max(0, lost)):
+        add(f"{name}#read_error{i}", n, b"", -1, READ_ERROR)
         n += 1
         if len(cols["key"]) >= block_rows:
             yield table()
@@ -197,7 +276,7 @@ def is_aspect(scan: ShardScan) -> bool:
 def build_dataset(url: str, split: str = "train", *, data: DataConfig | None = None,
                   storage: StorageConfig | None = None, seed: int = 0, num_workers: int = 1,
                   image_size: int | None = None, scan: ShardScan | None = None, shuffle: bool = True,
-                  with_keys: bool = False, decode: str = "cpu_tasks"):
+                  with_keys: bool = False, decode: str = "cpu_tasks", order_key: str | None = None):
     """The Ray Dataset of ``split`` under ``url``: columns ``image`` uint8 (N, S, S, 3), ``label``
     int64 (-1 = none), ``skip`` int8 (:data:`~pipeline.data.format.SKIP_REASONS`), ``id`` int64
     (shard number << 32 | position, stable across epochs) [+ ``hw`` int32 (N, 2) for aspect sets]
@@ -210,7 +289,10 @@ def build_dataset(url: str, split: str = "train", *, data: DataConfig | None = N
       tasks (above); ``worker`` (the train set under ``data.decode=worker``) leaves ``image`` as the encoded bytes (+ ``decode_size``, ``aspect`` columns) for
       :func:`pipeline.data.iter_train_batches` to decode on the train worker's device.
     * ``seed``: shard order is shuffled from it, differently for every execution (= epoch) of the
-      same Dataset object; ``shuffle=False`` keeps index order.
+      same Dataset object; ``shuffle=False`` keeps index order. With ``order_key`` (the train set
+      of a run) epoch ``e`` reads the shards in :func:`epoch_shard_order` (seed, e) order instead,
+      ``e`` being what the train workers :func:`publish_epoch` under that key: the same order
+      after a worker-group restart or a resumed run.
     * ``num_workers``: the number of Ray Train workers that will split it (PAD rows make the row count
       divisible by it so that ``equal=True`` splitting drops nothing).
     * ``scan``: a :func:`~pipeline.data.validate.scan_shards` result, to avoid scanning twice.
@@ -233,18 +315,20 @@ def build_dataset(url: str, split: str = "train", *, data: DataConfig | None = N
     plans = {}
     for i, s in enumerate(scan.shards):
         if s.readable:
-            plans[s.name] = (i, s.keep, 0)
+            plans[s.name] = (i, s.keep, 0, s.rows)
     first = readable[0].name
-    plans[first] = (plans[first][0], plans[first][1], pad)
+    plans[first] = (*plans[first][:2], pad, plans[first][3])
 
     remote: dict[str, Any] = {"num_cpus": data.decode_num_cpus}
     if data.data_resource:
         remote["resources"] = {data.data_resource: DATA_RESOURCE_PER_TASK}
     fs, _ = arrow_fs(url, storage)
+    own_order = shuffle and order_key is not None
     source = _make_datasource_class()(
         [s.path for s in readable], filesystem=fs, plans=plans, labeled=scan.labeled,
         block_rows=_block_rows(size) if decode == "cpu_tasks" else ENCODED_BLOCK_ROWS,
-        shuffle=FileShuffleConfig(seed=int(seed)) if shuffle else None)
+        order=(int(seed), order_key) if own_order else None,
+        shuffle=FileShuffleConfig(seed=int(seed)) if shuffle and not own_order else None)
     ds = ray.data.read_datasource(source, override_num_blocks=len(readable), **remote)
     fn = _decode_batch if decode == "cpu_tasks" else _encoded_batch
     ds = ds.map_batches(fn, fn_kwargs={"image_size": size, "with_keys": with_keys, "aspect": is_aspect(scan)},
@@ -261,11 +345,13 @@ def cache_bytes(scan: ShardScan, image_size: int, decode: str) -> int:
 
 
 def build_train_dataset(url: str, *, data: DataConfig, storage: StorageConfig | None = None,
-                        seed: int = 0, num_workers: int = 1, scan: ShardScan | None = None):
+                        seed: int = 0, num_workers: int = 1, scan: ShardScan | None = None,
+                        order_key: str | None = None):
     """The ``train`` dataset for Ray Train: materialised once (see the module docstring, "No
     per-epoch stall") when :func:`cache_bytes` fits ``data.cache_budget_mb``, else the streaming
     :func:`build_dataset`. Pass it to ``TorchTrainer`` with :func:`train_datasets_to_split` and read
-    it with :func:`pipeline.data.iter_train_batches`."""
+    it with :func:`pipeline.data.iter_train_batches`. ``order_key``: see :func:`build_dataset`
+    (streaming only; the train workers :func:`publish_epoch` under it)."""
     if scan is None:
         scan = scan_shards(url, "train", storage)
     decode = getattr(data, "decode", "cpu_tasks")
@@ -274,7 +360,7 @@ def build_train_dataset(url: str, *, data: DataConfig, storage: StorageConfig | 
     if need > budget:
         log.info("train set needs %.0f MB > data.cache_budget_mb: streaming every epoch", need / 2**20)
         return build_dataset(url, "train", data=data, storage=storage, seed=seed, num_workers=num_workers,
-                             scan=scan, decode=decode)
+                             scan=scan, decode=decode, order_key=order_key)
     # Index order (no file shuffle) and preserve_order: the cached block order is the same on every
     # run, so that the per-epoch permutation (seed, epoch) -> order is reproducible after a restart.
     ds = build_dataset(url, "train", data=data, storage=storage, seed=seed, num_workers=num_workers,
@@ -330,5 +416,6 @@ def merge_counts(*counts: dict[str, int]) -> dict[str, int]:
 
 
 __all__ = ["build_dataset", "build_train_dataset", "is_cached", "train_datasets_to_split", "cache_bytes",
+           "publish_epoch", "planned_order", "epoch_shard_order",
            "is_aspect", "DECODE_MODES", "split_batch", "merge_counts", "DATA_RESOURCE_PER_TASK",
            "OK", "MISSING_LABEL", "BAD_LABEL", "MISSING_IMAGE", "UNDECODABLE_IMAGE", "READ_ERROR", "PAD"]

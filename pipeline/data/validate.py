@@ -264,6 +264,9 @@ def _scan_into(url: str, storage: StorageConfig | None, to_scan: list[ShardInfo]
             s.keep = r.groups if _index_entry_complete(r, entries.get(s.name)) else max(0, r.groups - 1)
             s.rows = s.keep
             s.detail += f"; keeping {s.keep} complete samples"
+        if s.expected is not None and s.rows > s.expected:  # members out of order: more key
+            s.rows = s.expected                               # groups than samples written
+            s.keep = s.expected if s.keep is not None else None
 
 
 def _skip_counts(where: str, shards: list[ShardInfo]) -> dict[str, int]:

@@ -37,7 +37,7 @@ class CliRun:
         self.ray_tmp = tempfile.mkdtemp(prefix="cr", dir="/tmp")
         self.tmpdir = root / f"tmp-{len(list(root.glob('tmp-*')))}"
         self.tmpdir.mkdir(parents=True)
-        env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+        env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS")}
         env.update(RAY_TMPDIR=self.ray_tmp, TMPDIR=str(self.tmpdir))
         self.proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", *args], env=env,
                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,

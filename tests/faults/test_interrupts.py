@@ -50,7 +50,7 @@ def _epoch(ckpt: Path) -> int:
     return int(load_state_file(ckpt)["epoch"])
 
 
-def test_train_ctrl_c_then_kill_9_then_partial_checkpoint_resume_exactly(cacr_cli, digits_shards, tmp_path):
+def test_train_ctrl_c_kill_9_partial_checkpoint_sigterm_then_resume_exactly(cacr_cli, digits_shards, tmp_path):
     runs = tmp_path / "runs"
     epochs = 30  # tiny epochs (~1 s): room for the kill -9 below to land mid-run
     args = ["train", *TINY, f"epochs={epochs}", f"keep_checkpoints={epochs}",
@@ -94,22 +94,42 @@ def test_train_ctrl_c_then_kill_9_then_partial_checkpoint_resume_exactly(cacr_cl
     ckpts = _complete(runs / name)
     assert len(ckpts) >= 2 and _epoch(ckpts[-1]) > e_resumed
 
-    # 3. A crash while writing: the newest checkpoint truncated. The re-run skips it.
+    # 3. A crash while writing: the newest checkpoint truncated. The re-run skips it ...
     fallback = _epoch(ckpts[-2])
     state = ckpts[-1] / STATE_FILE
     state.write_bytes(state.read_bytes()[: state.stat().st_size // 2])
     c = cacr_cli(*resume[1:])
-    assert c.finish(900) == 0, c.output[-3000:]
+    got = c.wait_for("resumed from checkpoint: epoch ")
     assert "skipping checkpoint " + ckpts[-1].name in c.output
-    # the summary line (a late "(RayTrainWorker ...)" log line may follow it in this capture)
-    summary = json.loads(next(ln for ln in reversed(c.lines) if ln.startswith("{")))
-    assert summary["resumed_from_epoch"] == fallback and summary["epochs"] == epochs
-    assert summary["steps"] == epochs * STEPS_PER_EPOCH  # nothing lost, nothing counted twice
+    assert f"epoch {fallback}," in got, got
+
+    # 4. ... and is stopped by SIGTERM (what kill, Kubernetes, Slurm send) once it wrote a new
+    # complete checkpoint: Ctrl-C's path - one line, exit 130, nothing of its Ray left.
+    deadline = time.monotonic() + 600  # hang guard
+    while _epoch(_complete(runs / name)[-1]) <= fallback and time.monotonic() < deadline:
+        time.sleep(0.2)
+    c.proc.send_signal(signal.SIGTERM)
+    assert c.finish(STOP_GUARD_S) == 130, c.output[-3000:]
+    assert _one_interrupt_line(c.output) == line  # the same resume command
+    assert c.wait_no_processes() == [], "Ray processes left behind after SIGTERM"
     assert c.own_tmp_leftovers() == []
+    last = _epoch(_complete(runs / name)[-1])
+    assert last > fallback
+
+    # 5. The last re-run completes: exactly epochs x steps_per_epoch steps.
+    d = cacr_cli(*resume[1:])
+    assert d.finish(900) == 0, d.output[-3000:]
+    # the summary line (a late "(RayTrainWorker ...)" log line may follow it in this capture)
+    summary = json.loads(next(ln for ln in reversed(d.lines) if ln.startswith("{")))
+    assert summary["resumed_from_epoch"] in (last - 1, last) and summary["epochs"] == epochs
+    assert summary["steps"] == epochs * STEPS_PER_EPOCH  # nothing lost, nothing counted twice
+    assert d.own_tmp_leftovers() == []
 
 
-def test_evaluate_sigterm_stops_with_one_line_and_no_ray_left(cacr_cli, digits_shards, tmp_path):
-    """SIGTERM (a scheduler's stop) takes Ctrl-C's path: one line, Ray torn down, exit 130."""
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["sigterm", "ctrl_c"])
+def test_evaluate_signal_stops_with_one_line_and_no_ray_left(cacr_cli, digits_shards, tmp_path, sig):
+    """Ctrl-C, and SIGTERM (a scheduler's stop) taking Ctrl-C's path: one line, Ray torn down,
+    exit 130, the checkpoint untouched."""
     import torch
 
     from cacr.model import CACRModel
@@ -126,7 +146,7 @@ def test_evaluate_sigterm_stops_with_one_line_and_no_ray_left(cacr_cli, digits_s
     # a long probe, so the signal lands while Ray is up and the command is busy
     e = cacr_cli("evaluate", str(ckpt), "linear_epochs=100000", "actors=1", "threads=1")
     e.wait_for("[cacr] features:")
-    e.proc.send_signal(signal.SIGTERM)
+    e.proc.send_signal(sig)
     assert e.finish(STOP_GUARD_S) == 130, e.output[-3000:]
     lines = [ln for ln in e.output.splitlines() if ln.startswith("cacr:")]
     assert lines == [f"cacr: interrupted; re-run with: cacr evaluate {ckpt} linear_epochs=100000 "

@@ -1,8 +1,14 @@
 """Spot-style preemption: SIGTERM to a live Ray Train worker PROCESS (what a node being reclaimed
 delivers), not an exception raised by our code. The worker group restarts from the last
-checkpoint and the run completes with exactly epochs x steps_per_epoch steps."""
+checkpoint and the run completes with exactly epochs x steps_per_epoch steps.
+
+The run streams its shards (data.cache_budget_mb=0), so the restart also shows that the data
+order survives it: every epoch - the one re-read after the restart included - read the shards in
+``epoch_shard_order(seed, epoch)`` order, the order it would have had without the failure (Ray's
+own file shuffle is re-seeded per execution of a dataset, which restarts from 0 with the group)."""
 from __future__ import annotations
 
+import json
 import os
 import signal
 import threading
@@ -56,7 +62,8 @@ def test_sigterm_to_a_train_worker_restarts_group_from_checkpoint(ray_session, d
 
     name = f"p-{uuid.uuid4().hex[:8]}"
     cfg = load_config(None, [*TINY, "epochs=3", "max_failures=1", f"data.url={digits_shards}",
-                             "data.source=null", f"storage_path={tmp_path / 'runs'}", f"name={name}"])
+                             "data.source=null", f"storage_path={tmp_path / 'runs'}", f"name={name}",
+                             "data.cache_budget_mb=0", "seed=5"])
     killed: list[int] = []
 
     def preempt() -> None:  # after Ray REGISTERED the first complete checkpoint (its snapshot
@@ -81,3 +88,18 @@ def test_sigterm_to_a_train_worker_restarts_group_from_checkpoint(ray_session, d
     # the new worker group started from a checkpoint (epoch 1, or 2 if epoch 2 ended first)
     assert out["resumed_from_epoch"] in (1, 2)
     assert out["epochs"] == 3 and out["steps"] == 3 * STEPS_PER_EPOCH  # none lost, none twice
+    assert out["rows_read"] == 1438  # the last epoch read every sample exactly once
+
+    # Each epoch's shard order is f(seed, epoch), before and after the restart alike.
+    from pipeline import ray_compat
+    from pipeline.data import scan_shards
+    from pipeline.data.read import ORDER_KEY, epoch_shard_order
+
+    names = [s.name for s in scan_shards(digits_shards, "train").readable]  # index order
+    planned = {}
+    for key in ray_compat.kv_keys(f"{ORDER_KEY}{name}:".encode()):
+        planned[int(key.decode().rsplit(":", 1)[1])] = json.loads(ray_compat.kv_get(key))
+    assert sorted(planned) == [0, 1, 2], planned
+    for epoch, rec in planned.items():
+        assert rec["shards"] == [names[i] for i in epoch_shard_order(len(names), 5, epoch)], (epoch, rec)
+    assert len({tuple(r["shards"]) for r in planned.values()}) == 3  # a new order every epoch

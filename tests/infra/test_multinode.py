@@ -101,6 +101,47 @@ def test_decode_on_data_node_and_train_workers_on_trainer_node(digits_shards, tm
     assert {w["node_id"] for w in workers} == {nodes["trainer"]}, workers
 
 
+@pytest.mark.slow
+def test_data_node_lost_mid_epoch_run_completes_exactly(digits_shards, tmp_path):
+    """The data node is killed (no graceful shutdown) while epoch 2 streams from it; a replacement
+    data node joins a few seconds later (what an autoscaler does). The run finishes on its own -
+    continuing, or restarting from its last checkpoint - with exactly epochs x steps_per_epoch
+    steps, and decoding never leaves the data nodes."""
+    res = _run_child(digits_shards, tmp_path, "--lose-data-node")
+    summary, nodes = res["summary"], res["nodes"]
+    assert res["removed_during_run"], res
+    assert summary["epochs"] == 3 and summary["steps"] == 3 * STEPS_PER_EPOCH, summary
+    # every epoch, the one in flight included, read each of the 1438 samples exactly once
+    assert res["rows_read"] == [1438] * 3, res["rows_read"]
+    decode_nodes = {t["node_id"] for t in res["decode_tasks"]}
+    assert decode_nodes <= {nodes["data"], nodes["replacement"]} and nodes["replacement"] in decode_nodes, \
+        (decode_nodes, nodes)
+
+
+def _run_child(digits_shards: str, tmp_path, *extra: str) -> dict:
+    raytmp = tempfile.mkdtemp(prefix="rmn", dir="/tmp")
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS", "RAY_TMPDIR")}
+    env.update(RAY_TMPDIR=raytmp, RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S="120", RAY_DEDUP_LOGS="0",
+               PYTHONPATH=os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep))
+    cmd = [sys.executable, __file__, "--shards", digits_shards, "--storage", str(tmp_path / "runs"), *extra]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=CHILD_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        pytest.fail(f"multi-node child timed out after {CHILD_TIMEOUT_S}s\n{err[-4000:]}")
+    finally:
+        shutil.rmtree(raytmp, ignore_errors=True)
+    lines = [ln for ln in out.splitlines() if ln.startswith(RESULT_TAG)]
+    assert proc.returncode == 0 and lines, f"child rc={proc.returncode}\n{out[-2000:]}\n{err[-6000:]}"
+    res = json.loads(lines[-1][len(RESULT_TAG):])
+    print(json.dumps({k: v for k, v in res.items() if k not in ("task_names", "decode_tasks")}))
+    return res
+
+
 # ---------------------------------------------------------------------------------------------
 # Child process: the cluster and the run.
 
@@ -137,7 +178,23 @@ def _phase(t0: float, what: str) -> None:
     print(f"[multinode] {time.monotonic() - t0:6.1f}s {what}", file=sys.stderr, flush=True)
 
 
-def child_main(shards: str, storage: str) -> dict:
+def _lose_data_node(cluster, data, mem: dict, run_dir: Path, shared: dict, training) -> None:
+    """Once the run has a complete checkpoint (epoch 2 is then streaming from the data node): kill
+    the data node outright, and let a replacement join 5 s later. (Main thread: Ray starts a node's
+    processes with signal handlers; the training runs in ``training``, a thread.)"""
+    while training.is_alive():
+        if any((c / "manifest.json").is_file() for c in run_dir.glob("checkpoint_*")):
+            break
+        time.sleep(0.2)
+    if not training.is_alive():
+        return
+    cluster.remove_node(data, allow_graceful=False)
+    shared["removed_at"] = time.monotonic()
+    time.sleep(5)
+    shared["replacement"] = cluster.add_node(**mem, num_cpus=2, resources={"data": 1000})
+
+
+def child_main(shards: str, storage: str, lose_data_node: bool = False) -> dict:
     import logging
 
     import ray
@@ -173,21 +230,52 @@ def child_main(shards: str, storage: str) -> dict:
         from pipeline.train import run_training
 
         _pin_train_workers("trainer")
+        name = f"mn-{uuid.uuid4().hex[:8]}"
+        run = (["epochs=3", "keep_checkpoints=3", "max_failures=2", "data.cache_budget_mb=0"]
+               if lose_data_node else ["epochs=1", "max_failures=0"])
         cfg = load_config(None, [*TINY, f"data.url={shards}", "data.source=null", "data.val_split=",
-                                 "data.data_resource=data", f"storage_path={storage}", "epochs=1",
-                                 f"name=mn-{uuid.uuid4().hex[:8]}", "max_failures=0"])
+                                 "data.data_resource=data", f"storage_path={storage}", f"name={name}", *run])
+        shared: dict = {}
         with _stdout_to_stderr():
-            summary = run_training(cfg)
+            if lose_data_node:
+                import threading
+
+                got: dict = {}
+
+                def train() -> None:
+                    try:
+                        got["summary"] = run_training(cfg)
+                    except BaseException as e:  # noqa: BLE001 - re-raised below
+                        got["error"] = e
+
+                training = threading.Thread(target=train)
+                training.start()
+                _lose_data_node(cluster, data, mem, Path(storage) / name, shared, training)
+                training.join()
+                if "error" in got:
+                    raise got["error"]
+                summary = got["summary"]
+            else:
+                summary = run_training(cfg)
         _phase(t0, "training done")
 
         from ray.util.state import list_actors
 
         decode_names = ("ReadTarShards", "_decode_batch")
-        tasks = _wait_for_task_events(cluster.address, decode_names)
+        # (a killed node's tasks may never be reported finished: do not wait long for them)
+        tasks = _wait_for_task_events(cluster.address, decode_names, 10 if lose_data_node else 60)
         actors = list_actors(address=cluster.address, limit=10_000, raise_on_missing_output=False)
+        from pipeline.checkpoint import load_state_file
+
+        rows_read = [load_state_file(c)["metrics"]["rows_read"]
+                     for c in sorted((Path(storage) / name).glob("checkpoint_*")) if c.is_dir()]
+        nodes = {"head": cluster.head_node.node_id, "trainer": trainer.node_id, "data": data.node_id}
+        if "replacement" in shared:
+            nodes["replacement"] = shared["replacement"].node_id
         return {
-            "nodes": {"head": cluster.head_node.node_id, "trainer": trainer.node_id, "data": data.node_id},
-            "summary": {k: summary[k] for k in ("epochs", "steps", "loss", "samples_per_s", "wall_s")},
+            "nodes": nodes, "removed_during_run": "removed_at" in shared, "rows_read": rows_read,
+            "summary": {k: summary[k] for k in ("epochs", "steps", "loss", "samples_per_s", "wall_s",
+                                                "resumed_from_epoch")},
             "decode_tasks": [{"name": t.name, "node_id": t.node_id, "state": t.state}
                              for t in tasks if any(n in (t.name or "") for n in decode_names)],
             "task_names": sorted({t.name for t in tasks if t.name}),
@@ -240,6 +328,7 @@ if __name__ == "__main__":
     ap = argparse.ArgumentParser(description="child of test_multinode: run the 3-node simulation")
     ap.add_argument("--shards", required=True)
     ap.add_argument("--storage", required=True)
+    ap.add_argument("--lose-data-node", action="store_true")
     a = ap.parse_args()
-    result = child_main(a.shards, a.storage)
+    result = child_main(a.shards, a.storage, a.lose_data_node)
     print(RESULT_TAG + json.dumps(result), flush=True)

@@ -134,9 +134,12 @@ def test_staging_dirs_of_a_killed_run_are_removed_by_name(tmp_path, monkeypatch)
     from pipeline.checkpoint import remove_staging, staging_dir
 
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    from pipeline.checkpoint import run_temp_dir
+
     killed, alive = staging_dir("run/a b"), staging_dir("other")  # the first is never cleaned up
-    assert remove_staging("run/a b") == 1
-    assert not os.path.exists(killed.name) and os.path.isdir(alive.name)
+    tb = run_temp_dir("run/a b", "tb")  # a killed rank 0's local TensorBoard mirror
+    assert remove_staging("run/a b") == 2
+    assert not os.path.exists(killed.name) and not os.path.exists(tb) and os.path.isdir(alive.name)
     alive.cleanup()
 
 

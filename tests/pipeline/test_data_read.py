@@ -268,8 +268,9 @@ def test_damage_after_prescan_never_crashes(digits_shards, tmp_path, ray_session
     open(p, "wb").write(data[:spans[11][2] + 5])  # inside sample 5's .png
     got = _collect(build_dataset(local, "val", scan=scan, num_workers=1))
     images, labels, skipped = split_batch(got)
-    assert skipped == {"read_error": 1}
-    assert len(labels) == scan.rows - (scan.shards[2].rows - 5)
+    # every sample the shard cannot deliver is counted; the row count stays the planned one
+    assert skipped == {"read_error": scan.shards[2].rows - 5}
+    assert len(labels) == scan.rows - (scan.shards[2].rows - 5) and len(got["skip"]) == scan.rows
 
 
 def test_split_batch_filters_and_counts():

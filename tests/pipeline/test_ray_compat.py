@@ -86,8 +86,12 @@ def test_kv_and_dashboard_address_on_a_running_ray(ray_session):
     assert ray_compat.kv_get(key) is None
     ray_compat.kv_put(key, b"1")
     assert ray_compat.kv_get(key) == b"1"
+    assert key in ray_compat.kv_keys(key[:-2])
+    assert ray_compat.kv_keys(key + b"-none") == []
     ray_compat.kv_del(key)
     assert ray_compat.kv_get(key) is None
+    stats = ray_compat.object_store_stats()
+    assert stats["capacity"] > 0 and stats["spilled"] >= 0 and stats["used"] >= 0, stats
     addr = ray_compat.dashboard_address()
     # the fixture starts Ray with the dashboard (as the commands do): its address is registered
     # (None only where the dashboard could not start, which the fixture tolerates)

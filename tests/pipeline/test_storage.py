@@ -264,3 +264,79 @@ def test_open_atomic_readers_never_see_a_half_written_file(tmp_path, s3_bucket):
     assert sorted(p.name for p in local.iterdir()) == ["a.tar"]  # no b.tar, no temporary left
     with pytest.raises(StorageError, match="does not exist"):
         ensure_location("s3://no-such-bucket-cacr/x")
+
+
+# ---------------------------------------------------------------------------------------------
+# Outages: retried with backoff until storage.retry_deadline_s, counted, then one clear failure
+
+
+def test_outage_is_ridden_out_with_counted_retries(s3_bucket, s3_outage):
+    import threading
+
+    from pipeline import storage_retry
+
+    storage_retry.set_tag("outage-test")
+    try:
+        cfg = StorageConfig(endpoint_url=s3_outage.endpoint, retry_deadline_s=60)
+        url = s3_bucket + "/p/x.txt"
+        write_text(url, "before", cfg)
+        s3_outage.stop()
+        threading.Timer(3.0, s3_outage.start).start()  # back on the same port after 3 s
+        write_text(url, "during", cfg)                 # waits the outage out instead of failing
+        assert read_text(url, cfg) == "during"
+        counts = storage_retry.local_counts("outage-test")
+        assert counts["retries"] >= 1 and counts["gave_up"] == 0 and counts["wait_s"] >= 2
+    finally:
+        storage_retry.set_tag(None)
+
+
+def test_endpoint_gone_for_good_fails_after_the_deadline_naming_it(s3_bucket, s3_outage):
+    from pipeline import storage_retry
+
+    cfg = StorageConfig(endpoint_url=s3_outage.endpoint, retry_deadline_s=2)
+    write_text(s3_bucket + "/p/y.txt", "x", cfg)
+    s3_outage.stop()
+    before = storage_retry.local_counts("")
+    t0 = time.monotonic()
+    with pytest.raises(StorageError) as ei:
+        read_text(s3_bucket + "/p/y.txt", cfg)
+    assert 2 <= time.monotonic() - t0 < 30  # waited out the deadline, then gave up
+    _assert_one_clear_line(ei.value, s3_outage.endpoint, "cannot reach")
+    after = storage_retry.local_counts("")
+    assert after["gave_up"] == before["gave_up"] + 1 and after["retries"] > before["retries"]
+
+
+def test_ray_data_read_path_reports_the_outage_not_a_missing_file(s3_bucket, s3_outage):
+    """Ray Data reads through pyarrow's fsspec wrapper, which checks ``isfile`` first: an endpoint
+    that stopped answering must surface as such (one line naming it), never as "file not found"."""
+    from pipeline.storage import storage_unreachable
+
+    cfg = StorageConfig(endpoint_url=s3_outage.endpoint, retry_deadline_s=1)
+    write_text(s3_bucket + "/p/z.tar", "x", cfg)
+    afs, path = arrow_fs(s3_bucket + "/p/z.tar", cfg)
+    s3_outage.stop()
+    with pytest.raises(Exception) as ei:
+        afs.open_input_stream(path).read()
+    assert not isinstance(ei.value, FileNotFoundError) and storage_unreachable(ei.value), repr(ei.value)
+
+    class Wrapped(RuntimeError):  # how Ray Train hands a worker's error to the driver
+        def __init__(self, failures):
+            super().__init__("Training failed due to worker errors")
+            self.worker_failures = failures
+    assert storage_unreachable(Wrapped({0: ei.value})) and not storage_unreachable(Wrapped({0: KeyError()}))
+
+
+def test_retry_policy_retries_only_what_retrying_can_fix():
+    from botocore.exceptions import EndpointConnectionError
+
+    from pipeline.storage_retry import backoff, retry_reason
+
+    def answer(status, code=""):
+        return (None, {"ResponseMetadata": {"HTTPStatusCode": status}, "Error": {"Code": code}})
+
+    assert retry_reason(None, EndpointConnectionError(endpoint_url="http://x")) == "EndpointConnectionError"
+    assert retry_reason(answer(503, "SlowDown"), None) and retry_reason(answer(500), None)
+    for final in (answer(200), answer(403, "AccessDenied"), answer(404, "NoSuchKey"), answer(400)):
+        assert retry_reason(final, None) is None
+    delays = [backoff(a) for a in range(1, 12)]
+    assert all(0 < d <= 8.0 for d in delays) and backoff(1) <= 0.5 and max(delays) > 2

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import signal
 import time
 import uuid
 from pathlib import Path
@@ -192,56 +190,6 @@ def test_search_asha_divergence_best_config_and_rerun(ray_session, digits_shards
     # ... and a changed search under the same name is refused instead of silently mixed in.
     with pytest.raises(ConfigError, match="different search space"):
         run_tune(path, ["train.optim.base_lr=0.3"])
-
-
-def _interrupt_after_first_result(marker: Path):
-    """A Tune callback that sends this process SIGUSR1 (Tune's "save and stop" signal, like
-    Ctrl-C) when the first epoch of any trial is reported - once: Tune saves its callbacks with
-    the search and restores them on resume, so the marker file is what says it already fired."""
-    from ray.tune import Callback
-
-    class Interrupt(Callback):
-        def on_trial_result(self, iteration, trials, trial, result, **info):
-            if not marker.exists():
-                marker.touch()
-                os.kill(os.getpid(), signal.SIGUSR1)
-
-    return Interrupt()
-
-
-@pytest.mark.slow
-def test_interrupted_search_on_s3_resumes(ray_session, digits_shards, s3_bucket, tmp_path, capsys):
-    from pipeline.storage import fsspec_fs
-    from pipeline.tune import run_tune
-
-    storage = f"{s3_bucket}/tune"
-    path = _tune_yaml(tmp_path, digits_shards, storage, scheduler={"name": "fifo"},
-                      search_space={"loss.tau_neg": {"type": "grid", "values": [2.0]}})
-    doc = yaml.safe_load(Path(path).read_text())
-    doc["train"]["epochs"] = 3  # the interrupt comes after epoch 1: epochs are left to resume
-    Path(path).write_text(yaml.safe_dump(doc))
-    first = run_tune(path, callbacks=[_interrupt_after_first_result(tmp_path / "interrupted")])
-    assert first["interrupted"] and first["unfinished"] >= 1, first["trial_table"]
-    assert "re-run the same command to resume" in capsys.readouterr().out
-
-    out = run_tune(path)
-    assert out["resumed"] and not out["interrupted"] and out["trials"] == 1
-    (row,) = out["trial_table"]
-    # The trial continued from its epoch-1 checkpoint, not from scratch, and finished.
-    assert row["status"] == "DONE" and row["epochs"] == 3 and row["resumed_from_epoch"] >= 1, row
-    assert out["search_dir"].startswith("s3://") and out["best_config"].startswith("s3://")
-
-    fs, search = fsspec_fs(out["search_dir"])
-    names = {p.rsplit("/", 1)[-1] for p in fs.ls(search)}
-    assert {"search.yaml", "best_config.yaml", "summary.json", "trials"} <= names, names
-    assert any(n.startswith("experiment_state") for n in names) or "tuner.pkl" in names, names
-    for row in out["trial_table"]:
-        run = f"{search}/trials/{row['trial']}"
-        run_names = {p.rsplit("/", 1)[-1] for p in fs.ls(run)}
-        assert any(n.startswith("checkpoint_") for n in run_names), run_names
-        assert fs.find(f"{run}/tensorboard"), run
-    best = yaml.safe_load(fs.cat(f"{search}/best_config.yaml"))
-    assert best["loss"]["tau_neg"] == out["best_params"]["loss.tau_neg"]
 
 
 # ---------------------------------------------------------------------------------------------
