@@ -8,7 +8,8 @@ optimiser, lr, seeds; only ``loss.name`` differs), then ``cacr evaluate`` scores
 on the balanced validation split: overall kNN@20 and linear-probe top-1, and per many / medium /
 few-shot group (groups from the long-tailed training counts, see pipeline/eval_report.py).
 
-Everything goes through the CLI, in subprocesses, as a user would run it::
+Everything goes through the CLI, in subprocesses, as a user would run it (each command starts its
+own local Ray, or joins ``RAY_ADDRESS`` when set)::
 
     cacr prepare digits DIR [--imbalance exp:R] --seed 0
     cacr train data.url=DIR loss.name=... seed=S name=...       # last stdout line: JSON summary
@@ -61,8 +62,15 @@ def _log(msg: str) -> None:
 def _cli(args: list[str], timeout: float) -> tuple[int, dict[str, Any] | None, str]:
     """Run ``python -m pipeline.cli ARGS``; (rc, last stdout line as JSON or None, stderr tail)."""
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
-    r = subprocess.run([sys.executable, "-m", "pipeline.cli", *args], capture_output=True, text=True,
-                       env=env, cwd=REPO, timeout=timeout)
+    for attempt in range(6):
+        r = subprocess.run([sys.executable, "-m", "pipeline.cli", *args], capture_output=True, text=True,
+                           env=env, cwd=REPO, timeout=timeout)
+        # Ray gives a new local instance 30 s to start; on an overloaded machine that can run out
+        # before anything of ours ran: try again (set RAY_ADDRESS to share one instance instead).
+        if r.returncode == 0 or "timed out during startup" not in r.stderr:
+            break
+        _log(f"[bench] Ray start-up timed out (attempt {attempt + 1}); retrying: {' '.join(args[:2])}")
+        time.sleep(30)
     last = None
     for line in reversed(r.stdout.strip().splitlines()):
         if line.startswith("{"):
