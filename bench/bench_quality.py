@@ -80,11 +80,20 @@ def _ray(threads: int) -> bool:
     if ray.is_initialized():
         return False
     os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "120")
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init(log_to_driver=False, logging_level=logging.WARNING)
-    else:
-        ray.init(num_cpus=max(8, os.cpu_count() or 1), include_dashboard=False, log_to_driver=False,
-                 logging_level=logging.WARNING)
+    for attempt in range(6):
+        try:
+            if os.environ.get("RAY_ADDRESS"):
+                ray.init(log_to_driver=False, logging_level=logging.WARNING)
+            else:
+                ray.init(num_cpus=max(8, os.cpu_count() or 1), include_dashboard=False, log_to_driver=False,
+                         logging_level=logging.WARNING)
+            break
+        except Exception as e:  # Ray gives a local instance 30 s: not enough on an overloaded machine
+            if "timed out during startup" not in str(e) or attempt == 5:
+                raise
+            _log(f"[bench] Ray start-up timed out (attempt {attempt + 1}); retrying")
+            ray.shutdown()
+            time.sleep(30)
     from ray.data import DataContext
 
     ctx = DataContext.get_current()
