@@ -5,12 +5,13 @@ CACR and InfoNCE train the SAME encoder with the same epochs, batch, views (K + 
 optimiser, learning rate and seed list on the embedded digits set; only ``loss.name`` differs
 (each loss keeps its project default: CACR tau+ = 1, tau- = 0.9; InfoNCE temperature 0.2).
 ``cacr_moco`` runs conf/digits-moco.yaml with the same overrides. "Same budget" for it means: the
-same data, backbone (narrow_resnet, same width), epochs, global batch (so the same number of
-optimiser steps), optimiser and lr schedule (SGD, base lr 0.12 per 256, warm-up + cosine, wd 1e-4)
-and seeds; what the method itself fixes differs and is not equalised: V = 2 crops (MoCo v3's
-two-crop design) instead of K + 1 = 5, i.e. 2 forward+backward passes per image plus 2 no-grad
-target passes instead of 5 forward+backward, a projector + predictor head (hidden 512, out 128)
-and zero-init residual BN. The training wall time of every arm is reported beside its accuracy.
+same data, backbone (narrow_resnet, same width, same standard init), epochs, global batch (so the
+same 60 optimiser steps), optimiser (SGD, momentum 0.9, wd 1e-4, warm-up + cosine) and seeds. What
+each method's preset sets differs and is not equalised: the lr (0.5 per 256 for cacr_moco, 0.12
+for the symmetric losses), m0 0.9, V = 2 crops (MoCo v3's two-crop design) instead of K + 1 = 5,
+i.e. 2 forward+backward passes per image plus 2 no-grad target passes instead of 5
+forward+backward, and a projector + predictor head (hidden 512, out 128). The training wall time
+of every arm is reported beside its accuracy.
 The random-init arm is the untrained network the CACR / InfoNCE runs start from (same seed, same
 init). Every checkpoint is scored by :func:`pipeline.evaluate.evaluate` (frozen backbone features,
 weighted kNN k = 20 / 200, linear probe). Real trainings through
@@ -162,6 +163,7 @@ def run(quick: bool) -> list[dict[str, Any]]:
               "infonce": {"temperature": cfg.loss.temperature},
               "cacr_moco": {"preset": "conf/digits-moco.yaml", "views": cfgs["cacr_moco"].num_views,
                             "temperature": cfgs["cacr_moco"].loss.temperature,
+                            "base_lr": cfgs["cacr_moco"].optim.base_lr,
                             "momentum_base": cfgs["cacr_moco"].momentum.base,
                             "epochs": cfgs["cacr_moco"].epochs, "global_batch": cfgs["cacr_moco"].global_batch},
               "eval": {"knn_k": [eval_opts.knn_k, eval_opts.knn_k_large],
