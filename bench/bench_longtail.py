@@ -199,7 +199,8 @@ def markdown_table(res, sets, methods, seeds, wall) -> str:
         return f"{100 * m:.1f} ± {100 * sd:.1f}" if len(xs) > 1 else f"{100 * m:.1f}"
 
     cols = [("knn_top1", "kNN all"), ("knn_many", "kNN many"), ("knn_medium", "kNN med"),
-            ("knn_few", "kNN few"), ("linear_top1", "linear all"), ("linear_few", "linear few"),
+            ("knn_few", "kNN few"), ("linear_top1", "linear all"), ("linear_many", "linear many"),
+            ("linear_medium", "linear med"), ("linear_few", "linear few"),
             ("drop_knn_top1", "kNN drop"), ("drop_linear_top1", "linear drop")]
     rows = ["| train set | method | " + " | ".join(c for _, c in cols) + " |",
             "|---|---|" + "---:|" * len(cols)]
