@@ -27,7 +27,8 @@ A markdown table goes to stderr. Full: 3 sets x 3 seeds x 3 methods = 27 trainin
 each, the same for every arm. 8, not the embedded default's 12: one 12-epoch cacr_queue training on
 the balanced set took 12.4 min on the 2 shared cores (load average 30-55), which puts the full
 grid at about 3 h; 8 epochs keeps it near 2 h. ``--quick``: balanced + exp:100, seed 0, 2 epochs,
-a smoke run of the machinery.
+a smoke run of the machinery. ``BENCH_SEEDS=1,2`` / ``BENCH_SETS=exp100`` run a subset of the grid
+(drop lines need the balanced set of the same seeds).
 """
 from __future__ import annotations
 
@@ -104,9 +105,16 @@ def _mean_std(xs: list[float]) -> tuple[float, float]:
     return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
 
 
+def _env_list(name: str, kind: type) -> list:
+    """A comma list from the environment: re-running a subset of the grid (e.g. seeds a run lost)."""
+    return [kind(x) for x in os.environ.get(name, "").split(",") if x.strip()]
+
+
 def run(quick: bool) -> list[dict[str, Any]]:
-    seeds = [0] if quick else [0, 1, 2]
-    sets = {k: v for k, v in SETS.items() if not quick or k in ("balanced", "exp100")}
+    seeds = _env_list("BENCH_SEEDS", int) or ([0] if quick else [0, 1, 2])
+    only = _env_list("BENCH_SETS", str)
+    sets = {k: v for k, v in SETS.items()
+            if (k in only) if only else (not quick or k in ("balanced", "exp100"))}
     threads = max(1, (os.cpu_count() or 2) // 2)
     train_over = [*COMMON, *(QUICK if quick else FULL), f"torch_threads={threads}"]
     eval_over = ["actors=1", f"threads={threads}", f"linear_epochs={30 if quick else 100}"]
