@@ -114,7 +114,7 @@ def run(quick: bool) -> list[dict[str, Any]]:
     seeds = _env_list("BENCH_SEEDS", int) or ([0] if quick else [0, 1, 2])
     only = _env_list("BENCH_SETS", str)
     sets = {k: v for k, v in SETS.items()
-            if (k in only) if only else (not quick or k in ("balanced", "exp100"))}
+            if (k in only if only else (not quick or k in ("balanced", "exp100")))}
     threads = max(1, (os.cpu_count() or 2) // 2)
     train_over = [*COMMON, *(QUICK if quick else FULL), f"torch_threads={threads}"]
     eval_over = ["actors=1", f"threads={threads}", f"linear_epochs={30 if quick else 100}"]
