@@ -1,21 +1,32 @@
-"""Quality benchmark: CACR vs the InfoNCE baseline at equal budget, and vs a random-init encoder.
+"""Quality benchmark: CACR vs the InfoNCE baseline at equal budget, momentum-encoder CACR
+(``cacr_moco``) from its digits preset at the same budget, and a random-init encoder.
 
-Both losses train the SAME encoder with the same epochs, batch, views (K + 1), augmentation,
+CACR and InfoNCE train the SAME encoder with the same epochs, batch, views (K + 1), augmentation,
 optimiser, learning rate and seed list on the embedded digits set; only ``loss.name`` differs
-(each loss keeps its project default: CACR tau+ = 1, tau- = 0.9; InfoNCE temperature 0.2). The third
-arm is the untrained network each run starts from (same seed, same init). Every checkpoint is
-scored by :func:`pipeline.evaluate.evaluate` (frozen backbone features, weighted kNN k = 20 / 200,
-linear probe). Real trainings through :func:`pipeline.train.run_training` (Ray Train, 2 workers).
+(each loss keeps its project default: CACR tau+ = 1, tau- = 0.9; InfoNCE temperature 0.2).
+``cacr_moco`` runs conf/digits-moco.yaml with the same overrides. "Same budget" for it means: the
+same data, backbone (narrow_resnet, same width, same standard init), epochs, global batch (so the
+same 60 optimiser steps), optimiser (SGD, momentum 0.9, wd 1e-4, warm-up + cosine) and seeds. What
+each method's preset sets differs and is not equalised: the lr (0.5 per 256 for cacr_moco, 0.12
+for the symmetric losses), m0 0.9, V = 2 crops (MoCo v3's two-crop design) instead of K + 1 = 5,
+i.e. 2 forward+backward passes per image plus 2 no-grad target passes instead of 5
+forward+backward, and a projector + predictor head (hidden 512, out 128). The training wall time
+of every arm is reported beside its accuracy.
+The random-init arm is the untrained network the CACR / InfoNCE runs start from (same seed, same
+init). Every checkpoint is scored by :func:`pipeline.evaluate.evaluate` (frozen backbone features,
+weighted kNN k = 20 / 200, linear probe). Real trainings through
+:func:`pipeline.train.run_training` (Ray Train, 2 workers).
 
 * full (default): the embedded default config that ``cacr train`` runs (32 px, narrow_resnet
-  w = 16, K = 4, batch 2 x 128, SGD lr 0.12 N/256, the digits augmentation, 12 epochs), seeds
-  0, 1, 2, probe 100 epochs: 6 trainings.
+  w = 16, K = 4, batch 2 x 128, SGD lr 0.12 N/256, the digits augmentation, 12 epochs) and
+  conf/digits-moco.yaml (12 epochs, batch 2 x 128), seeds 0, 1, 2, probe 100 epochs: 9 trainings.
 * quick: 16 px, w = 8, K = 4, batch 2 x 64, 3 epochs, seed 0, probe 100 epochs: 3.3 min measured
   on 2 shared CPU cores (load average ~18). One seed of 3 epochs: a smoke figure, not a verdict.
 
-Lines (``value`` = CACR mean over seeds, ``baseline`` = the other arm's mean; ``std`` /
+Lines (``value`` = the first arm's mean over seeds, ``baseline`` = the other arm's mean; ``std`` /
 ``baseline_std`` over seeds, ``values`` / ``baseline_values`` per seed):
-``quality.{knn_top1,knn200_top1,linear_top1}.cacr_vs_infonce`` and ``....cacr_vs_random``.
+``quality.{knn_top1,knn200_top1,linear_top1}.{cacr_vs_infonce,cacr_vs_random,cacr_moco_vs_cacr,
+cacr_moco_vs_infonce,cacr_moco_vs_random}``.
 A markdown table for the README goes to stderr (also all training / evaluation logs, so that
 stdout stays one JSON object per line).
 """
@@ -29,8 +40,13 @@ import statistics
 import sys
 import tempfile
 import time
+from pathlib import Path
 from typing import Any
 
+MOCO_PRESET = Path(__file__).resolve().parents[1] / "conf" / "digits-moco.yaml"
+ARMS = ("cacr", "infonce", "cacr_moco")  # trained arms; "random" is evaluated untrained
+COMPARE = [("cacr", "infonce"), ("cacr", "random"), ("cacr_moco", "cacr"), ("cacr_moco", "infonce"),
+           ("cacr_moco", "random")]
 COMMON = ["num_workers=2", "cpus_per_worker=0.5", "data.source=null", "data.val_split=",
           "log_every_steps=50", "keep_checkpoints=1", "max_failures=0"]
 QUICK = ["epochs=3", "batch_size=64", "data.image_size=16", "augment.crop_size=16", "model.width=8",
@@ -38,6 +54,16 @@ QUICK = ["epochs=3", "batch_size=64", "data.image_size=16", "augment.crop_size=1
 FULL: list[str] = []  # exactly the embedded default `cacr train` runs (12 epochs)
 METRICS = ("knn_top1", "knn200_top1", "linear_top1")
 LABELS = {"knn_top1": "kNN@20", "knn200_top1": "kNN@200", "linear_top1": "linear probe"}
+
+
+def arm_config(arm: str, overrides: list[str]):
+    """The config of one trained arm: the embedded default with ``loss.name``, or the cacr_moco
+    preset (a QUICK ``loss.num_positives`` is not applied to it: it keeps its 2 crops)."""
+    from pipeline.config import load_config
+
+    if arm == "cacr_moco":
+        return load_config(MOCO_PRESET, [o for o in overrides if not o.startswith("loss.num_positives=")])
+    return load_config(None, [*overrides, f"loss.name={arm}"])
 
 
 def _log(msg: str) -> None:
@@ -67,19 +93,22 @@ def run(quick: bool) -> list[dict[str, Any]]:
     import torch
 
     from pipeline.checkpoint import save_state
-    from pipeline.config import load_config, to_dict
+    from pipeline.config import to_dict
     from pipeline.data import prepare
     from pipeline.evaluate import evaluate, parse_options
     from pipeline.train import run_training
     from pipeline.worker import method_from_config
 
-    seeds = [0] if quick else [0, 1, 2]
+    # BENCH_SEEDS=2: a subset of the seeds (re-running the ones a cut-off run lost)
+    seeds = [int(x) for x in os.environ.get("BENCH_SEEDS", "").split(",") if x.strip()] or \
+        ([0] if quick else [0, 1, 2])
     threads = max(1, (os.cpu_count() or 2) // 2)
     overrides = [*COMMON, *(QUICK if quick else FULL), f"torch_threads={threads}"]
     eval_opts = parse_options(["linear_epochs=100", "actors=1", f"threads={threads}"])
     scores: dict[str, dict[str, list[float]]] = {arm: {m: [] for m in METRICS}
-                                                 for arm in ("cacr", "infonce", "random")}
-    walls: dict[str, list[float]] = {"cacr": [], "infonce": []}
+                                                 for arm in (*ARMS, "random")}
+    walls: dict[str, list[float]] = {arm: [] for arm in ARMS}
+    cfgs: dict[str, Any] = {}
     started = _ray(threads)
     t_all = time.perf_counter()
     try:
@@ -87,11 +116,10 @@ def run(quick: bool) -> list[dict[str, Any]]:
                 contextlib.redirect_stdout(sys.stderr):
             shards = os.path.join(tmp, "digits")
             prepare("digits", shards, progress=False, echo=lambda m: None)
-            cfg = None
             for seed in seeds:
-                for loss in ("cacr", "infonce"):
-                    cfg = load_config(None, [*overrides, f"data.url={shards}", f"storage_path={tmp}/runs",
-                                             f"name={loss}-s{seed}", f"seed={seed}", f"loss.name={loss}"])
+                for loss in ARMS:
+                    cfgs[loss] = cfg = arm_config(loss, [*overrides, f"data.url={shards}", f"storage_path={tmp}/runs",
+                                                         f"name={loss}-s{seed}", f"seed={seed}"])
                     t0 = time.perf_counter()
                     out = run_training(cfg)
                     walls[loss].append(time.perf_counter() - t0)
@@ -100,7 +128,8 @@ def run(quick: bool) -> list[dict[str, Any]]:
                         scores[loss][m].append(r[m])
                     _log(f"[bench] {loss} seed {seed}: " + ", ".join(f"{m} {r[m]:.4f}" for m in METRICS)
                          + f" (train {walls[loss][-1]:.0f}s)")
-                torch.manual_seed(seed)  # the init the runs of this seed started from
+                cfg = cfgs["cacr"]
+                torch.manual_seed(seed)  # the init the cacr / infonce runs of this seed started from
                 rand_dir = os.path.join(tmp, f"random-s{seed}")
                 save_state(rand_dir, {"model": method_from_config(cfg).model_state(), "config": to_dict(cfg),
                                       "epoch": 0, "step": 0, "metrics": {}})
@@ -119,41 +148,48 @@ def run(quick: bool) -> list[dict[str, Any]]:
                           "jitter_p": cfg.augment.jitter_p, "grayscale_p": cfg.augment.grayscale_p},
               "cacr": {"tau_pos": cfg.loss.tau_pos, "tau_neg": cfg.loss.tau_neg},
               "infonce": {"temperature": cfg.loss.temperature},
+              "cacr_moco": {"preset": "conf/digits-moco.yaml", "views": cfgs["cacr_moco"].num_views,
+                            "temperature": cfgs["cacr_moco"].loss.temperature,
+                            "base_lr": cfgs["cacr_moco"].optim.base_lr,
+                            "momentum_base": cfgs["cacr_moco"].momentum.base,
+                            "epochs": cfgs["cacr_moco"].epochs, "global_batch": cfgs["cacr_moco"].global_batch},
               "eval": {"knn_k": [eval_opts.knn_k, eval_opts.knn_k_large],
                        "knn_temperature": eval_opts.knn_temperature,
                        "linear_epochs": eval_opts.linear_epochs}}
     lines = []
     for m in METRICS:
-        v, vs = _mean_std(scores["cacr"][m])
-        for other in ("infonce", "random"):
+        for arm, other in COMPARE:
+            v, vs = _mean_std(scores[arm][m])
             b, bs = _mean_std(scores[other][m])
             lines.append({
-                "name": f"quality.{m}.cacr_vs_{other}", "value": round(v, 4), "baseline": round(b, 4),
+                "name": f"quality.{m}.{arm}_vs_{other}", "value": round(v, 4), "baseline": round(b, 4),
                 "ratio": round(v / b, 4) if b else math.nan, "unit": "top-1 accuracy", "higher_is_better": True,
                 "std": round(vs, 4), "baseline_std": round(bs, 4), "seeds": seeds,
-                "values": [round(x, 4) for x in scores["cacr"][m]],
+                "values": [round(x, 4) for x in scores[arm][m]],
                 "baseline_values": [round(x, 4) for x in scores[other][m]],
                 "train_wall_s": {k: round(statistics.fmean(w), 1) for k, w in walls.items() if w},
                 "config": config,
             })
-    _log(markdown_table(scores, config, seeds, time.perf_counter() - t_all))
+    _log(markdown_table(scores, walls, config, seeds, time.perf_counter() - t_all))
     return lines
 
 
-def markdown_table(scores: dict[str, dict[str, list[float]]], config: dict[str, Any], seeds: list[int],
-                   wall: float) -> str:
+def markdown_table(scores: dict[str, dict[str, list[float]]], walls: dict[str, list[float]],
+                   config: dict[str, Any], seeds: list[int], wall: float) -> str:
     def cell(xs: list[float]) -> str:
         m, s = _mean_std(xs)
         return f"{100 * m:.1f} ± {100 * s:.1f}" if len(xs) > 1 else f"{100 * m:.1f}"
 
-    names = {"cacr": "CACR", "infonce": "InfoNCE (same budget)", "random": "random init (same encoder)"}
-    rows = ["| encoder | " + " | ".join(f"{LABELS[m]} top-1 (%)" for m in METRICS) + " |",
-            "|---|" + "---:|" * len(METRICS)]
+    names = {"cacr_moco": "CACR, momentum encoder (`cacr_moco`, digits-moco preset)", "cacr": "CACR (symmetric)",
+             "infonce": "InfoNCE (same budget)", "random": "random init (same encoder)"}
+    rows = ["| encoder | " + " | ".join(f"{LABELS[m]} top-1 (%)" for m in METRICS) + " | train wall (s) |",
+            "|---|" + "---:|" * (len(METRICS) + 1)]
     for arm, label in names.items():
-        rows.append(f"| {label} | " + " | ".join(cell(scores[arm][m]) for m in METRICS) + " |")
+        w = f"{statistics.fmean(walls[arm]):.0f}" if walls.get(arm) else "–"
+        rows.append(f"| {label} | " + " | ".join(cell(scores[arm][m]) for m in METRICS) + f" | {w} |")
     rows.append("")
     rows.append(f"digits, {config['arch']} w={config['width']}, {config['image_size']} px, "
-                f"V={config['views']} views, {config['epochs']} epochs, global batch {config['global_batch']}, "
+                f"V={config['views']} views (cacr_moco: {config['cacr_moco']['views']}), {config['epochs']} epochs, global batch {config['global_batch']}, "
                 f"{config['optim']}; mean ± std over seeds {seeds}; bench wall {wall / 60:.1f} min")
     return "\n".join(rows)
 

@@ -373,7 +373,7 @@ def _moco_from_gathered(q: Tensor, keys: Tensor, offset: int, *, temperature: fl
                       eff_negatives=eff_neg / (A * (V - 1) * n))
 
 
-def cacr_moco_loss(q: Tensor, k: Tensor, *, temperature: float, group=None) -> LossOutput:
+def cacr_moco_loss(q: Tensor, k: Tensor, *, temperature: float) -> LossOutput:
     r"""Momentum-encoder CACR (docs/METHOD.md, "Momentum-encoder CACR").
 
     ``q`` (V, n, D): L2-normalised predictor outputs of all V views, LOCAL rows.  ``k`` (A, n, D):
@@ -399,8 +399,14 @@ def cacr_moco_loss(q: Tensor, k: Tensor, *, temperature: float, group=None) -> L
     Distributed: mean over this rank's rows; the mean over ranks of the values is the one-process
     loss and DDP-averaged gradients are the one-process gradients (no gradient crosses ranks: the
     keys are constants).  All ranks must hold the same ``n``.  Cost per rank: A GEMMs of
-    ((V−1)·n) × N × D; memory O((V−1)·n·N) per target.
+    ((V−1)·n) × N × D; memory O((V−1)·n·N) per target.  The interface is fixed by the spec (issue
+    13); :func:`_cacr_moco_loss_in_group` is the same loss over a process group other than WORLD.
     """
+    return _cacr_moco_loss_in_group(q, k, temperature=temperature, group=None)
+
+
+def _cacr_moco_loss_in_group(q: Tensor, k: Tensor, *, temperature: float, group) -> LossOutput:
+    """:func:`cacr_moco_loss` with the keys gathered over ``group`` (None: the default group)."""
     _check_moco(q, k, temperature)
     rank, _ = world_info(group)
     keys = gather_no_grad(k, dim=1, group=group)           # (A, N, D), detached

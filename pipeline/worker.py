@@ -45,6 +45,18 @@ def method_from_config(cfg: Config) -> Method:
     return build_method(cfg.loss.name, model=to_dict(cfg.model), loss=to_dict(cfg.loss), **extra)
 
 
+def worker_method(cfg: Config, world: int) -> Method:
+    """The method as a worker of a ``world``-worker run trains it: built from the config, with
+    SyncBatchNorm where ``model.sync_batchnorm`` asks for it and the method allows it (the queue
+    method keeps its shuffle-BN key encoder out), channels-last when configured."""
+    method = method_from_config(cfg)
+    if cfg.model.sync_batchnorm and world > 1:
+        method = method.convert_sync_batchnorm()
+    if cfg.channels_last:
+        method = method.to(memory_format=torch.channels_last)
+    return method
+
+
 def train_step(model: nn.Module, views: list[torch.Tensor], optimizer: torch.optim.Optimizer,
                scheduler: Any, *, progress: float, bf16: bool = False) -> tuple[LossOutput, dict[str, float]]:
     """One optimisation step of a method: its loss on ``views`` (a list of ``(V_g, n, C, H, W)``
@@ -210,11 +222,7 @@ def set_up(loop_config: dict[str, Any]) -> WorkerState:
     _set_threads(cfg)
     _quiet_worker_logs(cfg.log_level)
     torch.manual_seed(cfg.seed)  # same init on every rank (DDP also broadcasts from rank 0)
-    method = method_from_config(cfg)
-    if cfg.model.sync_batchnorm and world > 1:
-        method = torch.nn.SyncBatchNorm.convert_sync_batchnorm(method)
-    if cfg.channels_last:
-        method = method.to(memory_format=torch.channels_last)
+    method = worker_method(cfg, world)
     optimizer = build_optimizer_for(method, cfg)
     scheduler = warmup_cosine_scheduler(optimizer, cfg, loop_config["steps_per_epoch"])
     aug_gen = torch.Generator(device="cpu")

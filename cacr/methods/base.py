@@ -17,6 +17,9 @@ The trainer (``pipeline/``) only knows this interface:
   checkpoints and ``backbone.json``.
 * ``state_dict()`` covers everything a resume needs (momentum networks, queues as buffers); the
   optimiser only sees ``trainable_parameters()``.
+* ``convert_sync_batchnorm()``: what ``model.sync_batchnorm=true`` turns into SyncBatchNorm (the
+  trainer calls it with several workers). Default: every BatchNorm of the method; a method whose
+  design forbids it for one network (the queue method's shuffle-BN key encoder) keeps it out.
 
 No Ray import anywhere in ``cacr/``.
 """
@@ -66,6 +69,12 @@ class Method(nn.Module):
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]
+
+    def convert_sync_batchnorm(self) -> "Method":
+        """Replace the BatchNorm layers that should share statistics across workers by
+        SyncBatchNorm, in place; returns ``self``. Default: all of them (for ``cacr_moco`` the
+        momentum target as well, as MoCo v3 converts its whole model)."""
+        return nn.SyncBatchNorm.convert_sync_batchnorm(self)  # converts the children in place
 
     def model_state(self) -> dict[str, torch.Tensor]:
         """A checkpoint's ``"model"`` entry: the exported network's weights under ``backbone.*``

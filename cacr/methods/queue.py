@@ -111,6 +111,14 @@ class QueueCACR(Method):
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.online.parameters() if p.requires_grad]
 
+    def convert_sync_batchnorm(self) -> "QueueCACR":
+        """SyncBatchNorm for the online (query) encoder only: the key encoder keeps its plain
+        BatchNorm, normalised per shuffle-BN sub-batch (module docstring). Synchronised key
+        statistics would be those of the global batch, which holds each key's own query image:
+        the leak shuffle-BN is there to stop."""
+        self.online = nn.SyncBatchNorm.convert_sync_batchnorm(self.online)
+        return self
+
     def last_embeddings(self) -> torch.Tensor | None:
         return self._last
 

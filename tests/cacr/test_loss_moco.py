@@ -65,7 +65,7 @@ def test_matches_loop_reference_value_and_gradient(V, A, n, D, T):
     q_ref = q.detach().clone().requires_grad_()
     ref = ref_moco(q_ref, k, temperature=T)
     for name in ("loss", "attraction", "repulsion", "eff_positives", "eff_negatives"):
-        assert float(getattr(out, name).detach()) == pytest.approx(float(ref[name]), rel=1e-10, abs=1e-10), name
+        assert float(getattr(out, name).detach()) == pytest.approx(float(torch.as_tensor(ref[name]).detach()), rel=1e-10, abs=1e-10), name
     torch.testing.assert_close(out.loss, out.attraction + out.repulsion)
     out.loss.backward()
     ref["loss"].backward()
@@ -139,3 +139,17 @@ def test_bad_inputs_raise(q, k, t, match):
 def test_returns_loss_output():
     out = cacr_moco_loss(_unit(2, 3, 4, seed=7), _unit(2, 3, 4, seed=8), temperature=1.0)
     assert isinstance(out, LossOutput) and set(out.metrics()) >= {"loss", "eff_positives"}
+
+
+def test_interface_is_exactly_the_specified_one():
+    """Issue 13 fixes the signature `cacr_moco_loss(q, k, *, temperature) -> LossOutput`: code
+    written against it (other projects' wrappers, bench/) must not meet extra parameters."""
+    import inspect
+
+    sig = inspect.signature(cacr_moco_loss)
+    assert [(p.name, p.kind, p.default) for p in sig.parameters.values()] == [
+        ("q", inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.empty),
+        ("k", inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.empty),
+        ("temperature", inspect.Parameter.KEYWORD_ONLY, inspect.Parameter.empty),
+    ]
+    assert sig.return_annotation in (LossOutput, "LossOutput")

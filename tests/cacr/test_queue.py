@@ -65,6 +65,18 @@ def test_loss_matches_the_loop_reference_value_and_gradient(kw):
     assert not torch.allclose(torch.autograd.grad(out_d.loss, raw)[0], g_ref)
 
 
+def test_keys_and_queue_are_constants():
+    """Only the queries carry gradient: keys and queue entries that require grad (a caller's
+    tensors) get none, and the queries' gradient is that of the loss with both held fixed."""
+    q = _unit(3, 4, 6, seed=6).requires_grad_()
+    k, queue = _unit(3, 4, 6, seed=7).requires_grad_(), _unit(5, 6, seed=8).requires_grad_()
+    cacr_queue_loss(q, k, queue).loss.backward()
+    assert k.grad is None and queue.grad is None and q.grad is not None
+    q2 = q.detach().clone().requires_grad_()
+    cacr_queue_loss(q2, k.detach(), queue.detach()).loss.backward()
+    torch.testing.assert_close(q.grad, q2.grad, rtol=0, atol=0)
+
+
 def test_uniform_weights_and_effective_numbers():
     q, k, queue = _unit(3, 4, 6, seed=3), _unit(3, 4, 6, seed=4), _unit(5, 6, seed=5)
     out = cacr_queue_loss(q, k, queue, tau_pos=0.0, tau_neg=0.0)

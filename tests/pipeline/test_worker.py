@@ -113,6 +113,41 @@ def test_rebatch_keeps_each_images_valid_size_with_it():
     assert torch.cat([o[1] for o in out]).tolist() == [0, 2, 3, 5]
 
 
+@pytest.mark.parametrize("loss,extra,online,target", [
+    ("cacr_queue", [], "online", "target"),
+    ("cacr_moco", ["model.head=moco", "model.predictor_hidden=16"], "online_backbone", "target_backbone"),
+])
+def test_sync_batchnorm_converts_what_the_method_allows(loss, extra, online, target):
+    """model.sync_batchnorm=true with several workers: cacr_queue's KEY encoder keeps plain
+    BatchNorm (its shuffle-BN is the design, docs/LONGTAIL.md: synchronised statistics would be
+    the global batch's, which holds each key's own query image); cacr_moco converts its target too
+    (MoCo v3 converts the whole model). One worker: nothing converted. The converted method still
+    takes a step and checkpoints under the same keys."""
+    from pipeline.worker import method_from_config, worker_method
+
+    cfg = load_config(None, [*TINY, "model.sync_batchnorm=true", f"loss.name={loss}", "loss.queue_size=64",
+                             *extra])
+
+    def kinds(module):
+        bn = [type(m) for m in module.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+        return len(bn), sum(t is torch.nn.SyncBatchNorm for t in bn)
+
+    torch.manual_seed(0)
+    m = worker_method(cfg, world=2)
+    n_on, sync_on = kinds(getattr(m, online))
+    n_tg, sync_tg = kinds(getattr(m, target))
+    assert n_on > 0 and sync_on == n_on  # the online (query) encoder: SyncBN throughout
+    assert n_tg == n_on and sync_tg == (n_tg if loss == "cacr_moco" else 0)
+    assert kinds(worker_method(cfg, world=1))[1] == 0
+    torch.manual_seed(0)
+    assert m.state_dict().keys() == method_from_config(cfg).state_dict().keys()
+    x = torch.rand(2, 8, 3, 16, 16)  # no process group: SyncBatchNorm computes plain batch statistics
+    out = m(x)
+    out.loss.backward()
+    m.after_step(0.5)
+    assert torch.isfinite(out.loss)
+
+
 def test_optimizer_must_see_exactly_the_trainable_parameters(tmp_path):
     from pipeline.worker import build_optimizer_for
 
