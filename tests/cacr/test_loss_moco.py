@@ -56,6 +56,10 @@ def _unit(*shape, seed):
     return F.normalize(torch.randn(*shape, generator=g, dtype=DT), dim=-1)
 
 
+def _f(x) -> float:
+    return float(x.detach()) if torch.is_tensor(x) else float(x)
+
+
 @pytest.mark.parametrize("V,A,n,D,T", [(2, 2, 5, 4, 1.0), (4, 2, 4, 3, 0.2), (3, 3, 3, 5, 0.5),
                                        (4, 1, 2, 3, 1.0)])
 def test_matches_loop_reference_value_and_gradient(V, A, n, D, T):
@@ -65,7 +69,7 @@ def test_matches_loop_reference_value_and_gradient(V, A, n, D, T):
     q_ref = q.detach().clone().requires_grad_()
     ref = ref_moco(q_ref, k, temperature=T)
     for name in ("loss", "attraction", "repulsion", "eff_positives", "eff_negatives"):
-        assert float(getattr(out, name).detach()) == pytest.approx(float(torch.as_tensor(ref[name]).detach()), rel=1e-10, abs=1e-10), name
+        assert float(getattr(out, name).detach()) == pytest.approx(_f(ref[name]), rel=1e-10, abs=1e-10), name
     torch.testing.assert_close(out.loss, out.attraction + out.repulsion)
     out.loss.backward()
     ref["loss"].backward()
