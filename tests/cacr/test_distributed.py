@@ -14,15 +14,12 @@ from __future__ import annotations
 
 import datetime
 import os
-import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-REPO = Path(__file__).resolve().parents[2]
 W, V, N_LOCAL, D_IN, D = 2, 3, 4, 6, 5
 
 # name -> (loss, kwargs, dtype, n per rank)
@@ -146,24 +143,8 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
 # ------------------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def ranks(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("dist")
-    env = dict(os.environ, OMP_NUM_THREADS="1",
-               PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
-    procs = [subprocess.Popen([sys.executable, __file__, str(r), str(tmp / "rdzv"), str(tmp)], env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-             for r in range(W)]
-    logs = []
-    try:
-        for p in procs:
-            logs.append(p.communicate(timeout=180)[0])
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-    for r, p in enumerate(procs):
-        assert p.returncode == 0, f"rank {r} failed:\n{logs[r][-4000:]}"
-    return [torch.load(tmp / f"rank{r}.pt") for r in range(W)]
+def ranks(tmp_path_factory, spawn_ranks):
+    return spawn_ranks(__file__, W, tmp_path_factory.mktemp("dist"), "rank{rank}.pt")
 
 
 def single_process(loss, kw, dtype, n):
