@@ -144,8 +144,8 @@ def _init(**kwargs) -> None:
     """``ray.init`` that tries again when a NEW local node times out starting: Ray waits a fixed
     30 s for the raylet to register (ray/_private/node.py), which a busy laptop or CI machine can
     miss; another try usually succeeds. Anything else raises at once."""
-    import psutil  # a Ray dependency
     import ray
+    import psutil  # vendored by Ray: importable once `import ray` put ray/thirdparty_files on sys.path
 
     for attempt in range(1, START_ATTEMPTS + 1):
         before = {p.pid for p in psutil.Process().children(recursive=True)}
@@ -163,6 +163,7 @@ def _init(**kwargs) -> None:
 
 
 def _kill_new_children(before: set[int]) -> None:
+    import ray  # noqa: F401 - puts Ray's vendored psutil on sys.path
     import psutil
 
     new = [p for p in psutil.Process().children(recursive=True) if p.pid not in before]
