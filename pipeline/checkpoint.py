@@ -183,12 +183,10 @@ def load_resume_state(checkpoint, map_location: str | torch.device = "cpu",
     """State to resume from, given the ``ray.train.Checkpoint`` Ray Train hands back
     (``ray.train.get_checkpoint()``: the latest one REPORTED, on the run's storage).
 
-    The newest ``checkpoint_*`` directory of the same run that verifies wins, saying so in one
-    line when it is not the reported one: a NEWER one is complete but unregistered (the driver was
-    killed, e.g. kill -9, between writing and registering it: resuming from it loses nothing); an
-    OLDER one means the reported one failed verification (truncated, corrupted, half-uploaded).
-    A directory being written when the run died has no valid manifest (written last) and is
-    skipped with its reason. If none verifies, raise :class:`CheckpointError`."""
+    If that one fails verification (truncated, corrupted, half-uploaded), fall back to the newest
+    older ``checkpoint_*`` directory of the same run that verifies, saying so in one line; if none
+    does, raise :class:`CheckpointError`. Checkpoints newer than the reported one are never used:
+    Ray did not register them, so they may be the ones being written when the run died."""
     import pyarrow.fs as pafs
     from ray.train import Checkpoint
 
@@ -199,7 +197,7 @@ def load_resume_state(checkpoint, map_location: str | torch.device = "cpu",
                     if i.type == pafs.FileType.Directory and i.base_name.startswith(CHECKPOINT_PREFIX)]
     except Exception:  # noqa: BLE001 - cannot list: only the reported one can be tried
         siblings = []
-    candidates = sorted(set(siblings) | {name}, reverse=True)  # names sort by time
+    candidates = [name] + sorted((s for s in siblings if s < name), reverse=True)
     first_error = None
     for cand in candidates:
         cpath = f"{parent}/{cand}" if parent else cand
@@ -210,10 +208,7 @@ def load_resume_state(checkpoint, map_location: str | torch.device = "cpu",
             first_error = first_error or e
             say(f"[cacr] skipping checkpoint {cand}: {str(e).split(': ', 1)[-1]}")
             continue
-        if cand > name:
-            say(f"[cacr] resuming from {cand}: complete, newer than the checkpoint Ray registered "
-                "(the run stopped before registering it)")
-        elif cand != name:
+        if cand != name:
             say(f"[cacr] resuming from {cand}, the newest complete checkpoint")
         return state
     raise CheckpointError(f"no complete checkpoint in '{parent}' ({first_error}); remove the run "

@@ -74,9 +74,8 @@ def test_train_ctrl_c_kill_9_partial_checkpoint_sigterm_then_resume_exactly(cacr
     # 2. The printed command resumes; kill -9 of the driver once a NEW complete checkpoint exists.
     assert resume[:2] == ["cacr", "train"]
     b = cacr_cli(*resume[1:])
-    # The resume takes the newest COMPLETE checkpoint on disk, registered by Ray or not (Ctrl-C or
-    # kill -9 can land between writing one and registering it); e1 - 1 is allowed for a checkpoint
-    # whose upload Ctrl-C cut short (skipped: incomplete).
+    # Ray resumes from its newest REGISTERED checkpoint: the newest on disk, or the one before it
+    # when Ctrl-C landed between writing a checkpoint and registering it (that epoch re-runs).
     got = b.wait_for("resumed from checkpoint: epoch ")
     e_resumed = int(got.split("epoch ")[1].split(",")[0])
     assert e_resumed in (e1 - 1, e1) and e_resumed >= 1, got
