@@ -7,9 +7,9 @@ never arbitrary pickled objects. It lives wherever Ray Train persisted it (local
 Integrity. ``manifest.json`` lists every other file of the checkpoint with its size and SHA-256 and
 is written LAST, atomically (temp file + rename). So a checkpoint whose writer died part-way (driver
 killed with -9, node lost, a crash during the upload to S3) has no manifest, or files that do not
-match it; the loader refuses it with one line, and a resume falls back to the newest checkpoint
-that is complete (:func:`load_resume_state`). A bare ``state.pt`` passed by path is verified against
-the manifest beside it when there is one.
+match it; the loader refuses it with one line, and a resume takes the newest checkpoint that is
+complete, whether or not Ray Train had registered it (:func:`load_resume_state`). A bare
+``state.pt`` passed by path is verified against the manifest beside it when there is one.
 """
 from __future__ import annotations
 
@@ -178,65 +178,43 @@ def _load_remote_dir(fs, path: str, url: str, map_location) -> dict[str, Any]:
 # Resume: the newest COMPLETE checkpoint of a run
 
 
-def load_resume_state(checkpoint, map_location: str | torch.device = "cpu",
-                      say=print) -> dict[str, Any]:
-    """State to resume from, given the ``ray.train.Checkpoint`` Ray Train hands back
-    (``ray.train.get_checkpoint()``: the latest one REPORTED, on the run's storage).
+def load_resume_state(run_url: str, storage_cfg=None, *, registered: str | None = None,
+                      map_location: str | torch.device = "cpu", say=print) -> tuple[str, dict[str, Any]] | None:
+    """``(name, state)`` of the checkpoint a run resumes from: the NEWEST ``checkpoint_*`` of
+    the run directory whose manifest verifies, registered by Ray Train or not; None when the run
+    has no checkpoint yet (a fresh start).
 
-    If that one fails verification (truncated, corrupted, half-uploaded), fall back to the newest
-    older ``checkpoint_*`` directory of the same run that verifies, saying so in one line; if none
-    does, raise :class:`CheckpointError`. Checkpoints newer than the reported one are never used:
-    Ray did not register them, so they may be the ones being written when the run died."""
-    import pyarrow.fs as pafs
-    from ray.train import Checkpoint
-
-    fs, path = checkpoint.filesystem, checkpoint.path.rstrip("/")
-    parent, name = path.rsplit("/", 1) if "/" in path else ("", path)
-    try:
-        siblings = [i.base_name for i in fs.get_file_info(pafs.FileSelector(parent or ".", recursive=False))
-                    if i.type == pafs.FileType.Directory and i.base_name.startswith(CHECKPOINT_PREFIX)]
-    except Exception:  # noqa: BLE001 - cannot list: only the reported one can be tried
-        siblings = []
-    candidates = [name] + sorted((s for s in siblings if s < name), reverse=True)
-    first_error = None
-    for cand in candidates:
-        cpath = f"{parent}/{cand}" if parent else cand
-        try:
-            with Checkpoint(cpath, filesystem=fs).as_directory() as d:
-                state = load_state_file(d, map_location)
-        except CheckpointError as e:
-            first_error = first_error or e
-            say(f"[cacr] skipping checkpoint {cand}: {str(e).split(': ', 1)[-1]}")
-            continue
-        if cand != name:
-            say(f"[cacr] resuming from {cand}, the newest complete checkpoint")
-        return state
-    raise CheckpointError(f"no complete checkpoint in '{parent}' ({first_error}); remove the run "
-                          "directory to start over")
-
-
-def load_newest_complete(run_url: str, storage_cfg=None, map_location: str | torch.device = "cpu",
-                         say=print) -> dict[str, Any] | None:
-    """For a restart where Ray Train hands back NO checkpoint although the run directory holds
-    some: the run was stopped (Ctrl-C, kill -9) after a checkpoint was written but before Ray
-    registered it. A checkpoint whose manifest verifies is complete (the manifest is written
-    last), so the newest such ``checkpoint_*`` is resumed from; None when the run has none;
-    :class:`CheckpointError` when it has some but none is complete."""
+    ``registered`` is the name of the checkpoint Ray Train hands back (``ray.train.
+    get_checkpoint()``), the newest one its controller REGISTERED. A stop between rank 0's upload
+    and that registration (kill -9 of the driver, a lost head node) leaves a newer checkpoint on
+    storage that Ray does not know; it is complete when its manifest verifies (the manifest is
+    written last and lists every file's size and SHA-256), so it is the one to resume from, and
+    the epochs it holds are not trained twice. A newer one that does NOT verify is the one being
+    written when the run died: skipped with one line, as is a damaged registered one. Every
+    checkpoint present but none complete: :class:`CheckpointError` (never a silent restart from
+    scratch)."""
     from pipeline import storage
 
-    names = sorted((n for n in storage.list_dirs(run_url, storage_cfg) if n.startswith(CHECKPOINT_PREFIX)),
-                   reverse=True)
+    names = {n for n in storage.list_dirs(run_url, storage_cfg) if n.startswith(CHECKPOINT_PREFIX)}
+    if registered:
+        names.add(registered)
     first_error = None
-    for name in names:
+    for name in sorted(names, reverse=True):  # checkpoint_<UTC timestamp>: name order = time order
         try:
             state = load_checkpoint(storage.join_url(run_url, name), storage_cfg, map_location)
         except CheckpointError as e:
             first_error = first_error or e
             say(f"[cacr] skipping checkpoint {name}: {str(e).split(': ', 1)[-1]}")
             continue
-        say(f"[cacr] resuming from {name}: complete, written before the run was stopped "
-            "(Ray had not registered it)")
-        return state
+        if registered is None:
+            say(f"[cacr] resuming from {name}: complete, written before the run was stopped "
+                "(Ray had not registered it)")
+        elif name > registered:
+            say(f"[cacr] resuming from {name}: complete, newer than {registered}, the newest "
+                "checkpoint Ray had registered when the run was stopped")
+        elif name < registered:
+            say(f"[cacr] resuming from {name}, the newest complete checkpoint")
+        return name, state
     if names:
         raise CheckpointError(f"no complete checkpoint in '{run_url}' ({first_error}); remove the run "
                               "directory to start over")

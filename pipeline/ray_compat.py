@@ -22,6 +22,8 @@ block_refs                    ``Dataset.iter_internal_ref_bundles`` (blocks of a
 raylet_pid                    ``ray._private.worker._global_node.all_processes`` (bench only)
 drop_progress_bar_notice      the logger of ``ray.data._internal.progress`` (its message text)
 object_store_stats            ``ray._private.internal_api.get_memory_info_reply`` (store stats)
+persist_checkpoint            ``StorageContext.persist_current_checkpoint`` (Ray Train's own
+                              upload, behind ``TrainContext.get_storage``, a DeveloperAPI)
 ============================  ==============================================================
 
 tests/pipeline/test_ray_compat.py also fails if a private import appears anywhere else in
@@ -197,3 +199,12 @@ def object_store_stats() -> dict[str, int]:
     return {"used": int(st.object_store_bytes_used), "capacity": int(st.object_store_bytes_avail),
             "spilled": int(st.spilled_bytes_total), "restored": int(st.restored_bytes_total),
             "fallback": int(st.object_store_bytes_fallback)}
+
+
+def persist_checkpoint(checkpoint: Any, dir_name: str) -> Any:
+    """Ray Train's own upload of a reported checkpoint (what ``ray.train.report`` does when it is
+    given no ``checkpoint_upload_fn``), for an upload function that adds a step after it (the
+    fault-injection point of :mod:`pipeline.failpoints`). Call from a train worker."""
+    import ray.train
+
+    return ray.train.get_context().get_storage().persist_current_checkpoint(checkpoint, dir_name)

@@ -40,6 +40,7 @@ import os
 import socket
 import time
 
+from pipeline import failpoints
 from pipeline.config import ConfigError
 
 STATE_API_ENV = "RAY_API_SERVER_ADDRESS"
@@ -125,6 +126,7 @@ def start_ray(*, num_cpus: int | None = None, use_gpu: bool | None = False, log_
         ray.init(log_to_driver=log_to_driver, **kwargs)
         return False
     gpus = check_local_gpus(use_gpu, gpu_key)
+    failpoints.note_driver()  # tests only: the process a fault-injection point kills
     cpus = max(os.cpu_count() or 1, int(num_cpus or 0))
     job_env = {**quiet_env(log_level), **(env or {})}
     if dashboard:

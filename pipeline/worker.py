@@ -2,7 +2,8 @@
 
     train_loop_per_worker(loop_config)
       set_up      config, threads, the method (cacr.methods) + optimiser + schedule, the CPU group
-      resume      the last checkpoint Ray hands over, if any (method, optimiser, schedule, RNGs)
+      resume      the run's newest complete checkpoint, if any (method, optimiser, schedule, RNGs);
+                  the final one that Ray never registered is reported again (finish_unreported)
       prepare     DDP around the method; rank 0: TensorBoard, the kNN monitor's two splits
       per epoch:
         run_epoch      agreed_batches -> view groups -> train_step (steps agreed one step ahead)
@@ -196,6 +197,7 @@ class WorkerState:
     knn: tuple | None = None       # rank 0: (bank images, bank labels, val images, val labels)
     knn_top1: float = float("nan")
     skipped_total: dict[str, int] = field(default_factory=dict)
+    unreported_final: dict | None = None  # resumed final checkpoint Ray never registered
     run_start: float = field(default_factory=time.perf_counter)
 
     @property
@@ -232,27 +234,36 @@ def set_up(loop_config: dict[str, Any]) -> WorkerState:
                        augment=MultiViewAugment(cfg.augment, cfg.num_views), aug_gen=aug_gen,
                        group=cpu_group(world), steps_per_epoch=loop_config["steps_per_epoch"],
                        scan_skipped=dict(loop_config.get("scan_skipped", {})),
-                       run_url=loop_config.get("run_url", ""),
+                       run_url=loop_config["run_url"],
                        data_order_key=loop_config.get("data_order_key", ""))
 
 
 def resume(st: WorkerState) -> None:
-    """Continue from the checkpoint Ray hands over (a restart after a failure, or a re-run with the
-    same name). Checkpoints of earlier versions hold no ``"method"`` entry: their ``"model"`` is
-    the whole network state then, and the method loads it."""
+    """Continue from the newest COMPLETE checkpoint of the run (a restart after a failure, or a
+    re-run with the same name): the one Ray Train hands over, or a newer one on storage that Ray
+    never registered (a stop between the upload and the registration; see
+    :func:`pipeline.checkpoint.load_resume_state`). Rank 0 chooses, every rank loads the same one.
+    Checkpoints of earlier versions hold no ``"method"`` entry: their ``"model"`` is the whole
+    network state then, and the method loads it."""
     import ray.train
 
-    from pipeline.checkpoint import load_newest_complete, load_resume_state
+    from pipeline import storage
+    from pipeline.checkpoint import CheckpointError, load_checkpoint, load_resume_state
 
     ckpt = ray.train.get_checkpoint()
-    if ckpt is not None:
-        state = load_resume_state(ckpt, say=_say)  # the newest COMPLETE one (manifest verified)
-    elif st.run_url:  # none registered: one may still have been written completely before a stop
-        state = load_newest_complete(st.run_url, st.cfg.storage, say=_say if st.rank == 0 else _quiet)
-    else:
-        state = None
-    if state is None:
+    registered = ckpt.path.rstrip("/").rsplit("/", 1)[-1] if ckpt is not None else None
+    found, error = None, None
+    if st.rank == 0:
+        try:
+            found = load_resume_state(st.run_url, st.cfg.storage, registered=registered, say=_say)
+        except CheckpointError as e:
+            error = str(e)
+    name, error = _from_rank0(st, (found[0] if found else None, error))
+    if error:
+        raise CheckpointError(error)
+    if name is None:
         return
+    state = found[1] if found else load_checkpoint(storage.join_url(st.run_url, name), st.cfg.storage)
     st.method.load_state_dict(state["method"] if "method" in state else state["model"])
     st.optimizer.load_state_dict(state["optimizer"])
     st.scheduler.load_state_dict(state["scheduler"])
@@ -261,8 +272,41 @@ def resume(st: WorkerState) -> None:
     if st.rank < len(gens):
         st.aug_gen.set_state(gens[st.rank])
     torch.set_rng_state(state["torch_rng"])
+    if name != registered and st.start_epoch >= st.cfg.epochs:
+        st.unreported_final = state  # nothing left to train: report it (finish_unreported)
     if st.rank == 0:
         _say(f"[cacr] resumed from checkpoint: epoch {st.start_epoch}, step {st.step}")
+
+
+def finish_unreported(st: WorkerState) -> None:
+    """The run resumed from its FINAL checkpoint, which Ray never registered (the stop came
+    between its upload and its registration): no epoch is left to report, so report that one
+    again. Ray registers the copy, and the run ends as it would have: its result carries the
+    final epoch's metrics and checkpoint (the summary, the export, a Tune trial TERMINATED)."""
+    import ray.train
+
+    from pipeline.checkpoint import save_state, staging_dir
+
+    state, st.unreported_final = st.unreported_final, None
+    metrics = {**state.get("metrics", {}), "epoch": int(state["epoch"]), "step": int(state["step"]),
+               "skipped": state.get("skipped", {}), "resumed_from_epoch": st.start_epoch}
+    if st.rank != 0:
+        ray.train.report(metrics, checkpoint=None)
+        return
+    with staging_dir(st.cfg.name) as tmp:
+        save_state(tmp, state)
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+
+
+def _from_rank0(st: WorkerState, value: Any) -> Any:
+    """Rank 0's ``value`` on every rank (collective over the CPU group)."""
+    import torch.distributed as dist
+
+    if st.group is None:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0, group=st.group)
+    return box[0]
 
 
 def prepare(st: WorkerState, loop_config: dict[str, Any]) -> None:
@@ -294,6 +338,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     st = set_up(loop_config)
     resume(st)
     prepare(st, loop_config)
+    if st.unreported_final is not None:
+        finish_unreported(st)
     for epoch in range(st.start_epoch, st.cfg.epochs):
         stats = run_epoch(st, epoch)
         metrics = end_of_epoch(st, epoch, stats)
@@ -540,7 +586,8 @@ def checkpoint_state(st: WorkerState, epoch: int, metrics: dict[str, Any], aug_r
             "optimizer": st.optimizer.state_dict(), "scheduler": st.scheduler.state_dict(),
             "epoch": epoch + 1, "step": st.step, "config": to_dict(st.cfg),
             "torch_rng": torch.get_rng_state(), "aug_rng": aug_rng,
-            "metrics": {k: v for k, v in metrics.items() if k != "skipped"}}
+            "metrics": {k: v for k, v in metrics.items() if k != "skipped"},
+            "skipped": dict(metrics.get("skipped", {}))}
 
 
 def checkpoint(st: WorkerState, epoch: int, metrics: dict[str, Any]) -> None:
@@ -549,6 +596,7 @@ def checkpoint(st: WorkerState, epoch: int, metrics: dict[str, Any]) -> None:
     import ray.train
     import torch.distributed as dist
 
+    from pipeline import failpoints
     from pipeline.checkpoint import save_state, staging_dir
 
     aug_rng = [st.aug_gen.get_state()]
@@ -560,7 +608,9 @@ def checkpoint(st: WorkerState, epoch: int, metrics: dict[str, Any]) -> None:
         return
     with staging_dir(st.cfg.name) as tmp:  # a killed run's leftovers are removed by name
         save_state(tmp, checkpoint_state(st, epoch, metrics, aug_rng))
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+        upload = failpoints.checkpoint_upload_fn(epoch + 1)  # None: Ray's own upload
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp),
+                         **({"checkpoint_upload_fn": upload} if upload else {}))
 
 
 # ----------------------------------------------------------------------------------------------

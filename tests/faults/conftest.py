@@ -31,14 +31,15 @@ LIBRARY_TMP = ("pymp-", "torchinductor_")
 class CliRun:
     """``python -m pipeline.cli ARGS`` in a new session, stdout+stderr merged, lines queued."""
 
-    def __init__(self, args: list[str], root: Path):
+    def __init__(self, args: list[str], root: Path, env: dict[str, str] | None = None):
         self.args = args
         # Short paths: Ray puts Unix sockets under its temp dir (108-byte limit).
         self.ray_tmp = tempfile.mkdtemp(prefix="cr", dir="/tmp")
         self.tmpdir = root / f"tmp-{len(list(root.glob('tmp-*')))}"
         self.tmpdir.mkdir(parents=True)
+        extra = env or {}
         env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS")}
-        env.update(RAY_TMPDIR=self.ray_tmp, TMPDIR=str(self.tmpdir))
+        env.update(RAY_TMPDIR=self.ray_tmp, TMPDIR=str(self.tmpdir), **extra)
         self.proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", *args], env=env,
                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                      start_new_session=True)
@@ -121,11 +122,12 @@ class CliRun:
 
 @pytest.fixture
 def cacr_cli(tmp_path):
-    """``cacr_cli(*args) -> CliRun``; every process started is killed at the end of the test."""
+    """``cacr_cli(*args, env={...}) -> CliRun``; every process started is killed at the end of
+    the test. ``env``: variables added to the command's environment (a fault-injection point)."""
     runs: list[CliRun] = []
 
-    def start(*args: str) -> CliRun:
-        runs.append(CliRun(list(args), tmp_path))
+    def start(*args: str, env: dict[str, str] | None = None) -> CliRun:
+        runs.append(CliRun(list(args), tmp_path, env))
         return runs[-1]
     yield start
     for r in runs:

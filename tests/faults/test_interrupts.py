@@ -4,7 +4,9 @@ What a user relies on: the command stops (hang guard: it must have exited STOP_G
 signal), prints ONE line with the command that resumes, leaves no process of its own Ray (found
 by session id and by its private RAY_TMPDIR) and no temp dir of its own; the last complete
 checkpoint is intact, and re-running the printed command resumes from it with the exact step
-count. kill -9 of the driver cannot print anything; its local Ray shares its fate, and a partial
+count. kill -9 of the driver cannot print anything; its local Ray shares its fate; it is injected
+at the exact point where it costs most (pipeline/failpoints.py: a checkpoint uploaded, not yet
+registered), and the re-run resumes from that newest complete checkpoint anyway. A partial
 checkpoint (here: the newest one truncated on purpose) is skipped for the newest complete one.
 """
 from __future__ import annotations
@@ -18,8 +20,9 @@ from pathlib import Path
 import pytest
 
 from pipeline.checkpoint import STATE_FILE, load_state_file
+from pipeline.failpoints import ENV as FAILPOINT
 
-from .conftest import STEPS_PER_EPOCH, STOP_GUARD_S, TINY, checkpoints
+from .conftest import STEPS_PER_EPOCH, STOP_GUARD_S, TINY, CliRun, checkpoints
 
 pytestmark = pytest.mark.slow
 
@@ -50,9 +53,30 @@ def _epoch(ckpt: Path) -> int:
     return int(load_state_file(ckpt)["epoch"])
 
 
+def _resumed_epoch(run: CliRun) -> int:
+    got = run.wait_for("resumed from checkpoint: epoch ")
+    epoch = int(got.split("epoch ")[1].split(",")[0])
+    assert f"step {epoch * STEPS_PER_EPOCH}" in got, got
+    return epoch
+
+
+def _killed_by_the_failpoint(run: CliRun) -> None:
+    """The driver died of the SIGKILL its rank 0 sent it, and its local Ray with it (except
+    Ray's per-node agents, which Ray 2.60 can leave orphaned after a SIGKILL of the driver: they
+    hold no resources; the next run starts its own Ray; the fixture kills them)."""
+    assert run.finish(600) == -signal.SIGKILL, run.output[-3000:]
+    assert run.wait_no_processes(ignore=("DashboardAgent", "RuntimeEnvAgent", "agent.py")) == [], \
+        "a killed driver's local Ray must die with it"
+
+
 def test_train_ctrl_c_kill_9_partial_checkpoint_sigterm_then_resume_exactly(cacr_cli, digits_shards, tmp_path):
+    """Every stop of a training run, one after the other on the same run, each resumed by the
+    printed command from the newest COMPLETE checkpoint, with the exact step count. The kill -9s
+    land at an exact point (pipeline/failpoints.py): after rank 0 uploaded a checkpoint, before
+    Ray registered it - the checkpoint Ray would hand back is then one epoch older than the
+    newest on disk, and the re-run must still resume from the newest."""
     runs = tmp_path / "runs"
-    epochs = 30  # tiny epochs (~1 s): room for the kill -9 below to land mid-run
+    epochs = 12  # tiny epochs (~1 s): Ctrl-C after the first one still lands mid-run
     args = ["train", *TINY, f"epochs={epochs}", f"keep_checkpoints={epochs}",
             f"data.url={digits_shards}", "data.source=null", f"storage_path={runs}"]  # no name=
 
@@ -65,65 +89,59 @@ def test_train_ctrl_c_kill_9_partial_checkpoint_sigterm_then_resume_exactly(cacr
     assert a.wait_no_processes() == [], "Ray processes left behind"
     assert a.own_tmp_leftovers() == []
     resume = shlex.split(line.split("resume with: ", 1)[1])
-    name = next(x.split("=", 1)[1] for x in resume if x.startswith("name="))
-    first = _complete(runs / name)
-    assert first, "no complete checkpoint after Ctrl-C"  # intact: the manifest verifies
-    e1 = _epoch(first[-1])
-    assert e1 < epochs - 1
-
-    # 2. The printed command resumes; kill -9 of the driver once a NEW complete checkpoint exists.
     assert resume[:2] == ["cacr", "train"]
-    b = cacr_cli(*resume[1:])
-    # Ray resumes from its newest REGISTERED checkpoint: the newest on disk, or the one before it
-    # when Ctrl-C landed between writing a checkpoint and registering it (that epoch re-runs).
-    got = b.wait_for("resumed from checkpoint: epoch ")
-    e_resumed = int(got.split("epoch ")[1].split(",")[0])
-    assert e_resumed in (e1 - 1, e1) and e_resumed >= 1, got
-    assert f"step {e_resumed * STEPS_PER_EPOCH}" in got
-    deadline = time.monotonic() + 600  # hang guard
-    while len(_complete(runs / name)) <= len(first) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    b.proc.kill()
-    b.finish(STOP_GUARD_S)
-    # A killed driver's local Ray dies with it (GCS, raylet, workers: nothing holds CPUs or the
-    # object store) - except Ray's per-node agents (dashboard, runtime env), which Ray 2.60 can
-    # leave orphaned after a SIGKILL of the driver (they hold no resources; the next run starts its
-    # own Ray; the fixture kills them). Ctrl-C / SIGTERM (above) leave nothing at all.
-    assert b.wait_no_processes(ignore=("DashboardAgent", "RuntimeEnvAgent", "agent.py")) == [], \
-        "a killed driver's local Ray must die with it"
-    ckpts = _complete(runs / name)
-    assert len(ckpts) >= 2 and _epoch(ckpts[-1]) > e_resumed
+    name = next(x.split("=", 1)[1] for x in resume if x.startswith("name="))
+    e1 = _epoch(_complete(runs / name)[-1])  # intact: the manifest verifies
+    assert 1 <= e1 < epochs - 3
 
-    # 3. A crash while writing: the newest checkpoint truncated. The re-run skips it ...
-    fallback = _epoch(ckpts[-2])
-    state = ckpts[-1] / STATE_FILE
-    state.write_bytes(state.read_bytes()[: state.stat().st_size // 2])
+    # 2. The printed command resumes from the newest complete checkpoint (Ctrl-C may have landed
+    # between its upload and its registration: still that one), and is killed -9 right after
+    # uploading epoch e1 + 2, before Ray registers it.
+    kill_at = e1 + 2
+    b = cacr_cli(*resume[1:], env={FAILPOINT: f"kill_driver_after_upload@{kill_at}"})
+    assert _resumed_epoch(b) == e1
+    _killed_by_the_failpoint(b)
+    assert _epoch(_complete(runs / name)[-1]) == kill_at
+
+    # 3. The re-run resumes from that unregistered checkpoint (nothing trained twice), and is
+    # stopped by SIGTERM (what kill, Kubernetes, Slurm send) once it wrote a new complete
+    # checkpoint: Ctrl-C's path - one line, exit 130, nothing of its Ray left.
     c = cacr_cli(*resume[1:])
-    got = c.wait_for("resumed from checkpoint: epoch ")
-    assert "skipping checkpoint " + ckpts[-1].name in c.output
-    assert f"epoch {fallback}," in got, got
-
-    # 4. ... and is stopped by SIGTERM (what kill, Kubernetes, Slurm send) once it wrote a new
-    # complete checkpoint: Ctrl-C's path - one line, exit 130, nothing of its Ray left.
+    assert _resumed_epoch(c) == kill_at
+    assert "newer than checkpoint_" in c.output, c.output[-3000:]
     deadline = time.monotonic() + 600  # hang guard
-    while _epoch(_complete(runs / name)[-1]) <= fallback and time.monotonic() < deadline:
+    while _epoch(_complete(runs / name)[-1]) <= kill_at and time.monotonic() < deadline:
         time.sleep(0.2)
     c.proc.send_signal(signal.SIGTERM)
     assert c.finish(STOP_GUARD_S) == 130, c.output[-3000:]
     assert _one_interrupt_line(c.output) == line  # the same resume command
     assert c.wait_no_processes() == [], "Ray processes left behind after SIGTERM"
     assert c.own_tmp_leftovers() == []
-    last = _epoch(_complete(runs / name)[-1])
-    assert last > fallback
 
-    # 5. The last re-run completes: exactly epochs x steps_per_epoch steps.
-    d = cacr_cli(*resume[1:])
-    assert d.finish(900) == 0, d.output[-3000:]
+    # 4. A crash while writing: the newest checkpoint truncated. The re-run skips it for the
+    # newest complete one, and is killed -9 right after uploading the FINAL epoch's checkpoint.
+    ckpts = _complete(runs / name)
+    fallback = _epoch(ckpts[-2])
+    state = ckpts[-1] / STATE_FILE
+    state.write_bytes(state.read_bytes()[: state.stat().st_size // 2])
+    d = cacr_cli(*resume[1:], env={FAILPOINT: f"kill_driver_after_upload@{epochs}"})
+    assert _resumed_epoch(d) == fallback
+    assert "skipping checkpoint " + ckpts[-1].name in d.output
+    _killed_by_the_failpoint(d)
+    assert _epoch(_complete(runs / name)[-1]) == epochs
+
+    # 5. The last re-run finds every epoch done in a checkpoint Ray never registered: it reports
+    # that one, and the run ends as a finished run does - exactly epochs x steps_per_epoch steps,
+    # the summary, the export.
+    e = cacr_cli(*resume[1:])
+    assert e.finish(900) == 0, e.output[-3000:]
+    assert f"resumed from checkpoint: epoch {epochs}, step {epochs * STEPS_PER_EPOCH}" in e.output
     # the summary line (a late "(RayTrainWorker ...)" log line may follow it in this capture)
-    summary = json.loads(next(ln for ln in reversed(d.lines) if ln.startswith("{")))
-    assert summary["resumed_from_epoch"] in (last - 1, last) and summary["epochs"] == epochs
+    summary = json.loads(next(ln for ln in reversed(e.lines) if ln.startswith("{")))
+    assert summary["resumed_from_epoch"] == epochs and summary["epochs"] == epochs
     assert summary["steps"] == epochs * STEPS_PER_EPOCH  # nothing lost, nothing counted twice
-    assert d.own_tmp_leftovers() == []
+    assert _epoch(Path(summary["checkpoint"])) == epochs and Path(summary["backbone"]).exists()
+    assert e.own_tmp_leftovers() == []
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["sigterm", "ctrl_c"])

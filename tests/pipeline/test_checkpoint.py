@@ -75,30 +75,32 @@ def test_partial_or_corrupt_checkpoint_is_refused_with_one_line(tmp_path, damage
         assert words in str(e.value) and "\n" not in str(e.value), str(e.value)
 
 
-def test_resume_falls_back_to_newest_complete_checkpoint_local(tmp_path):
-    from ray.train import Checkpoint
-
+def test_resume_takes_the_newest_complete_checkpoint_registered_or_not(tmp_path):
+    """kill -9 between the upload and Ray's registration leaves a COMPLETE checkpoint newer than
+    the registered one: it is resumed from (its epochs are not trained twice), with one line; a
+    damaged one is skipped, whichever it is; nothing complete is an error, never a fresh start."""
     run = _run_dir(tmp_path / "run")
     c1, c2, c3 = sorted(run.iterdir())
-    _truncate(c2 / STATE_FILE)  # the REPORTED one is partial
     said: list[str] = []
-    state = load_resume_state(Checkpoint.from_directory(str(c2)), say=said.append)
-    assert state["epoch"] == 1 and state["step"] == 11  # not epoch 3: newer than the reported one
-    assert any(c2.name in s and "skipping" in s for s in said) and any(c1.name in s for s in said)
-    # intact reported checkpoint: used as is, silently
+    name, state = load_resume_state(str(run), registered=c2.name, say=said.append)
+    assert (name, state["epoch"], state["step"]) == (c3.name, 3, 33)
+    assert len(said) == 1 and c3.name in said[0] and f"newer than {c2.name}" in said[0], said
+    said.clear()  # the registered one is the newest: used as is, silently
+    assert load_resume_state(str(run), registered=c3.name, say=said.append)[0] == c3.name and said == []
+    _truncate(c3 / STATE_FILE)  # the one being written when the run died
+    assert load_resume_state(str(run), registered=c2.name, say=said.append)[1]["epoch"] == 2
+    assert len(said) == 1 and c3.name in said[0] and "skipping" in said[0], said
     said.clear()
-    assert load_resume_state(Checkpoint.from_directory(str(c3)), say=said.append)["epoch"] == 3
-    assert said == []
-    # nothing complete left: one clear error, never a silent restart from scratch
+    _truncate(c2 / STATE_FILE)  # the REGISTERED one is partial too: the newest complete is older
+    assert load_resume_state(str(run), registered=c2.name, say=said.append)[1]["epoch"] == 1
+    assert [c3.name in said[0], c2.name in said[1], "newest complete" in said[2]] == [True] * 3, said
     (c1 / MANIFEST_FILE).unlink()
     with pytest.raises(CheckpointError, match="no complete checkpoint"):
-        load_resume_state(Checkpoint.from_directory(str(c2)), say=said.append)
+        load_resume_state(str(run), registered=c2.name, say=said.append)
 
 
 def test_truncated_checkpoint_on_s3_is_refused_and_resume_falls_back(s3_bucket, upload_to_s3, tmp_path):
-    from ray.train import Checkpoint
-
-    from pipeline.storage import arrow_fs, fsspec_fs
+    from pipeline.storage import fsspec_fs
     run = _run_dir(tmp_path / "run")
     names = sorted(p.name for p in run.iterdir())
     url = upload_to_s3(str(run), f"{s3_bucket}/runs/r1")
@@ -110,10 +112,9 @@ def test_truncated_checkpoint_on_s3_is_refused_and_resume_falls_back(s3_bucket, 
         with pytest.raises(CheckpointError, match="bytes, its manifest says") as e:
             load_checkpoint(target)
         assert url in str(e.value) and "/tmp" not in str(e.value)
-    afs, apath = arrow_fs(url)
     said: list[str] = []
-    state = load_resume_state(Checkpoint(f"{apath}/{names[2]}", filesystem=afs), say=said.append)
-    assert state["epoch"] == 2 and any("skipping" in s for s in said)
+    name, state = load_resume_state(url, registered=names[1], say=said.append)
+    assert name == names[1] and state["epoch"] == 2 and any("skipping" in s for s in said)
 
 
 def test_cli_evaluate_refuses_truncated_checkpoint_in_one_line(tmp_path):
@@ -146,16 +147,15 @@ def test_staging_dirs_of_a_killed_run_are_removed_by_name(tmp_path, monkeypatch)
 def test_newest_complete_checkpoint_when_ray_registered_none(tmp_path):
     """Stopped between writing a checkpoint and Ray registering it: the re-run resumes from the
     newest checkpoint whose manifest verifies; a run without checkpoints starts fresh."""
-    from pipeline.checkpoint import load_newest_complete
-
-    assert load_newest_complete(str(tmp_path / "nothing-yet"), say=lambda m: None) is None
+    assert load_resume_state(str(tmp_path / "nothing-yet"), say=lambda m: None) is None
     run = _run_dir(tmp_path / "run")
     c1, c2, c3 = sorted(run.iterdir())
     _truncate(c3 / STATE_FILE)  # the one being written when the run died
     said: list[str] = []
-    assert load_newest_complete(str(run), say=said.append)["epoch"] == 2
+    assert load_resume_state(str(run), say=said.append)[1]["epoch"] == 2
     assert any(c3.name in s and "skipping" in s for s in said)
+    assert any(c2.name in s and "had not registered" in s for s in said)
     for c in (c1, c2):
         (c / MANIFEST_FILE).unlink()
     with pytest.raises(CheckpointError, match="no complete checkpoint"):
-        load_newest_complete(str(run), say=said.append)
+        load_resume_state(str(run), say=said.append)

@@ -258,3 +258,24 @@ def test_progress_bar_notice_dropped_other_warnings_kept():
     assert seen == ["something else"]
     assert ray.data is not None
 
+
+
+def test_persist_checkpoint_is_ray_trains_own_upload(tmp_path, monkeypatch):
+    """The upload the fault-injection point wraps: a reported checkpoint's files copied to
+    <storage>/<run>/<dir_name>, returned as a Checkpoint there (a real StorageContext)."""
+    import ray.train
+    from ray.train import Checkpoint
+    from ray.train.v2._internal.execution.storage import StorageContext
+
+    src = tmp_path / "staging"
+    src.mkdir()
+    (src / "state.pt").write_bytes(b"weights")
+    storage = StorageContext(str(tmp_path / "runs"), "r1")
+
+    class _Context:
+        def get_storage(self):
+            return storage
+    monkeypatch.setattr(ray.train, "get_context", lambda: _Context())
+    out = ray_compat.persist_checkpoint(Checkpoint.from_directory(str(src)), "checkpoint_x")
+    assert isinstance(out, Checkpoint) and out.path.endswith("runs/r1/checkpoint_x")
+    assert (tmp_path / "runs" / "r1" / "checkpoint_x" / "state.pt").read_bytes() == b"weights"
