@@ -8,7 +8,7 @@
 * ``ray_session`` (session): Ray started the way every command starts it
   (:func:`pipeline.ray_start.start_ray`) with 8 logical CPUs (over-declared on purpose: tasks
   and workers ask for fractions), started AFTER ``s3_server`` so every Ray worker inherits the S3
-  environment from the raylet (never through a runtime_env); ``RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S=60``;
+  environment from the raylet (never through a runtime_env); ``RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S=120``;
   custom resource ``cacr_data`` (to test ``data.data_resource`` pinning). Dashboard on when it
   starts (Tune needs the State API); falls back to no dashboard. Returns ``ray``.
 * ``digits_shards`` (session): ``cacr prepare digits`` output in a temp dir (train 1438 / val 359
@@ -129,7 +129,7 @@ def ray_session(s3_server, tmp_path_factory):
 
     from pipeline.ray_start import start_ray
 
-    os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "60")
+    os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "120")
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     if ray.is_initialized():
         ray.shutdown()
@@ -287,3 +287,86 @@ def s3_outage(s3_server):
         yield proxy
     finally:
         proxy.stop()
+
+
+# ----------------------------------------------------------------------------------------------
+# Nothing left behind for the next test
+
+
+def _leftover_threads(before: set, grace_s: float = 10.0) -> list[str]:
+    """Non-daemon threads started during the test and still alive after ``grace_s`` (a daemon
+    thread cannot keep the process alive; a non-daemon one can, and runs into the next test)."""
+    import threading
+    import time
+
+    deadline = time.monotonic() + grace_s
+    while True:
+        left = [t for t in threading.enumerate()
+                if t not in before and t.is_alive() and not t.daemon and t is not threading.main_thread()]
+        if not left or time.monotonic() > deadline:
+            return [t.name for t in left]
+        left[0].join(timeout=0.2)
+
+
+@pytest.fixture(autouse=True)
+def _leaves_nothing_behind(request):
+    """Every test ends with no torch process group of its own, no Ray started by it other than
+    the shared ``ray_session``, and no non-daemon thread of its own: what one test leaves, the
+    next one runs into (a SyncBatchNorm under a stale group, a driver whose cluster is gone)."""
+    import sys
+    import threading
+
+    before = set(threading.enumerate())
+    ray_was_up = "ray" in sys.modules and sys.modules["ray"].is_initialized()
+    yield
+    problems = []
+    dist = sys.modules.get("torch.distributed")
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+        problems.append("a torch.distributed process group")
+    ray = sys.modules.get("ray")
+    if (ray is not None and ray.is_initialized() and not ray_was_up
+            and "ray_session" not in request.fixturenames):
+        ray.shutdown()
+        problems.append("a Ray instance (use the ray_session fixture)")
+    threads = _leftover_threads(before)
+    if threads:
+        problems.append(f"non-daemon threads {threads}")
+    assert not problems, f"the test left {', '.join(problems)} behind"
+
+
+# ----------------------------------------------------------------------------------------------
+# The order files are handed to the test processes (pyproject: -n 2 --dist loadfile)
+
+#: seconds each of the longest files took in a full run on the 2-core VM (`--junitxml`, summed
+#: per file): only the ORDER matters, so a stale figure costs balance, never a result
+_MEASURED_S = {
+    "faults/test_interrupts.py": 600, "acceptance/test_readme_local.py": 330,
+    "faults/test_tune_faults.py": 240, "pipeline/test_tune.py": 230, "acceptance/test_readme_s3.py": 190,
+    "pipeline/test_train.py": 180, "acceptance/test_ray_job_fresh_home.py": 110,
+    "pipeline/test_evaluate.py": 140, "faults/test_storage_outage.py": 130,
+    "acceptance/test_readme_tune.py": 130, "infra/test_multinode.py": 120,
+    "pipeline/test_data_read.py": 120, "acceptance/test_readme_longtail.py": 105,
+    "acceptance/test_readme_moco.py": 100, "pipeline/test_methods_train.py": 90,
+}
+
+
+def _file_weight(path: str, slow: int) -> float:
+    """A file's expected cost in seconds: measured for the longest, else ~5 s per slow test."""
+    for name, seconds in _MEASURED_S.items():
+        if path.endswith(name):
+            return seconds
+    return 5.0 * slow
+
+
+def pytest_collection_modifyitems(config, items):
+    """Heaviest files first, a file's tests kept together in their own order: with the files
+    handed out one at a time, the long end-to-end files start at once and the many short ones
+    fill the gaps, instead of one long file starting last and running alone at the end."""
+    slow: dict[str, int] = {}
+    for item in items:
+        path = str(item.path)
+        slow[path] = slow.get(path, 0) + (item.get_closest_marker("slow") is not None)
+    first_seen = {p: i for i, p in reversed(list(enumerate(str(it.path) for it in items)))}
+    items.sort(key=lambda it: (-_file_weight(str(it.path), slow[str(it.path)]),
+                               first_seen[str(it.path)]))

@@ -6,7 +6,10 @@ then submits from a second shell that has only ``RAY_AUTH_MODE=token`` and ``RAY
 value ``ray get-auth-token`` prints on the head) and a HOME of its own, empty:
 ``ray job submit --address ... --working-dir . -- cacr train --config conf/digits.yaml ...``
 (``--working-dir .`` ships the working directory: here conf/ only). The job trains 1 tiny epoch on a prepared digits set (absolute paths: the job's
-working directory is Ray's copy of ``.``) and must print its summary JSON, whose paths exist.
+working directory is Ray's copy of ``.``) and must print its summary JSON, whose paths exist,
+having JOINED the cluster (the job's entrypoint gets ``RAY_ADDRESS`` from Ray's job manager).
+Meanwhile a plain ``cacr train`` / ``cacr inspect`` on the same machine starts its own Ray.
+(This also holds what tests/infra/test_ray_job.py used to check on a second head.)
 """
 from __future__ import annotations
 
@@ -104,3 +107,18 @@ def test_job_submit_from_a_fresh_home(fresh_head, user, acc, digits_shards, tmp_
     assert Path(s["run_dir"]).is_dir() and Path(s["backbone"]).is_file()
     tags = acc.scalar_tags(s["tensorboard_logdir"])
     assert tags.get("train/loss", 0) >= 1, f"no train/loss under {s['tensorboard_logdir']}: {sorted(tags)}"
+    assert "Connected to Ray cluster" in r.out or "Connecting to existing Ray cluster" in r.out, r.out[-3000:]
+    assert len(acc.json_lines(r.out, "run_dir")) == 1, r.out[-3000:]
+    assert sum("[cacr] epoch 1/1" in ln for ln in r.out.splitlines()) == 1  # once, not echoed by Train's logger
+
+    # Meanwhile a plain `cacr train` on this machine starts its own Ray rather than joining that
+    # cluster (Ray's default for a bare ray.init(), which would also refuse our CPU count) ...
+    r = user.run(f"cacr train {TINY} data.url={digits_shards} storage_path={runs} name=local",
+                 timeout=900, HOME=str(client_home))
+    assert r.returncode == 0, r.out[-4000:]
+    assert "Started a local Ray instance" in r.out, r.out[-3000:]
+    # ... and so do the data commands that use Ray (`cacr inspect`; `cacr prepare --parallel ray`
+    # takes the same pipeline.ray_start path): never a bare ray.init() joining the head.
+    r = user.run(f"cacr inspect {digits_shards} --log-level info", timeout=300, HOME=str(client_home))
+    assert r.returncode == 0, r.out[-4000:]
+    assert "Started a local Ray instance" in r.out and "existing Ray cluster" not in r.out, r.out[-3000:]

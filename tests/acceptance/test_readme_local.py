@@ -11,6 +11,7 @@ import json
 import re
 import subprocess
 import sys
+import uuid
 
 import pytest
 
@@ -34,9 +35,16 @@ def post_install(block_text: str, prefix: str) -> str:
     return rest
 
 
+#: exported as AWS_SECRET_ACCESS_KEY for the default run, as a user with AWS keys set up has it:
+#: no file the run or its Ray writes may hold it
+SECRET = f"cacrSECRET{uuid.uuid4().hex}"
+
+
 @pytest.fixture(scope="module")
 def default_run(module_user, acc):
-    """README command (1), post-install part, + ``epochs=2``: (user, result, summary JSON)."""
+    """README command (1), post-install part, + ``epochs=2``, with AWS keys exported:
+    (user, result, summary JSON)."""
+    module_user.env_extra.update(AWS_ACCESS_KEY_ID="AKIACACRTESTKEY", AWS_SECRET_ACCESS_KEY=SECRET)
     block = acc.readme_block("install-train")
     cmd = post_install(block.text, INSTALL_TRAIN_PREFIX)
     assert cmd == "cacr train"
@@ -82,6 +90,16 @@ def test_default_train_writes_everything_where_it_prints(default_run, acc):
     # in Ray's per-run folders (where a relative path resolved inside a worker would land).
     stray = [str(p) for p in user.ray_tmp.rglob("events.out.tfevents.*")]
     assert not stray, f"event files under Ray's temp dir instead of {tb}: {stray}"
+
+
+def test_no_file_the_default_run_wrote_holds_the_secret_key(default_run, acc):
+    """Relative default paths resolved on the driver (the checks above: everything under ./runs,
+    nothing in Ray's per-run folders) and the AWS secret of the user's environment in no file of
+    the working directory, HOME or Ray's temp dir, nor in the output."""
+    user, r, _ = default_run
+    assert list(user.ray_tmp.rglob("*.log")), "Ray wrote nothing under the private RAY_TMPDIR"
+    assert acc.files_containing([user.workdir, user.home, user.ray_tmp], SECRET.encode()) == []
+    assert SECRET not in r.out
 
 
 def test_default_train_console_is_one_line_per_epoch_then_json(default_run, acc):

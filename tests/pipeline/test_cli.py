@@ -197,38 +197,6 @@ def test_a_failed_run_promises_a_resume_only_with_a_checkpoint(tmp_path):
     assert "name=r to resume" in str(training_failed(cfg, str(run), RuntimeError("boom")))
 
 
-@pytest.mark.slow
-def test_train_as_a_user_runs_it_relative_paths_and_no_credentials(s3_digits_shards, fresh_user,
-                                                                   find_secret):
-    """`cacr train` from a fresh working directory with the DEFAULT relative storage_path
-    (./runs), AWS keys exported and the data on the moto S3 endpoint: the TensorBoard events are at
-    the printed `tensorboard --logdir` path under the user's ./runs (not in Ray's per-run
-    artifacts dir, where the worker's cwd is), and the secret is in no file the run or Ray wrote."""
-    import json
-    import uuid
-
-    secret = f"cacrSECRET{uuid.uuid4().hex}"
-    env, dirs = fresh_user(secret)
-    work = dirs[0]
-    tiny = ["batch_size=64", "num_workers=2", "cpus_per_worker=0.5", "data.image_size=16",
-            "augment.crop_size=16", "model.width=8", "model.head_hidden=64", "model.head_out=32",
-            "loss.num_positives=1", "optim.warmup_epochs=0.5", "epochs=1", "data.val_split="]
-    r = subprocess.run([sys.executable, "-m", "pipeline.cli", "train", *tiny,
-                        f"data.url={s3_digits_shards}", "name=rel"],
-                       cwd=work, env=env, capture_output=True, text=True, timeout=480)
-    out = r.stdout + r.stderr
-    assert r.returncode == 0, out[-4000:]
-    logdir = next(ln.split("--logdir ", 1)[1].strip() for ln in out.splitlines()
-                  if "tensorboard --logdir" in ln)
-    assert logdir == str(work / "runs" / "rel" / "tensorboard"), logdir
-    assert list(Path(logdir).glob("events.out.tfevents.*")), sorted(work.rglob("*"))
-    summary = json.loads(r.stdout.strip().splitlines()[-1])
-    assert summary["run_dir"] == str(work / "runs" / "rel")
-    assert Path(summary["checkpoint"]).is_dir() and Path(summary["backbone"]).is_file()
-    assert list(dirs[-1].rglob("*.log")), "Ray wrote nothing under the private RAY_TMPDIR"
-    assert find_secret(secret, dirs) == [] and secret not in out
-
-
 def test_the_driver_resolves_relative_paths_before_ray(digits_shards, copy_shards, tmp_path, monkeypatch):
     """The config that goes to Ray (and into checkpoints) carries absolute paths: a Ray Train
     worker's cwd is Ray's artifacts dir, where ./runs would be somewhere else entirely."""

@@ -86,19 +86,6 @@ def test_injected_worker_failure_recovers_from_checkpoint(ray_session, digits_sh
     json.dumps(out, allow_nan=False)
 
 
-def test_stopped_run_resumes_when_rerun_with_same_name(ray_session, digits_shards, tmp_path):
-    from pipeline.train import run_training
-
-    args = ("epochs=2", f"fail_at_step={STEPS_PER_EPOCH + 2}", "max_failures=0", "data.val_split=")
-    cfg = _cfg(digits_shards, str(tmp_path / "runs"), *args)
-    with pytest.raises(RuntimeError, match="failed"):
-        run_training(cfg)
-    again = load_config(None, [*TINY, f"data.url={digits_shards}", "data.source=null",
-                               f"storage_path={tmp_path / 'runs'}", f"name={cfg.name}", *args])
-    out = run_training(again)  # the injected failure fires once per run name
-    assert out["resumed_from_epoch"] == 1 and out["steps"] == 2 * STEPS_PER_EPOCH
-
-
 def test_s3_storage_for_data_checkpoints_and_tensorboard(ray_session, s3_digits_shards, s3_bucket,
                                                          tmp_path):
     from pipeline.storage import fsspec_fs
