@@ -8,6 +8,10 @@ trials on the moto S3 endpoint:
    command, exit 130, leaves no process of its Ray and no temp dir of its own;
 3. re-running the printed command restores the search: every trial is accounted for, each DONE
    with exactly epochs x steps_per_epoch steps (nothing lost, nothing counted twice).
+
+Both commands run with AWS keys in the environment (a distinctive secret key; moto accepts any):
+the secret ends up in no file the search wrote - the working directory, Ray's temp dirs (Ray logs
+every runtime_env it sets up: Tune used to put the AWS variables into each trial's), the bucket.
 """
 from __future__ import annotations
 
@@ -17,6 +21,7 @@ import shlex
 import signal
 import time
 import uuid
+from pathlib import Path
 
 import pytest
 import yaml
@@ -44,9 +49,12 @@ def _train_workers(run) -> list[int]:
     return [int(p.split()[0]) for p in run.own_processes() if "RayTrainWorker" in p]
 
 
-def test_tune_worker_killed_then_ctrl_c_then_resumed(cacr_cli, digits_shards, s3_bucket, tmp_path):
+def test_tune_worker_killed_then_ctrl_c_then_resumed(cacr_cli, digits_shards, s3_bucket, tmp_path,
+                                                    find_secret):
     from pipeline.storage import fsspec_fs
 
+    secret = f"cacrSECRET{uuid.uuid4().hex}"
+    keys = {"AWS_ACCESS_KEY_ID": "AKIACACRTESTKEY", "AWS_SECRET_ACCESS_KEY": secret}
     epochs = 8
     name = f"tf-{uuid.uuid4().hex[:8]}"
     doc = {"name": name, "train": {**TRIAL, "data.url": digits_shards, "epochs": epochs},
@@ -59,7 +67,7 @@ def test_tune_worker_killed_then_ctrl_c_then_resumed(cacr_cli, digits_shards, s3
     fs, search = fsspec_fs(f"{s3_bucket}/tune/{name}")
 
     # 1. Kill a Train worker once both trials have a registered checkpoint.
-    a = cacr_cli("tune", "--config", str(conf))
+    a = cacr_cli("tune", "--config", str(conf), env=keys)
     a.wait_for("[cacr] epoch 1/")
     deadline = time.monotonic() + 600  # hang guard
     while time.monotonic() < deadline:
@@ -83,7 +91,7 @@ def test_tune_worker_killed_then_ctrl_c_then_resumed(cacr_cli, digits_shards, s3
     assert a.own_tmp_leftovers() == []
 
     # 3. The printed command restores the search; every trial ends with the exact step count.
-    b = cacr_cli(*shlex.split(lines[0].split("resume with: ", 1)[1])[1:])
+    b = cacr_cli(*shlex.split(lines[0].split("resume with: ", 1)[1])[1:], env=keys)
     assert b.finish(900) == 0, b.output[-3000:]
     assert "resuming search" in b.output
     out = json.loads(next(ln for ln in reversed(b.lines) if ln.startswith("{")))
@@ -98,3 +106,10 @@ def test_tune_worker_killed_then_ctrl_c_then_resumed(cacr_cli, digits_shards, s3
         assert fs.find(f"{search}/trials/{row['trial']}/tensorboard"), row
     best = yaml.safe_load(fs.cat(f"{search}/best_config.yaml"))
     assert best["loss"]["tau_neg"] == out["best_params"]["loss.tau_neg"]
+
+    # 4. No file of the search holds the secret key (and the grep had Ray's logs to read).
+    ray_tmps = [a.ray_tmp, b.ray_tmp]
+    assert any(next(Path(d).rglob("runtime_env*.log"), None) for d in ray_tmps), \
+        "Ray wrote no runtime_env log under the commands' RAY_TMPDIRs: the grep would prove nothing"
+    assert find_secret(secret, [tmp_path, *ray_tmps], [s3_bucket]) == []
+    assert secret not in a.output + b.output
