@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -51,7 +52,17 @@ class StorageConfig:
 
 @dataclass
 class DataConfig:
-    url: str = _f("./data/digits", "shard set written by `cacr prepare` (local dir or s3://bucket/prefix)")
+    # str | list: a YAML list of shard URLs is joined with '::' by Config.validate (always a str after).
+    url: str | list[str] = _f(
+        "./data/digits", "the training shards: a folder (local dir or s3://bucket/prefix) written by "
+        "`cacr prepare` or holding any .tar shards, or shard URLs with brace patterns, joined by "
+        "'::' or as a YAML list (s3://b/imagenet1k-train-{0000..1023}.tar)")
+    val_url: str | list[str] | None = _f(
+        None, "labelled shards for the kNN monitor (and `cacr evaluate`), given like data.url; "
+        "unset: the data.val_split split under data.url")
+    label_key: str | None = _f(
+        None, "labels from this field of each sample's .json member (dotted for nested: meta.label); "
+        "unset: from the .cls member; a set with neither is unlabelled (no kNN monitor)")
     source: str | None = _f(
         "auto", "if `url` holds no shards yet, `cacr train` prepares them from this source first "
         "(digits | image folder | cifar10:PATH). auto: only the default url ./data/digits is "
@@ -168,6 +179,11 @@ class Config:
     momentum: MomentumConfig = field(default_factory=MomentumConfig)
 
     def validate(self) -> "Config":
+        from pipeline.data.urls import join
+
+        for key in ("url", "val_url"):  # a YAML list of shard URLs -> one '::'-joined value
+            if isinstance(getattr(self.data, key), (list, tuple)):
+                setattr(self.data, key, join(getattr(self.data, key)))
         _check_tree(self, "")
         checks = [
             ("epochs", self.epochs >= 1, "must be >= 1"),
@@ -181,6 +197,10 @@ class Config:
             ("data.image_size", self.data.image_size >= 8, "must be >= 8"),
             ("data.knn_k", self.data.knn_k >= 1, "must be >= 1"),
             ("data.decode_num_cpus", self.data.decode_num_cpus > 0, "must be > 0"),
+            ("data.url", bool(str(self.data.url).strip()), "must name a folder or shard URLs"),
+            ("data.label_key", self.data.label_key is None or bool(re.fullmatch(
+                r"[A-Za-z0-9_\-]+(\.[A-Za-z0-9_\-]+)*", self.data.label_key)),
+             "must be a JSON field name (dotted for nested fields), or null for .cls labels"),
             ("model.width", self.model.width >= 4, "must be >= 4"),
             ("model.head_out", self.model.head_out >= 2, "must be >= 2"),
             ("model.head_hidden", self.model.head_hidden >= 1, "must be >= 1"),

@@ -187,9 +187,10 @@ def _tag(batch: dict[str, np.ndarray], part: int) -> dict[str, np.ndarray]:
     return batch
 
 
-def extract_features(url: str, splits: list[str], *, weights_ref: Any, spec: dict[str, Any], cfg,
-                     opts: EvalOptions, scans: list | None = None) -> list[dict[str, Any]]:
+def extract_features(url: str | list[str], splits: list[str], *, weights_ref: Any, spec: dict[str, Any],
+                     cfg, opts: EvalOptions, scans: list | None = None) -> list[dict[str, Any]]:
     """Backbone features of the ``splits`` of ``url``, in ONE Ray Data execution (one actor pool).
+    ``url``: one location for every split, or one per split (a ``data.val_url`` set).
 
     Returns per split {"features" (N, F) float32, "labels" (N,) int64, "ids" (N,), "skipped"}: rows
     the reader dropped are removed, rows are ordered by sample id (so results never depend on the
@@ -200,13 +201,15 @@ def extract_features(url: str, splits: list[str], *, weights_ref: Any, spec: dic
     from pipeline.data import build_dataset, merge_counts, split_batch
 
     actors, threads, use_gpu = _plan_actors(opts)
-    data = DataConfig(url=url, source=None, image_size=cfg.data.image_size,
-                      decode_num_cpus=cfg.data.decode_num_cpus, data_resource=cfg.data.data_resource)
+    urls = list(url) if isinstance(url, (list, tuple)) else [url] * len(splits)
     scans = scans or [None] * len(splits)
-    parts = [build_dataset(url, split, data=data, storage=opts.storage, scan=scan, shuffle=False)
-             .map_batches(_tag, fn_kwargs={"part": i}, batch_format="numpy", batch_size=None,
-                          num_cpus=data.decode_num_cpus)
-             for i, (split, scan) in enumerate(zip(splits, scans))]
+    parts = []
+    for i, (u, split, scan) in enumerate(zip(urls, splits, scans)):
+        data = DataConfig(url=u, source=None, image_size=cfg.data.image_size, label_key=cfg.data.label_key,
+                          decode_num_cpus=cfg.data.decode_num_cpus, data_resource=cfg.data.data_resource)
+        parts.append(build_dataset(u, split, data=data, storage=opts.storage, scan=scan, shuffle=False)
+                     .map_batches(_tag, fn_kwargs={"part": i}, batch_format="numpy", batch_size=None,
+                                  num_cpus=data.decode_num_cpus))
     ds = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
     ds = ds.map_batches(
         FeatureExtractor, batch_size=opts.batch_size, batch_format="numpy",
@@ -223,9 +226,9 @@ def extract_features(url: str, splits: list[str], *, weights_ref: Any, spec: dic
             a = acc[int(p)]
             a["f"].append(f), a["y"].append(y), a["i"].append(i), a["s"].append(counts)
     out = []
-    for split, a in zip(splits, acc):
+    for u, split, a in zip(urls, splits, acc):
         if not a["f"] or sum(len(x) for x in a["y"]) == 0:
-            raise EvalError(f"no readable samples in split '{split}' of {url}")
+            raise EvalError(f"no readable samples in split '{split}' of {u}")
         f, y, i = np.concatenate(a["f"]), np.concatenate(a["y"]).astype(np.int64), np.concatenate(a["i"])
         order = np.argsort(i, kind="stable")
         out.append({"features": f[order], "labels": y[order], "ids": i[order],
@@ -301,10 +304,11 @@ def _checkpoint_config(state: dict[str, Any]):
         raise CheckpointError(f"checkpoint config is not readable by this version of cacr ({e})") from None
 
 
-def _labelled_scan(url: str, split: str, storage: StorageConfig):
+def _labelled_scan(url: str, split: str, storage: StorageConfig, label_key: str | None = None,
+                   whole_set: bool = False):
     from pipeline.data import scan_shards
 
-    scan = scan_shards(url, split, storage)
+    scan = scan_shards(url, split, storage, label_key=label_key, whole_set=whole_set)
     if not scan.labeled:
         raise EvalError(f"split '{split}' of {scan.url} is unlabelled: evaluation needs labels "
                         "(`cacr prepare` a labelled source, e.g. an image folder with class subfolders)")
@@ -362,8 +366,10 @@ def evaluate(checkpoint: str | dict[str, Any], data_url: str | None = None,
     rebuild_backbone(weights, spec)  # weights that do not fit: one line here, not in every actor
     url = data_url or cfg.data.url
     split_val = opts.split_val or cfg.data.val_split or "val"
-    train_scan = _labelled_scan(url, opts.split_train, opts.storage)
-    val_scan = _labelled_scan(url, split_val, opts.storage)
+    # The run's data.val_url is the held-out set, unless another data URL or split was asked for.
+    val_url = cfg.data.val_url if (cfg.data.val_url and not data_url and not opts.split_val) else url
+    train_scan = _labelled_scan(url, opts.split_train, opts.storage, cfg.data.label_key)
+    val_scan = _labelled_scan(val_url, split_val, opts.storage, cfg.data.label_key, whole_set=val_url != url)
     ckpt_name = checkpoint if isinstance(checkpoint, str) else "<state>"
     echo(f"[cacr] evaluate {ckpt_name}: {m.arch} trained {state.get('epoch')} epochs with "
          f"{cfg.loss.name}; data {url} [{opts.split_train} {train_scan.rows} / {split_val} {val_scan.rows}]")
@@ -371,7 +377,7 @@ def evaluate(checkpoint: str | dict[str, Any], data_url: str | None = None,
     _ray_init(opts)
     weights_ref = ray.put(weights)  # once in the object store, read by every actor
     t1 = time.perf_counter()
-    tr, va = extract_features(url, [opts.split_train, split_val], weights_ref=weights_ref, spec=spec,
+    tr, va = extract_features([url, val_url], [opts.split_train, split_val], weights_ref=weights_ref, spec=spec,
                               cfg=cfg, opts=opts, scans=[train_scan, val_scan])
     (xt, yt), (xv, yv, va_ids) = _labelled_features(tr, va, url, opts.split_train, split_val)
     num_classes = int(max(yt.max(), yv.max())) + 1

@@ -131,8 +131,12 @@ def resolve_paths(cfg):
     from pipeline.config import from_dict, to_dict
 
     out = from_dict(type(cfg), to_dict(cfg))
+    from pipeline.data.urls import resolve
+
     out.storage_path = resolve_url(out.storage_path)
-    out.data.url = resolve_url(out.data.url)
+    out.data.url = resolve(out.data.url, resolve_url)  # each '::' part; braces kept
+    if out.data.val_url:
+        out.data.val_url = resolve(out.data.val_url, resolve_url)
     return out
 
 

@@ -112,15 +112,25 @@ def plan_data(cfg: Config) -> DataPlan:
         print(f"[cacr] no shards at {url}: preparing them from '{source}'", flush=True)
         data.prepare(source, url, storage=cfg.storage, image_size=cfg.data.image_size,
                      imbalance=cfg.data.imbalance)
-    train_scan = data.scan_shards(url, "train", cfg.storage)
+    label_key = cfg.data.label_key
+    train_scan = data.scan_shards(url, "train", cfg.storage, label_key=label_key)
     val_scan = None
-    if cfg.data.val_split:
+    if cfg.data.val_url:  # asked for by name: its problems are errors, not a silent "monitor off"
+        val_scan = data.scan_shards(cfg.data.val_url, cfg.data.val_split or "val", cfg.storage,
+                                    label_key=label_key, whole_set=True)
+        if not val_scan.labeled:
+            raise data.DataError(f"data.val_url '{cfg.data.val_url}' is unlabelled (no .cls members"
+                                 + (", no data.label_key" if not label_key else "")
+                                 + "): the kNN monitor needs labels; unset data.val_url")
+    elif cfg.data.val_split:
         try:
-            val_scan = data.scan_shards(url, cfg.data.val_split, cfg.storage)
+            val_scan = data.scan_shards(url, cfg.data.val_split, cfg.storage, label_key=label_key)
         except data.DataError:
             val_scan = None  # no labelled val split: the kNN monitor is off (said in the log)
         if val_scan is not None and (val_scan.rows == 0 or not val_scan.labeled):
             val_scan = None
+    if val_scan is not None and not train_scan.labeled:
+        val_scan = None  # the kNN bank is the train set: without its labels there is no monitor
     return plan_steps(cfg, train_scan, val_scan)
 
 
@@ -165,8 +175,9 @@ def build_trainer(cfg: Config, *, callbacks: list | None = None, storage_path: s
         # Unsplit, unshuffled copies that only rank 0 reads, once, for the kNN monitor.
         datasets["knn_bank"] = data.build_dataset(cfg.data.url, "train", data=cfg.data, storage=cfg.storage,
                                                   scan=plan.train_scan, shuffle=False)
-        datasets["knn_val"] = data.build_dataset(cfg.data.url, cfg.data.val_split, data=cfg.data,
-                                                 storage=cfg.storage, scan=plan.val_scan, shuffle=False)
+        datasets["knn_val"] = data.build_dataset(cfg.data.val_url or cfg.data.url, plan.val_scan.split,
+                                                 data=cfg.data, storage=cfg.storage, scan=plan.val_scan,
+                                                 shuffle=False)
     storage_path = storage.resolve_url(storage_path or cfg.storage_path)
     run_url = storage.join_url(storage_path, cfg.name)
     if storage.is_remote(storage_path):

@@ -324,7 +324,7 @@ def prepare(st: WorkerState, loop_config: dict[str, Any]) -> None:
     # Written first, so runs stopped early (ASHA) appear in the HParams view as well; the metric
     # columns are read from these scalar tags as they are logged.
     st.tb.hparams(_hparams(st.cfg), ["val/knn_top1", "epoch/loss"])
-    if st.cfg.data.val_split:
+    if st.cfg.data.val_split or st.cfg.data.val_url:
         bank = _load_eval_split("knn_bank", loop_config["knn_bank_size"])
         val = _load_eval_split("knn_val", loop_config["knn_val_size"])
         if bank is None or val is None or int((bank[1] >= 0).sum()) == 0:

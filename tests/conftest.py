@@ -20,6 +20,10 @@
   machine with AWS keys exported (``secret`` as the secret key; moto accepts any), an empty HOME
   and a private ``RAY_TMPDIR``, for a command run as a subprocess in ``work``.
 * ``find_secret(secret, dirs, s3_prefixes=()) -> [paths]``: every file / object holding it.
+* ``ray_starts`` (function): every attempt of the test's command to start or join Ray (a check
+  "fails before Ray starts" asserts it stays empty).
+* ``write_webdataset(pattern, n, style=timm|img2dataset)``: a shard set as other tools write it,
+  with ``webdataset.ShardWriter``.
 * ``s3_outage`` (function): an :class:`Outage` - a TCP proxy on its own fixed port in front of the
   moto server. ``.endpoint`` is what a run is pointed at; ``.stop()`` takes the endpoint away
   (listening socket closed: new connections are refused; open ones reset), ``.start()`` brings it
@@ -189,6 +193,67 @@ def find_secret():
             hits += [f"s3://{key}" for key in fs.find(path) if needle in fs.cat_file(key)]
         return hits
     return find
+
+
+@pytest.fixture
+def ray_starts(monkeypatch) -> list:
+    """Every attempt of this test's command to start or join Ray (none may happen). Recorded at
+    the one place commands start Ray, and at ``ray.init``, so a Ray that other tests of the
+    session already started in this process does not count."""
+    import ray
+
+    import pipeline.ray_start
+
+    calls: list = []
+
+    def refuse(*a, **kw):
+        calls.append((a, kw))
+        raise AssertionError("Ray was started")
+
+    monkeypatch.setattr(pipeline.ray_start, "start_ray", refuse)
+    monkeypatch.setattr(ray, "init", refuse)
+    return calls
+
+
+@pytest.fixture(scope="session")
+def write_webdataset():
+    """``write(pattern, n, *, style, maxcount=16, seed=0) -> [paths]``: a shard set as other tools
+    write it, with ``webdataset.ShardWriter`` (``pattern`` like ``dir/imagenet1k-train-%04d.tar``):
+
+    * ``style="timm"``: ``<key>.jpg`` + ``<key>.cls`` (label ``i % 5``), the images 24 x 40 (landscape);
+    * ``style="img2dataset"``: ``<key>.jpg`` (40 x 24, portrait) + ``.txt`` caption + ``.json``
+      metadata (url, caption, status, width, height, and ``meta.label`` = ``i % 3``), no ``.cls``.
+
+    Key ``i`` is ``f"{seed}-{i:06d}"``; pixel values are random (seeded)."""
+    import io
+    import json
+
+    import numpy as np
+    import webdataset as wds
+    from PIL import Image
+
+    def write(pattern: str, n: int, *, style: str, maxcount: int = 16, seed: int = 0) -> list[str]:
+        rng = np.random.default_rng(seed)
+        Path(pattern).parent.mkdir(parents=True, exist_ok=True)
+        h, w = (24, 40) if style == "timm" else (40, 24)
+        written = []
+        with wds.ShardWriter(pattern, maxcount=maxcount, verbose=0) as sink:
+            for i in range(n):
+                buf = io.BytesIO()
+                Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(buf, "JPEG")
+                sample = {"__key__": f"{seed}-{i:06d}", "jpg": buf.getvalue()}
+                if style == "timm":
+                    sample["cls"] = i % 5
+                else:
+                    sample["txt"] = f"a caption {i}"
+                    sample["json"] = json.dumps({"url": f"http://example.com/{i}.jpg", "caption": f"c{i}",
+                                                 "status": "success", "width": w, "height": h,
+                                                 "meta": {"label": i % 3}}).encode()
+                sink.write(sample)
+                if sink.fname not in written:
+                    written.append(sink.fname)
+        return written
+    return write
 
 
 @pytest.fixture(scope="session")

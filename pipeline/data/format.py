@@ -85,6 +85,41 @@ def parse_label(raw: bytes | None) -> tuple[int, int]:
     return -1, BAD_LABEL
 
 
+JSON_EXT = "json"
+
+
+def json_field(raw: bytes | None, key: str) -> tuple[bool, Any]:
+    """``(found, value)`` of the dotted field ``key`` in a sample's JSON member (``json.loads``:
+    data only, nothing evaluated); not found for a missing member, bad JSON or a missing field."""
+    if raw is None:
+        return False, None
+    try:
+        node = json.loads(raw)
+    except (ValueError, UnicodeDecodeError):
+        return False, None
+    for part in key.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return False, None
+        node = node[part]
+    return True, node
+
+
+def parse_json_label(raw: bytes | None, key: str) -> tuple[int, int]:
+    """The label in field ``key`` of a sample's JSON member -> (label, code): a non-negative
+    integer (or a string of digits) is OK; a missing member or field is MISSING_LABEL; anything
+    else (a class name, a float, null) BAD_LABEL."""
+    found, value = json_field(raw, key)
+    if not found:
+        return -1, MISSING_LABEL
+    if isinstance(value, bool):
+        return -1, BAD_LABEL
+    if isinstance(value, int) and value >= 0:
+        return value, OK
+    if isinstance(value, str):
+        return parse_label(value.encode("ascii", "replace"))
+    return -1, BAD_LABEL
+
+
 def open_rgb(fp, target: int, *, longer: bool = False):
     """Open an encoded image (bytes-like, file object or path) as a loaded PIL RGB image.
 

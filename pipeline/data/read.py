@@ -58,9 +58,11 @@ from typing import Any, Iterator
 import numpy as np
 
 from pipeline.config import DataConfig, StorageConfig
-from pipeline.data.format import (BAD_LABEL, FIRST_DROPPED, IMAGE_EXTS, LABEL_EXT, MISSING_IMAGE,
-                                  MISSING_LABEL, NUM_CODES, OK, PAD, READ_ERROR, SKIP_REASONS,
-                                  UNDECODABLE_IMAGE, decode_aspect, decode_image, parse_label)
+from pipeline.data.format import (BAD_LABEL, FIRST_DROPPED, IMAGE_EXTS, JSON_EXT, LABEL_EXT,
+                                  MISSING_IMAGE, MISSING_LABEL, NUM_CODES, OK, PAD, READ_ERROR,
+                                  SKIP_REASONS, UNDECODABLE_IMAGE, decode_aspect, decode_image,
+                                  parse_json_label, parse_label)
+from pipeline.data.urls import store_url
 from pipeline.data.validate import ShardScan, iter_samples, scan_shards
 from pipeline.storage import arrow_fs
 
@@ -87,10 +89,12 @@ def _make_datasource_class():
         _FILE_EXTENSIONS = ["tar"]
 
         def __init__(self, paths: list[str], *, plans: dict[str, tuple[int, int | None, int]],
-                     labeled: bool, block_rows: int, order: tuple[int, str] | None = None, **kwargs):
+                     labeled: bool, block_rows: int, order: tuple[int, str] | None = None,
+                     label_key: str | None = None, **kwargs):
             super().__init__(paths, **kwargs)
-            self._plans = plans          # shard name -> (shard number, keep, pad rows, rows)
+            self._plans = plans          # shard path -> (shard number, keep, pad rows, rows)
             self._labeled = labeled
+            self._label_key = label_key  # labels from this JSON field, else the .cls member
             self._block_rows = block_rows
             self._order = order          # (seed, order key): shard order = f(seed, epoch)
 
@@ -106,10 +110,10 @@ def _make_datasource_class():
             return _order_for_epoch(tasks, *self._order)
 
         def _read_stream(self, f, path: str) -> Iterator[Any]:
-            name = os.path.basename(path)
-            shard_no, keep, pad, rows = self._plans.get(name, (0xFFFF, None, 0, None))
-            yield from _read_shard_blocks(f, name, shard_no, keep, pad, self._labeled, self._block_rows,
-                                          rows)
+            # Keyed by path: shards of a URL list may share a file name in different folders.
+            shard_no, keep, pad, rows = self._plans.get(path.strip("/"), (0xFFFF, None, 0, None))
+            yield from _read_shard_blocks(f, os.path.basename(path), shard_no, keep, pad, self._labeled,
+                                          self._block_rows, rows, self._label_key)
 
     return TarShardDatasource
 
@@ -166,7 +170,8 @@ def _order_for_epoch(tasks: list, seed: int, order_key: str) -> list:
 
 
 def _read_shard_blocks(f, name: str, shard_no: int, keep: int | None, pad: int, labeled: bool,
-                       block_rows: int, rows: int | None = None) -> Iterator[Any]:
+                       block_rows: int, rows: int | None = None,
+                       label_key: str | None = None) -> Iterator[Any]:
     """The rows of one shard. With ``rows`` (the pre-scan's count, what index.json says was
     written) exactly that many rows come out, whatever the bytes turned out to hold: a shard that
     fails or ends early after ``n`` samples (damage the size-trusting pre-scan could not see) adds
@@ -201,7 +206,8 @@ def _read_shard_blocks(f, name: str, shard_no: int, keep: int | None, pad: int, 
             failed = key
             break
         image = next((members[e] for e in IMAGE_EXTS if e in members), None)
-        label, code = parse_label(members.get(LABEL_EXT))
+        label, code = (parse_json_label(members.get(JSON_EXT), label_key) if label_key
+                       else parse_label(members.get(LABEL_EXT)))
         if code == MISSING_LABEL and not labeled:
             code = OK
         if image is None:
@@ -269,8 +275,12 @@ def _encoded_batch(table, image_size: int, with_keys: bool, aspect: bool = False
 
 
 def is_aspect(scan: ShardScan) -> bool:
-    """True for a set written by ``cacr prepare --max-size`` (index.json ``layout: aspect``)."""
-    return (scan.index or {}).get("layout") == "aspect"
+    """True for a set written by ``cacr prepare --max-size`` (index.json ``layout: aspect``) and
+    for a set given as a shard list (written by other tools, images of any shape): the whole image,
+    aspect kept, on the canvas, so that random-resized crops see all of it, not a centre square."""
+    from pipeline.data.urls import is_shard_list
+
+    return (scan.index or {}).get("layout") == "aspect" or (scan.index is None and is_shard_list(scan.url))
 
 
 def build_dataset(url: str, split: str = "train", *, data: DataConfig | None = None,
@@ -306,7 +316,7 @@ def build_dataset(url: str, split: str = "train", *, data: DataConfig | None = N
     if decode not in DECODE_MODES:
         raise ValueError(f"decode={decode!r}: use one of {DECODE_MODES}")
     if scan is None:
-        scan = scan_shards(url, split, storage)
+        scan = scan_shards(url, split, storage, label_key=data.label_key)
     size = int(image_size or (data.image_size if data_given else (scan.image_size or data.image_size)))
     if num_workers < 1:
         raise ValueError("num_workers must be >= 1")
@@ -315,17 +325,18 @@ def build_dataset(url: str, split: str = "train", *, data: DataConfig | None = N
     plans = {}
     for i, s in enumerate(scan.shards):
         if s.readable:
-            plans[s.name] = (i, s.keep, 0, s.rows)
-    first = readable[0].name
+            plans[s.path.strip("/")] = (i, s.keep, 0, s.rows)
+    first = readable[0].path.strip("/")
     plans[first] = (*plans[first][:2], pad, plans[first][3])
 
     remote: dict[str, Any] = {"num_cpus": data.decode_num_cpus}
     if data.data_resource:
         remote["resources"] = {data.data_resource: DATA_RESOURCE_PER_TASK}
-    fs, _ = arrow_fs(url, storage)
+    fs, _ = arrow_fs(store_url(url), storage)
     own_order = shuffle and order_key is not None
     source = _make_datasource_class()(
         [s.path for s in readable], filesystem=fs, plans=plans, labeled=scan.labeled,
+        label_key=scan.label_key,
         block_rows=_block_rows(size) if decode == "cpu_tasks" else ENCODED_BLOCK_ROWS,
         order=(int(seed), order_key) if own_order else None,
         shuffle=FileShuffleConfig(seed=int(seed)) if shuffle and not own_order else None)
@@ -353,7 +364,7 @@ def build_train_dataset(url: str, *, data: DataConfig, storage: StorageConfig | 
     it with :func:`pipeline.data.iter_train_batches`. ``order_key``: see :func:`build_dataset`
     (streaming only; the train workers :func:`publish_epoch` under it)."""
     if scan is None:
-        scan = scan_shards(url, "train", storage)
+        scan = scan_shards(url, "train", storage, label_key=data.label_key)
     decode = getattr(data, "decode", "cpu_tasks")
     budget = float(getattr(data, "cache_budget_mb", 0.0)) * (1 << 20)
     need = cache_bytes(scan, int(data.image_size), decode)

@@ -117,26 +117,6 @@ def test_evaluate_and_export_take_the_endpoint_options_and_fail_fast_unreachable
 # `cacr train` on the driver: what is checked before Ray starts
 
 
-@pytest.fixture
-def ray_starts(monkeypatch) -> list:
-    """Every attempt of this test's command to start or join Ray (none may happen). Recorded at
-    the one place commands start Ray, and at ``ray.init``, so a Ray that other tests of the
-    session already started in this process does not count."""
-    import ray
-
-    import pipeline.ray_start
-
-    calls: list = []
-
-    def refuse(*a, **kw):
-        calls.append((a, kw))
-        raise AssertionError("Ray was started")
-
-    monkeypatch.setattr(pipeline.ray_start, "start_ray", refuse)
-    monkeypatch.setattr(ray, "init", refuse)
-    return calls
-
-
 def test_a_typed_url_without_shards_is_never_prepared_implicitly(s3_bucket, ray_starts, capsys):
     """data.url=s3://bucket/digitz (a typo) must not train on digits written into the bucket."""
     from pipeline.storage import list_files
