@@ -413,6 +413,7 @@ _MEASURED_S = {
     "acceptance/test_readme_tune.py": 130, "infra/test_multinode.py": 120,
     "pipeline/test_data_read.py": 120, "acceptance/test_readme_longtail.py": 105,
     "acceptance/test_readme_moco.py": 100, "pipeline/test_methods_train.py": 90,
+    "acceptance/test_webdataset_sets.py": 110,
 }
 
 

@@ -276,11 +276,10 @@ def _encoded_batch(table, image_size: int, with_keys: bool, aspect: bool = False
 
 def is_aspect(scan: ShardScan) -> bool:
     """True for a set written by ``cacr prepare --max-size`` (index.json ``layout: aspect``) and
-    for a set given as a shard list (written by other tools, images of any shape): the whole image,
-    aspect kept, on the canvas, so that random-resized crops see all of it, not a centre square."""
-    from pipeline.data.urls import is_shard_list
-
-    return (scan.index or {}).get("layout") == "aspect" or (scan.index is None and is_shard_list(scan.url))
+    for a set without an index.json (written by other tools, images of any shape): the whole image,
+    aspect kept, on the canvas, so that random-resized crops see all of it, not a centre square
+    (a square image fills the canvas either way)."""
+    return scan.index is None or scan.index.get("layout") == "aspect"
 
 
 def build_dataset(url: str, split: str = "train", *, data: DataConfig | None = None,
