@@ -7,7 +7,7 @@ each on local disk and on an S3 endpoint (a moto server this benchmark starts in
 
 * ``ray``        - the project path: ``build_train_dataset`` (materialised once when it fits
                    ``data.cache_budget_mb``) -> ``iter_train_batches`` in a separate consumer process
-                   (the "train worker"), a new (seed, epoch) block order every epoch;
+                   (the "train worker"), a new (seed, epoch) sample order every epoch;
 * ``streaming``  - the same with the cache off: one Ray Data execution per epoch (the old path);
 * ``worker_decode`` - cached encoded bytes, decoded in the consumer (torchvision, CPU here);
 * ``dataloader`` - plain webdataset + ``torch.utils.data.DataLoader`` with P persistent worker

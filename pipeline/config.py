@@ -80,7 +80,7 @@ class DataConfig:
                           "(torchvision decode_jpeg; nvjpeg on a GPU) from the encoded bytes")
     cache_budget_mb: float = _f(1024.0, "materialise the train set once in the object store when it "
                                         "fits this many MB (decoded, or encoded with decode=worker) "
-                                        "and permute its blocks per epoch: no per-epoch Ray Data "
+                                        "and shuffle its samples per epoch: no per-epoch Ray Data "
                                         "start-up; 0 = stream every epoch")
     imbalance: str | None = _f(
         None, "long-tail profile of the training split when `cacr train` prepares the shards "

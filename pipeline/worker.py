@@ -420,7 +420,7 @@ def _epoch_batches(st: WorkerState, stats: EpochStats, epoch: int) -> Iterator[t
         publish_epoch(st.data_order_key, epoch)
     decode_device = st.device if st.cfg.data.decode == "worker" else "cpu"
     # A cached train set comes unsplit: iter_train_batches takes this worker's rows of epoch
-    # ``epoch``'s block order, a pure function of (seed, epoch) (same order after a restart).
+    # ``epoch``'s sample order, a pure function of (seed, epoch) (same order after a restart).
     raw = iter_train_batches(shard, batch_size=st.cfg.batch_size, device=decode_device,
                              decode=st.cfg.data.decode, prefetch_batches=2,
                              pin_memory=st.cfg.use_gpu, epoch=epoch, seed=st.cfg.seed)

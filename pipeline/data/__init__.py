@@ -27,7 +27,7 @@ dropped). See format.py.
 """
 from pipeline.data.format import (ALL_REASONS, INDEX_NAME, SHARD_REASONS, SKIP_REASONS, DataError,
                                   decode_image)
-from pipeline.data.batches import decode_batch, epoch_block_order, iter_train_batches
+from pipeline.data.batches import decode_batch, epoch_row_order, iter_train_batches
 from pipeline.data.read import (DECODE_MODES, build_dataset, build_train_dataset, is_cached, merge_counts,
                                 split_batch, train_datasets_to_split)
 from pipeline.data.validate import ShardInfo, ShardScan, has_shards, read_index, scan_shards
@@ -37,5 +37,5 @@ __all__ = [
     "DataError", "prepare", "has_shards", "scan_shards", "ShardScan", "ShardInfo", "read_index", "build_dataset",
     "split_batch", "merge_counts", "decode_image", "SKIP_REASONS", "SHARD_REASONS", "ALL_REASONS",
     "INDEX_NAME", "build_train_dataset", "is_cached", "train_datasets_to_split", "iter_train_batches",
-    "decode_batch", "epoch_block_order", "DECODE_MODES",
+    "decode_batch", "epoch_row_order", "DECODE_MODES",
 ]

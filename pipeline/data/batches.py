@@ -13,12 +13,15 @@ aligned zero canvas) on ``device``; ``label`` int64, ``skip`` int8 (skip codes, 
 Two kinds of shard (decided on the driver by :func:`pipeline.data.build_train_dataset`):
 
 * **cached** (a materialised dataset, handed unsplit to every worker): the blocks stay in the object
-  store; epoch ``e`` visits them in the order ``permutation(rng(seed, e))`` - a pure function of
-  (seed, epoch), so a restarted or resumed run gets the order it would have had - and worker ``r``
-  of ``W`` takes rows ``[r N / W, (r + 1) N / W)`` of that sequence (``N`` divides by ``W`` thanks
-  to the reader's PAD rows): exactly once per epoch, equal batch counts, and no Ray Data execution
-  per epoch (the first batch costs one ``ray.get`` of a block). Blocks are fetched by a background
-  thread ``prefetch_batches`` blocks ahead.
+  store; epoch ``e`` reads the N rows in the order ``permutation(rng(seed, e))`` of ALL rows (a
+  sample-level shuffle, so batches are new mixtures every epoch, not the same neighbours in a new
+  block order) - a pure function of (seed, epoch), so a restarted or resumed run gets the order it
+  would have had - and worker ``r`` of ``W`` takes positions ``[r N / W, (r + 1) N / W)`` of that
+  sequence (``N`` divides by ``W`` thanks to the reader's PAD rows): exactly once per epoch, equal
+  batch counts, and no Ray Data execution per epoch. Each batch is gathered from the blocks its
+  rows are in; a block is fetched (``ray.get``: a zero-copy view on the worker's node) the first
+  time a batch needs it, by a background thread ``prefetch_batches`` batches ahead, and kept for
+  the following epochs: the cached set is in memory by definition (``data.cache_budget_mb``).
 * **streaming** (Ray Train's ``streaming_split``): one Ray Data execution per epoch, shard order
   re-shuffled by Ray per execution (not a function of ``epoch``); for sets above the cache budget.
 
@@ -40,12 +43,7 @@ from pipeline.data.format import FIRST_DROPPED, UNDECODABLE_IMAGE, decode_aspect
 
 _JPEG_MAGIC = b"\xff\xd8"
 _BLOCKS: "weakref.WeakKeyDictionary[Any, list]" = weakref.WeakKeyDictionary()
-
-
-def epoch_block_order(num_blocks: int, seed: int, epoch: int) -> np.ndarray:
-    """The order in which every worker's epoch ``epoch`` visits the cached blocks: a pure function
-    of (seed, epoch, number of blocks)."""
-    return np.random.default_rng([int(seed) & 0xFFFFFFFF, int(epoch), 0xCAC2]).permutation(num_blocks)
+_COLUMNS: "weakref.WeakKeyDictionary[Any, dict]" = weakref.WeakKeyDictionary()
 
 
 def worker_row_range(total: int, rank: int, world: int) -> tuple[int, int]:
@@ -102,48 +100,68 @@ def _cached_blocks(shard) -> list[tuple[Any, int]]:
 
 def _cached_rows(shard, *, batch_size: int, epoch: int, seed: int, rank: int, world: int,
                  prefetch: int) -> Iterator[dict[str, np.ndarray]]:
-    """Numpy batches of this worker's rows of epoch ``epoch`` (see the module docstring)."""
+    """Numpy batches of this worker's rows of epoch ``epoch`` (see the module docstring): the
+    epoch's sample permutation of all rows, this worker's contiguous slice of it, gathered from
+    the cached blocks batch by batch. Blocks are fetched when first needed (``prefetch`` batches
+    ahead, in a background thread) and kept for the next epochs (zero-copy views of the object
+    store on the worker's node)."""
+    blocks = _cached_blocks(shard)
+    starts = np.concatenate([[0], np.cumsum([n for _, n in blocks])]).astype(np.int64)
+    lo, hi = worker_row_range(int(starts[-1]), rank, world)
+    mine = epoch_row_order(int(starts[-1]), seed, epoch)[lo:hi]
+    plans = [_batch_plan(mine[i:i + batch_size], starts) for i in range(0, len(mine), batch_size)]
+    cols = _block_columns(shard)
+    with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="cacr-blocks") as pool:
+        def fetch_for(plan):
+            for b in np.unique(plan[0]):
+                if int(b) not in cols:
+                    cols[int(b)] = _fetch_block(blocks[int(b)][0])
+            return plan
+        futures = [pool.submit(fetch_for, p) for p in plans[:prefetch]]
+        for i in range(len(plans)):
+            which, rows = futures[i].result()
+            futures[i] = None
+            if i + prefetch < len(plans):
+                futures.append(pool.submit(fetch_for, plans[i + prefetch]))
+            yield _gather(cols, which, rows)
+
+
+def epoch_row_order(total: int, seed: int, epoch: int) -> np.ndarray:
+    """Epoch ``epoch``'s order of all rows of a cached set (sample-level shuffle): a pure function
+    of (seed, epoch, row count), so a restarted or resumed run reads the order it would have had."""
+    return np.random.default_rng([int(seed) & 0xFFFFFFFF, int(epoch), 0xCAC3]).permutation(total)
+
+
+def _batch_plan(rows: np.ndarray, starts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Global row numbers -> (block of each row, row within that block)."""
+    which = np.searchsorted(starts, rows, side="right") - 1
+    return which, rows - starts[which]
+
+
+def _block_columns(shard) -> dict[int, dict[str, np.ndarray]]:
+    """This process's fetched blocks of a cached shard (block number -> numpy columns)."""
+    if shard not in _COLUMNS:
+        _COLUMNS[shard] = {}
+    return _COLUMNS[shard]
+
+
+def _fetch_block(ref) -> dict[str, np.ndarray]:
     import ray
     from ray.data.block import BlockAccessor
 
-    blocks = _cached_blocks(shard)
-    order = epoch_block_order(len(blocks), seed, epoch)
-    total = sum(n for _, n in blocks)
-    lo, hi = worker_row_range(total, rank, world)
-    wanted = []  # (block ref, first row, end row) of the blocks overlapping [lo, hi)
-    start = 0
-    for b in order:
-        ref, n = blocks[b]
-        a, z = max(lo, start), min(hi, start + n)
-        if a < z:
-            wanted.append((ref, a - start, z - start))
-        start += n
+    return BlockAccessor.for_block(ray.get(ref)).to_numpy()
 
-    def fetch(item):
-        ref, a, z = item
-        return BlockAccessor.for_block(ray.get(ref)).slice(a, z, copy=False)
 
-    pending: list[tuple[int, dict]] = []
-    filled = 0
-    with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="cacr-blocks") as pool:
-        futures = [pool.submit(fetch, w) for w in wanted[:prefetch]]
-        for i in range(len(wanted)):
-            block = futures[i].result()
-            futures[i] = None  # drop the reference: the block may leave this process
-            if i + prefetch < len(wanted):
-                futures.append(pool.submit(fetch, wanted[i + prefetch]))
-            cols = BlockAccessor.for_block(block).to_numpy()
-            n, off = len(cols["skip"]), 0
-            while off < n:
-                take = min(batch_size - filled, n - off)
-                pending.append({k: v[off:off + take] for k, v in cols.items()})
-                filled += take
-                off += take
-                if filled == batch_size:
-                    yield _concat(pending)
-                    pending, filled = [], 0
-    if pending:
-        yield _concat(pending)
+def _gather(cols: dict[int, dict[str, np.ndarray]], which: np.ndarray, rows: np.ndarray) -> dict[str, np.ndarray]:
+    """One batch: row ``rows[i]`` of block ``which[i]``, for every column, in the batch's order."""
+    first = cols[int(which[0])]
+    out = {k: np.empty((len(rows),) + v.shape[1:], dtype=v.dtype) for k, v in first.items()}
+    for b in np.unique(which):
+        sel = np.flatnonzero(which == b)
+        src = cols[int(b)]
+        for k in out:
+            out[k][sel] = src[k][rows[sel]]
+    return out
 
 
 def _concat(parts: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
@@ -280,4 +298,4 @@ def _resize(img, nh: int, nw: int, F):
     return x.round_().clamp_(0, 255).to(img.dtype)[0]
 
 
-__all__ = ["iter_train_batches", "decode_batch", "epoch_block_order", "worker_row_range"]
+__all__ = ["iter_train_batches", "decode_batch", "epoch_row_order", "worker_row_range"]

@@ -35,11 +35,11 @@ No per-epoch stall (:func:`build_train_dataset`): a streaming dataset re-plans a
 execution (tasks, actors, the first shard reads and decodes) at the start of every epoch. When the
 train set fits ``data.cache_budget_mb`` (decoded canvases, or the encoded bytes with
 ``decode=worker``), it is instead read once, in index order, into the object store
-(``materialize``) and handed *unsplit* to every Train worker; each epoch then only permutes block
-references: epoch ``e`` visits the blocks in ``permutation(rng(seed, e))`` order and worker ``r``
-of ``W`` takes its contiguous ``N / W`` rows of that sequence (pipeline/data/batches.py). The order
-is a pure function of (seed, epoch): a restarted or resumed run gives epoch ``e`` the order it would
-have had. Budget: the cached set lives in the object store (default 30 % of RAM per node; spilled
+(``materialize``) and handed *unsplit* to every Train worker; each epoch then reads all N rows in
+a sample-level ``permutation(rng(seed, e))`` order and worker ``r`` of ``W`` takes its contiguous
+``N / W`` positions of that sequence, each batch gathered from the cached blocks
+(pipeline/data/batches.py). The order is a pure function of (seed, epoch): a restarted or resumed
+run gives epoch ``e`` the order it would have had. Budget: the cached set lives in the object store (default 30 % of RAM per node; spilled
 to disk beyond it), so keep ``cache_budget_mb`` well under that. Larger sets stream as before.
 
 Exactly once per epoch: Ray Train splits with ``equal=True``, which drops the remainder rows when

@@ -99,9 +99,20 @@ def test_unknown_tune_key_points_at_the_training_key(capsys):
 def test_evaluate_and_export_take_the_endpoint_options_and_fail_fast_unreachable(tmp_path):
     """`cacr evaluate|export s3://...` against an endpoint nobody listens on: one line saying it
     cannot reach the endpoint (the up-front check, short timeouts), not "does not exist"."""
-    from pipeline.ray_start import free_port
+    import socket
 
-    endpoint = f"http://127.0.0.1:{free_port()}"
+    # A port bound here but never listened on: connections are refused, and no other process of
+    # the parallel suite (a Ray dashboard answering 403, a moto server) can take it meanwhile.
+    held = socket.socket()
+    held.bind(("127.0.0.1", 0))
+    endpoint = f"http://127.0.0.1:{held.getsockname()[1]}"
+    try:
+        _unreachable_endpoint_checks(endpoint, tmp_path)
+    finally:
+        held.close()
+
+
+def _unreachable_endpoint_checks(endpoint: str, tmp_path) -> None:
     for argv in (["evaluate", "s3://bucket/runs/r", "--endpoint-url", endpoint],
                  ["export", "s3://bucket/runs/r", str(tmp_path / "out"), "--endpoint-url", endpoint]):
         r = subprocess.run([sys.executable, "-m", "pipeline.cli", *argv], capture_output=True,

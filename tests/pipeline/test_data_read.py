@@ -570,3 +570,31 @@ def test_decode_batch_matches_pil(device, aspect):
         # no resampling: exact on the CPU (same libjpeg); resized: torch vs PIL bilinear+antialias
         limit = (0 if device == "cpu" else 8) if not resized else 40
         assert diff <= limit, (i, diff)
+
+
+@pytest.mark.slow
+def test_cached_set_shuffles_samples_not_only_blocks(digits_shards, ray_session):
+    """Cached mode: every epoch makes new batches out of the samples (a sample-level shuffle), not
+    the same neighbours in a new block order - two samples that shared a batch in epoch 0 rarely
+    share one in epoch 1 (chance: ~B/N), and shard neighbours are spread over the epoch."""
+    from pipeline.config import DataConfig
+    from pipeline.data import build_train_dataset, is_cached, iter_train_batches
+
+    scan = scan_shards(digits_shards, "train")
+    ds = build_train_dataset(digits_shards, data=DataConfig(url=digits_shards, image_size=32), seed=7,
+                             num_workers=1, scan=scan)
+    assert is_cached(ds)
+
+    def batches(epoch):
+        return [b["id"][b["skip"] < 3].tolist() for b in iter_train_batches(
+            ds, batch_size=64, epoch=epoch, seed=7, rank=0, world_size=1)]
+
+    def pairs(bs):
+        return {(a, b) for ids in bs for a in ids for b in ids if a < b}
+
+    e0, e1 = batches(0), batches(1)
+    assert sorted(sum(e0, [])) == sorted(sum(e1, [])) and len(sum(e0, [])) == scan.rows
+    again = len(pairs(e0) & pairs(e1)) / len(pairs(e0))
+    assert again < 0.2, f"{again:.0%} of the sample pairs that shared a batch in epoch 0 share one in epoch 1"
+    first = sorted(e0[0])
+    assert sum(b - a == 1 for a, b in zip(first, first[1:])) < len(first) // 4, "batch 0 = consecutive samples"
