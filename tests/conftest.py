@@ -203,6 +203,8 @@ def ray_starts(monkeypatch) -> list:
     import ray
 
     import pipeline.ray_start
+    import pipeline.tune  # imports start_ray by name at import time: import it BEFORE patching (else
+    # a first import under the patch binds `refuse` for the rest of the process), and patch it too
 
     calls: list = []
 
@@ -211,6 +213,7 @@ def ray_starts(monkeypatch) -> list:
         raise AssertionError("Ray was started")
 
     monkeypatch.setattr(pipeline.ray_start, "start_ray", refuse)
+    monkeypatch.setattr(pipeline.tune, "start_ray", refuse)
     monkeypatch.setattr(ray, "init", refuse)
     return calls
 
