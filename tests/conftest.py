@@ -409,7 +409,7 @@ def _leaves_nothing_behind(request):
 #: seconds each of the longest files took in a full run on the 2-core VM (`--junitxml`, summed
 #: per file): only the ORDER matters, so a stale figure costs balance, never a result
 _MEASURED_S = {
-    "faults/test_interrupts.py": 600, "acceptance/test_readme_local.py": 330,
+    "faults/test_interrupts.py": 400, "acceptance/test_readme_local.py": 330,
     "faults/test_tune_faults.py": 240, "pipeline/test_tune.py": 230, "acceptance/test_readme_s3.py": 190,
     "pipeline/test_train.py": 180, "acceptance/test_ray_job_fresh_home.py": 110,
     "pipeline/test_evaluate.py": 140, "faults/test_storage_outage.py": 130,

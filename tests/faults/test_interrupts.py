@@ -6,8 +6,9 @@ by session id and by its private RAY_TMPDIR) and no temp dir of its own; the las
 checkpoint is intact, and re-running the printed command resumes from it with the exact step
 count. kill -9 of the driver cannot print anything; its local Ray shares its fate; it is injected
 at the exact point where it costs most (pipeline/failpoints.py: a checkpoint uploaded, not yet
-registered), and the re-run resumes from that newest complete checkpoint anyway. A partial
-checkpoint (here: the newest one truncated on purpose) is skipped for the newest complete one.
+registered) after the final epoch, and the re-run resumes from that newest complete checkpoint
+anyway and ends as a finished run. A partial checkpoint (here: the newest one truncated on
+purpose) is skipped for the newest complete one.
 """
 from __future__ import annotations
 
@@ -69,67 +70,69 @@ def _killed_by_the_failpoint(run: CliRun) -> None:
         "a killed driver's local Ray must die with it"
 
 
-def test_train_kill_9_sigterm_partial_checkpoint_then_resume_exactly(cacr_cli, digits_shards, tmp_path):
+def test_train_sigterm_partial_checkpoint_kill_9_then_resume_exactly(cacr_cli, digits_shards, tmp_path):
     """Every stop of a training run, one after the other on the same run, each resumed from the
-    newest COMPLETE checkpoint with the exact step count. The kill -9s land at an exact point
-    (pipeline/failpoints.py): after rank 0 uploaded a checkpoint, before Ray registered it - the
-    checkpoint Ray would hand back is then one epoch older than the newest on disk, and the
-    re-run must still resume from the newest. SIGTERM takes Ctrl-C's path (the current SIGINT
-    handler: Ray Train's), so it stands for both here; Ctrl-C itself is sent to `cacr evaluate`
-    below and to `cacr tune` in test_tune_faults.py."""
+    newest COMPLETE checkpoint with the exact step count. SIGTERM takes Ctrl-C's path (the current
+    SIGINT handler: Ray Train's), so it stands for both here; Ctrl-C itself is sent to `cacr
+    evaluate` below and to `cacr tune` in test_tune_faults.py. The kill -9 lands at an exact point
+    (pipeline/failpoints.py): after rank 0 uploaded the FINAL epoch's checkpoint, before Ray
+    registered it - the checkpoint Ray hands back is then one epoch older than the newest on
+    storage; the re-run must resume from the newest (nothing trained twice) and, every epoch being
+    done, still end as a finished run does. (A kill -9 after an earlier epoch takes the same resume
+    path; the final epoch is the one where the report after it must also work.) One Train worker
+    with twice the batch: the same steps per epoch as TINY, one process less per run."""
     runs = tmp_path / "runs"
-    epochs = 8  # tiny epochs (~1 s)
-    args = ["train", *TINY, f"epochs={epochs}", f"keep_checkpoints={epochs}",
-            f"data.url={digits_shards}", "data.source=null", f"storage_path={runs}"]  # no name=
+    epochs = 6  # tiny epochs (~1 s); the SIGTERM lands after 2, well before the last
+    args = ["train", *TINY, "num_workers=1", "batch_size=128", f"epochs={epochs}",
+            f"keep_checkpoints={epochs}", f"data.url={digits_shards}", "data.source=null",
+            f"storage_path={runs}"]  # no name=
 
-    # 1. A new run, killed -9 right after uploading epoch 2, before Ray registers it.
-    a = cacr_cli(*args, env={FAILPOINT: "kill_driver_after_upload@2"})
-    _killed_by_the_failpoint(a)
-    (name,) = [p.name for p in runs.iterdir() if p.is_dir() and checkpoints(p)]
-    killed_at = _complete(runs / name)[-1]
-    assert _epoch(killed_at) == 2
-
-    # 2. The re-run resumes from that unregistered checkpoint (nothing trained twice), and is
-    # stopped by SIGTERM (what kill, Kubernetes, Slurm send) once it wrote a new complete
-    # checkpoint: one line with the command that resumes, exit 130, nothing of its Ray left.
-    b = cacr_cli(*args, f"name={name}")
-    assert _resumed_epoch(b) == 2
-    assert f"resuming from {killed_at.name}: complete" in b.output, b.output[-3000:]
+    # 1. A new run, stopped by SIGTERM (what kill, Kubernetes, Slurm send) once it wrote two
+    # complete checkpoints: one line with the command that resumes, exit 130, nothing of its Ray
+    # left, no temp dir of its own.
+    a = cacr_cli(*args)
     deadline = time.monotonic() + 600  # hang guard
-    while _epoch(_complete(runs / name)[-1]) <= 2 and time.monotonic() < deadline:
+    while time.monotonic() < deadline:
+        done = [p for p in runs.iterdir() if p.is_dir() and len(_complete(p)) >= 2] \
+            if runs.is_dir() else []
+        if done:
+            break
         time.sleep(0.2)
-    b.proc.send_signal(signal.SIGTERM)
-    assert b.finish(STOP_GUARD_S) == 130, b.output[-3000:]
-    line = _one_interrupt_line(b.output)
-    assert b.wait_no_processes() == [], "Ray processes left behind after SIGTERM"
-    assert b.own_tmp_leftovers() == []
+    (run,) = done
+    a.proc.send_signal(signal.SIGTERM)
+    assert a.finish(STOP_GUARD_S) == 130, a.output[-3000:]
+    line = _one_interrupt_line(a.output)
+    assert a.wait_no_processes() == [], "Ray processes left behind after SIGTERM"
+    assert a.own_tmp_leftovers() == []
     resume = shlex.split(line.split("resume with: ", 1)[1])
-    assert resume[:2] == ["cacr", "train"] and f"name={name}" in resume, line
+    assert resume[:2] == ["cacr", "train"] and f"name={run.name}" in resume, line
 
-    # 3. A crash while writing: the newest checkpoint truncated. The printed command skips it for
+    # 2. A crash while writing: the newest checkpoint truncated. The printed command skips it for
     # the newest complete one, and is killed -9 right after uploading the FINAL epoch's checkpoint.
-    ckpts = _complete(runs / name)
+    ckpts = _complete(run)
     fallback = _epoch(ckpts[-2])
     state = ckpts[-1] / STATE_FILE
     state.write_bytes(state.read_bytes()[: state.stat().st_size // 2])
-    c = cacr_cli(*resume[1:], env={FAILPOINT: f"kill_driver_after_upload@{epochs}"})
-    assert _resumed_epoch(c) == fallback, c.output[-3000:]
-    assert "skipping checkpoint " + ckpts[-1].name in c.output
-    _killed_by_the_failpoint(c)
-    assert _epoch(_complete(runs / name)[-1]) == epochs
+    b = cacr_cli(*resume[1:], env={FAILPOINT: f"kill_driver_after_upload@{epochs}"})
+    assert _resumed_epoch(b) == fallback, b.output[-3000:]
+    assert "skipping checkpoint " + ckpts[-1].name in b.output
+    _killed_by_the_failpoint(b)
+    newest = _complete(run)[-1]
+    assert _epoch(newest) == epochs
 
-    # 4. The last re-run finds every epoch done in a checkpoint Ray never registered: it reports
-    # that one, and the run ends as a finished run does - exactly epochs x steps_per_epoch steps,
-    # the summary, the export.
-    d = cacr_cli(*resume[1:])
-    assert d.finish(900) == 0, d.output[-3000:]
-    assert f"resumed from checkpoint: epoch {epochs}, step {epochs * STEPS_PER_EPOCH}" in d.output
+    # 3. The last re-run finds every epoch done in a checkpoint Ray never registered: it resumes
+    # from that one, reports it, and the run ends as a finished run does - exactly epochs x
+    # steps_per_epoch steps, the summary, the export.
+    c = cacr_cli(*resume[1:])
+    assert c.finish(900) == 0, c.output[-3000:]
+    assert f"resuming from {newest.name}: complete" in c.output, c.output[-3000:]
+    assert f"resumed from checkpoint: epoch {epochs}, step {epochs * STEPS_PER_EPOCH}" in c.output
     # the summary line (a late "(RayTrainWorker ...)" log line may follow it in this capture)
-    summary = json.loads(next(ln for ln in reversed(d.lines) if ln.startswith("{")))
+    summary = json.loads(next(ln for ln in reversed(c.lines) if ln.startswith("{")))
     assert summary["resumed_from_epoch"] == epochs and summary["epochs"] == epochs
     assert summary["steps"] == epochs * STEPS_PER_EPOCH  # nothing lost, nothing counted twice
     assert _epoch(Path(summary["checkpoint"])) == epochs and Path(summary["backbone"]).exists()
-    assert d.own_tmp_leftovers() == []
+    assert c.own_tmp_leftovers() == []
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["sigterm", "ctrl_c"])

@@ -95,7 +95,9 @@ def test_tune_worker_killed_then_ctrl_c_then_resumed(cacr_cli, digits_shards, s3
     assert b.finish(900) == 0, b.output[-3000:]
     assert "resuming search" in b.output
     out = json.loads(next(ln for ln in reversed(b.lines) if ln.startswith("{")))
-    assert out["resumed"] and out["trials"] == 2 and out["completed"] == 2, out["trial_table"]
+    errors = [(row["trial"], row["status"], row["error"]) for row in out["trial_table"]]
+    assert out["resumed"] and out["trials"] == 2 and out["completed"] == 2, \
+        (errors, a.output[-4000:], b.output[-8000:])
     for row in out["trial_table"]:
         assert row["status"] == "DONE" and row["epochs"] == epochs, row
         assert row["step"] == epochs * STEPS, row  # none lost, none twice
