@@ -39,7 +39,8 @@ def storage_from_args(args: argparse.Namespace) -> StorageConfig:
 
 
 def add_prepare_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("source", help="digits | an image folder (one sub-folder per class, or flat) | "
+    parser.add_argument("source", help="digits | an image folder (one sub-folder per class, or flat), local or "
+                                       "s3://bucket/prefix/ (read by the Ray tasks, on any node) | "
                                        "cifar10:PATH | cifar100:PATH (the python-pickle batches) | "
                                        "skimage-photos[:N] (crops of scikit-image's sample photos)")
     parser.add_argument("out", help="output: local directory or s3://bucket/prefix")

@@ -1,5 +1,6 @@
-"""Where `cacr prepare` reads images from: ``digits``, an image folder, ``cifar10:PATH``/``cifar100:PATH``,
-``skimage-photos[:N]`` (random crops of scikit-image's bundled photos, for benches).
+"""Where `cacr prepare` reads images from: ``digits``, an image folder (local, or ``s3://bucket/prefix/``),
+``cifar10:PATH``/``cifar100:PATH``, ``skimage-photos[:N]`` (random crops of scikit-image's bundled
+photos, for benches).
 
 A :class:`Source` is a list of samples (index -> label) plus a way to produce the stored RGB image of
 any index at the stored size. Work for one shard is described by a small picklable *payload*
@@ -16,8 +17,10 @@ from typing import Any
 import numpy as np
 
 from pipeline.data.format import DataError, fit_max, fit_square, open_rgb
+from pipeline.storage import is_remote
 
 FOLDER_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm")
+URL_FETCH_CHUNK = 64  # S3 objects fetched concurrently per request batch (one shard = many batches)
 
 
 @dataclass
@@ -28,10 +31,11 @@ class Source:
     default_image_size: int
     fixed_splits: dict[str, np.ndarray] | None = None   # e.g. CIFAR's own test batch
     arrays: np.ndarray | None = None   # uint8 (N, h, w, 3) for in-memory sources
-    files: list[str] | None = None     # absolute paths for folder sources
+    files: list[str] | None = None     # absolute paths (local folder) or s3:// URLs (S3 folder)
     crops: list[tuple] | None = None   # photo crop boxes for the skimage-photos source
     digest_extra: str = ""
     meta: dict[str, Any] = field(default_factory=dict)
+    storage: Any = None                # StorageConfig of an S3 folder (no credentials in it)
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -46,7 +50,14 @@ class Source:
             return {"kind": "array", "pixels": self.arrays[indices]}
         if self.crops is not None:
             return {"kind": "photos", "crops": [self.crops[i] for i in indices]}
+        if not self.local_files:
+            return {"kind": "urls", "urls": [self.files[i] for i in indices], "storage": self.storage}
         return {"kind": "files", "files": [self.files[i] for i in indices]}
+
+    @property
+    def local_files(self) -> bool:
+        """Its images are files on THIS machine's disk (only tasks on this node can read them)."""
+        return self.files is not None and not (self.files and is_remote(self.files[0]))
 
     def digest(self) -> str:
         """Identity of the source content (for resuming: same digest -> same shards)."""
@@ -85,13 +96,42 @@ def load_images(payload: dict[str, Any], size: int, layout: str = "square") -> l
                 im = im.resize((size, size), Image.BILINEAR) if im.size[0] == im.size[1] else fit_square(im, size)
             out.append(np.asarray(im.convert("RGB"), dtype=np.uint8))
         return out
-    for path in payload["files"]:
+    encoded = _fetch_urls(payload["urls"], payload["storage"]) if payload["kind"] == "urls" \
+        else payload["files"]
+    for item in encoded:
         try:
-            im = open_rgb(path, size, longer=aspect)
+            if item is None:
+                raise ValueError("missing")
+            im = open_rgb(item, size, longer=aspect)
             im = fit_max(im, size) if aspect else fit_square(im, size)
             out.append(np.asarray(im, dtype=np.uint8))
         except Exception:  # noqa: BLE001 - unreadable source image: counted by the writer
             out.append(None)
+    return out
+
+
+def _fetch_urls(urls: list[str], storage) -> list[bytes | None]:
+    """The bytes of S3 objects, fetched concurrently (s3fs ``cat`` on a list) in chunks, so a
+    shard of large photos is never all in flight at once. An object that vanished since the
+    listing is ``None`` (counted as unreadable); any other failure (endpoint down, access denied)
+    fails the shard: a network error must not silently drop images."""
+    from pipeline.storage import classify_s3_error, fsspec_fs
+
+    if not urls:
+        return []
+    fs, _ = fsspec_fs(urls[0], storage)
+    out: list[bytes | None] = []
+    for start in range(0, len(urls), URL_FETCH_CHUNK):
+        chunk = [u[len("s3://"):] for u in urls[start:start + URL_FETCH_CHUNK]]
+        got = fs.cat(chunk, on_error="return")
+        for path in chunk:
+            v = got.get(path)
+            if isinstance(v, FileNotFoundError):
+                out.append(None)
+            elif isinstance(v, BaseException):
+                raise classify_s3_error(v, "s3://" + path, storage) from None
+            else:
+                out.append(v)
     return out
 
 
@@ -170,27 +210,64 @@ def folder_source(path: str) -> Source:
     if not os.path.isdir(root):
         raise DataError(f"source '{path}' is not a directory, 'digits', or cifar10:PATH / cifar100:PATH")
 
-    def is_img(n: str) -> bool:
-        return n.lower().endswith(FOLDER_EXTS) and not n.startswith(".")
-
     subdirs = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)) and not d.startswith("."))
     classes, files, labels = [], [], []
     for d in subdirs:
         found = []
         for dirpath, dirnames, names in os.walk(os.path.join(root, d)):
             dirnames[:] = sorted(x for x in dirnames if not x.startswith("."))
-            found.extend(os.path.join(dirpath, n) for n in sorted(names) if is_img(n))
+            found.extend(os.path.join(dirpath, n) for n in sorted(names) if _is_img(n))
         if found:
             labels.extend([len(classes)] * len(found))
             classes.append(d)
             files.extend(found)
     if not files:
-        files = [os.path.join(root, n) for n in sorted(os.listdir(root)) if is_img(n)]
+        files = [os.path.join(root, n) for n in sorted(os.listdir(root)) if _is_img(n)]
         labels = [-1] * len(files)
     if not files:
         raise DataError(f"no images ({', '.join(FOLDER_EXTS)}) in '{path}' or its sub-folders")
     return Source(f"folder:{root}", np.asarray(labels, dtype=np.int64), classes, 64, files=files,
                   digest_extra=str(sum(os.path.getsize(f) for f in files)))
+
+
+def _is_img(name: str) -> bool:
+    return name.lower().endswith(FOLDER_EXTS) and not name.startswith(".")
+
+
+def s3_folder_source(url: str, storage=None) -> Source:
+    """An image folder on S3, laid out like a local one: ``PREFIX/<class>/**/<image>`` (labelled,
+    classes sorted) or images directly under ``PREFIX/`` (unlabelled). One listing on the driver;
+    the images are then read by the tasks that write the shards, on whatever node runs them."""
+    from pipeline.storage import check_location, classify_s3_error, fsspec_fs, parse_url
+
+    loc = parse_url(url)
+    check_location(url, storage)  # endpoint, credentials, bucket, something under the prefix
+    fs, root = fsspec_fs(url, storage)
+    root = root.rstrip("/")
+    try:
+        listing = fs.find(root, detail=True)
+    except Exception as e:  # noqa: BLE001
+        raise classify_s3_error(e, url, storage) from None
+    per_class: dict[str, list[tuple[str, int]]] = {}
+    flat: list[tuple[str, int]] = []
+    for path, info in sorted(listing.items()):
+        parts = path[len(root):].strip("/").split("/")
+        if info.get("type") != "file" or not _is_img(parts[-1]) or any(p.startswith(".") for p in parts):
+            continue
+        entry = ("s3://" + path, int(info.get("size") or 0))
+        (per_class.setdefault(parts[0], []) if len(parts) > 1 else flat).append(entry)
+    classes = sorted(per_class)
+    if classes:
+        found = [(c, e) for c in classes for e in per_class[c]]
+        labels = [classes.index(c) for c, _ in found]
+        files = [e for _, e in found]
+    else:
+        files, labels = flat, [-1] * len(flat)
+    if not files:
+        raise DataError(f"no images ({', '.join(FOLDER_EXTS)}) under '{loc.url}' or its sub-prefixes")
+    return Source(loc.url.rstrip("/"), np.asarray(labels, dtype=np.int64), classes, 64,
+                  files=[u for u, _ in files], storage=storage,
+                  digest_extra=str(sum(n for _, n in files)))
 
 
 def _unpickle_user_file(path: str) -> dict:
@@ -238,7 +315,9 @@ def cifar_source(kind: str, path: str) -> Source:
                   arrays=px, digest_extra=hashlib.sha1(px[:: max(1, len(px) // 64)].tobytes()).hexdigest())
 
 
-def open_source(spec: str) -> Source:
+def open_source(spec: str, storage=None) -> Source:
+    if is_remote(spec):
+        return s3_folder_source(spec, storage)
     if spec == "digits":
         return digits_source()
     if spec == "skimage-photos" or spec.startswith("skimage-photos:"):

@@ -181,7 +181,7 @@ def prepare(source: str | Source, out_url: str, *, storage: StorageConfig | None
     ensure_location(out_url, storage)  # s3: endpoint, credentials, bucket checked: fail fast
 
     profile = lt.parse_profile(imbalance)  # bad profile: fail before reading the source
-    src = open_source(source) if isinstance(source, str) else source
+    src = open_source(source, storage) if isinstance(source, str) else source
     size = int(max_size or image_size or src.default_image_size)
     splits = _split_indices(src, vf, seed)
     C = len(src.classes)
@@ -203,8 +203,8 @@ def prepare(source: str | Source, out_url: str, *, storage: StorageConfig | None
              f"{lt.class_counts(src.labels[splits['train']], C)} (of {before})")
     for j in todo:
         j["payload"] = src.payload(j.pop("indices"))
-    written = _run_ray(todo, out_url, storage, progress) if use_ray and todo else \
-        _run_local(todo, out_url, storage, progress)
+    written = _run_ray(todo, out_url, storage, progress, pin=_pin_to_driver(src, out_url),
+                       echo=echo) if use_ray and todo else _run_local(todo, out_url, storage, progress)
 
     entries = {e["name"]: e for e in [*done, *written]}
     unreadable = sum(e.get("unreadable", 0) for e in entries.values())
@@ -341,7 +341,19 @@ def _guard(fn, job, out_url, storage):
         raise DataError(f"cannot write shard {job['name']} under {out_url}: {e}") from None
 
 
-def _run_ray(jobs, out_url, storage, progress) -> list[dict]:
+def _pin_to_driver(src: Source, out_url: str) -> str | None:
+    """Why the shard tasks must run on the driver's node (None: any node of the cluster will do).
+    A local folder or a local output exists on this machine's disk only; in-memory sources and
+    S3 folders travel with the task or are read from S3 by whichever node runs it."""
+    if src.local_files:
+        return f"the source folder {src.name.split(':', 1)[-1]} is on this machine"
+    if not is_remote(out_url):
+        return f"the output {out_url} is on this machine"
+    return None
+
+
+def _run_ray(jobs, out_url, storage, progress, *, pin: str | None = None,
+             echo: Callable[[str], None] = print) -> list[dict]:
     import ray
 
     from pipeline.ray_start import start_ray
@@ -349,7 +361,16 @@ def _run_ray(jobs, out_url, storage, progress) -> list[dict]:
     # RAY_ADDRESS joins a cluster, else a NEW local instance (never a `ray start` cluster by accident)
     started = start_ray(dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
     try:
-        task = ray.remote(num_cpus=1, max_retries=2)(write_shard)
+        options: dict[str, Any] = {}
+        if pin is not None:
+            from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+            here = ray.get_runtime_context().get_node_id()
+            options["scheduling_strategy"] = NodeAffinitySchedulingStrategy(node_id=here, soft=False)
+            if len([n for n in ray.nodes() if n.get("Alive")]) > 1:
+                echo(f"prepare: shard tasks pinned to this node ({pin}); put the images and the "
+                     "output on S3 to use every node")
+        task = ray.remote(num_cpus=1, max_retries=2)(write_shard).options(**options)
         bar = _Progress(len(jobs), "prepare", progress)
         pending = [task.remote(j, out_url, storage) for j in jobs]
         out = []

@@ -182,8 +182,105 @@ def test_prepare_to_unreachable_s3_is_one_clear_error(s3_server, tmp_path, capsy
     assert len(err) == 1 and "cannot reach" in err[0]
 
 
+# ---------------------------------------------------------------------------------------------
+# image folders on S3 (`cacr prepare s3://bucket/raw/train/ OUT`)
+
+
+def _labelled_folder(root) -> None:
+    _write_images(root / "cat", 6, seed=1)
+    _write_images(root / "dog" / "nested", 5, seed=2)
+    (root / "dog" / "broken.jpg").write_bytes(b"not an image")
+    (root / "dog" / "notes.txt").write_text("not listed")
+    _write_images(root / ".cache", 2, seed=9)  # hidden: not a class
+
+
+def _content(idx: dict) -> dict:
+    """An index without what names the source (its name, the shard fingerprints derived from it)."""
+    out = {k: v for k, v in idx.items() if k != "source"}
+    out["splits"] = {sp: {**info, "shards": [{k: v for k, v in s.items() if k != "fingerprint"}
+                                             for s in info["shards"]]}
+                     for sp, info in idx["splits"].items()}
+    return out
+
+
+def _shard_bytes(out_url: str, idx: dict) -> dict[str, bytes]:
+    fs, base = fsspec_fs(out_url)
+    return {s["name"]: fs.cat_file(f"{base}/{s['name']}")
+            for info in idx["splits"].values() for s in info["shards"]}
+
+
+def test_s3_image_folder_gives_the_shards_of_the_same_local_folder(tmp_path, s3_bucket, capsys):
+    from tests.conftest import upload_dir
+
+    src = tmp_path / "src"
+    _labelled_folder(src)
+    upload_dir(str(src), f"{s3_bucket}/raw/train")
+    opts = dict(image_size=16, fmt="jpg", shard_size=3, val_fraction=0.25, **QUIET)
+    local = prepare(str(src), str(tmp_path / "local"), **opts)
+    remote = prepare(f"{s3_bucket}/raw/train/", f"{s3_bucket}/shards", **opts)
+    assert remote["source"] == f"{s3_bucket}/raw/train"
+    assert remote["classes"] == ["cat", "dog"] and remote["source_unreadable"] == 1
+    assert _content(remote) == _content(local)
+    assert _shard_bytes(f"{s3_bucket}/shards", remote) == _shard_bytes(str(tmp_path / "local"), local)
+    # the CLI: a re-run resumes (nothing rewritten); an empty prefix is one line
+    p = argparse.ArgumentParser()
+    add_prepare_args(p)
+    assert run_prepare(p.parse_args([f"{s3_bucket}/raw/train/", f"{s3_bucket}/shards", "--image-size", "16",
+                                     "--format", "jpg", "--shard-size", "3", "--val-fraction", "0.25",
+                                     "--no-progress"])) == 0
+    assert "(0 written, 5 skipped)" in capsys.readouterr().err
+    assert run_prepare(p.parse_args([f"{s3_bucket}/raw/nothing/", str(tmp_path / "x"), "--no-progress"])) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "nothing under" in err[0] and "raw/nothing" in err[0], err
+
+
+def test_s3_flat_folder_unlabelled_and_a_vanished_or_unreachable_object(tmp_path, s3_bucket):
+    from moto.server import ThreadedMotoServer
+
+    from pipeline.config import StorageConfig
+    from pipeline.data.sources import load_images, open_source
+    from pipeline.storage import StorageError
+    from tests.conftest import upload_dir
+
+    _write_images(tmp_path / "flat", 5)
+    upload_dir(str(tmp_path / "flat"), f"{s3_bucket}/flat")
+    idx = prepare(f"{s3_bucket}/flat", str(tmp_path / "out"), image_size=24, **QUIET)
+    assert idx["classes"] == [] and idx["labeled"] is False and idx["splits"]["train"]["samples"] == 5
+
+    src = open_source(f"{s3_bucket}/flat")
+    payload = src.payload(np.arange(len(src)))
+    assert payload["kind"] == "urls" and not src.local_files
+    fs, _ = fsspec_fs(src.files[1])
+    fs.rm(src.files[1][len("s3://"):])  # gone between the listing and the shard task: unreadable
+    images = load_images(payload, 24)
+    assert [im is None for im in images] == [False, True, False, False, False]
+    # the endpoint stops: the shard fails (a network error never drops images silently)
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    server.stop()
+    down = StorageConfig(endpoint_url=f"http://{host}:{port}", retry_deadline_s=1.0)
+    with pytest.raises(StorageError):
+        load_images({**payload, "storage": down}, 24)
+
+
+def test_shard_tasks_pinned_to_the_driver_only_for_what_is_on_its_disk(tmp_path, s3_bucket):
+    from pipeline.data.sources import open_source
+    from pipeline.data.write import _pin_to_driver
+    from tests.conftest import upload_dir
+
+    _write_images(tmp_path / "flat", 2)
+    upload_dir(str(tmp_path / "flat"), f"{s3_bucket}/flat")
+    local_src, s3_src = open_source(str(tmp_path / "flat")), open_source(f"{s3_bucket}/flat")
+    assert "source folder" in _pin_to_driver(local_src, f"{s3_bucket}/out")
+    assert "output" in _pin_to_driver(s3_src, str(tmp_path / "out"))
+    assert "output" in _pin_to_driver(open_source("digits"), str(tmp_path / "out"))
+    assert _pin_to_driver(s3_src, f"{s3_bucket}/out") is None
+    assert _pin_to_driver(open_source("digits"), f"{s3_bucket}/out") is None
+
+
 @pytest.mark.slow
-def test_ray_path_matches_in_process(tmp_path, ray_session):
+def test_ray_path_matches_in_process(tmp_path, ray_session, s3_server):
     src = tmp_path / "src"
     _write_images(src / "a", 9, seed=3)
     _write_images(src / "b", 8, seed=4)
@@ -196,6 +293,13 @@ def test_ray_path_matches_in_process(tmp_path, ray_session):
     for info in local["splits"].values():
         for s in info["shards"]:
             assert open(tmp_path / "local" / s["name"], "rb").read() == open(tmp_path / "ray" / s["name"], "rb").read()
+    # an S3 image folder to S3: the tasks read the images from S3 themselves (any node)
+    from tests.conftest import make_bucket, upload_dir
+    bucket = "s3://" + make_bucket(s3_server)
+    upload_dir(str(src), f"{bucket}/raw")
+    from_s3 = prepare(f"{bucket}/raw", f"{bucket}/shards", shard_size=4, image_size=16, parallel="ray", **QUIET)
+    assert _content(from_s3) == _content(local)
+    assert _shard_bytes(f"{bucket}/shards", from_s3) == _shard_bytes(str(tmp_path / "local"), local)
 
 
 # ---------------------------------------------------------------------------------------------
