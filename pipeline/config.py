@@ -159,7 +159,8 @@ class Config:
     cpus_per_worker: float = _f(1.0, "logical CPUs reserved by each train worker")
     torch_threads: int = _f(0, "intra-op threads per worker (0: cores / workers)")
     seed: int = _f(0, "seed for shard order, augmentation and initialisation")
-    channels_last: bool = _f(True, "channels_last memory format")
+    channels_last: bool = _f(True, "channels_last memory format (on the CPU not for nets with a "
+                                   "strided 1x1 conv of < 8 channels: a torch CPU bug)")
     keep_checkpoints: int = _f(2, "checkpoints kept (newest)")
     max_failures: int = _f(2, "worker-group restarts from the last checkpoint before the run fails")
     log_every_steps: int = _f(10, "TensorBoard scalar interval (steps)")

@@ -49,13 +49,34 @@ def method_from_config(cfg: Config) -> Method:
 def worker_method(cfg: Config, world: int) -> Method:
     """The method as a worker of a ``world``-worker run trains it: built from the config, with
     SyncBatchNorm where ``model.sync_batchnorm`` asks for it and the method allows it (the queue
-    method keeps its shuffle-BN key encoder out), channels-last when configured."""
+    method keeps its shuffle-BN key encoder out), channels-last when configured and safe
+    (:func:`use_channels_last`)."""
     method = method_from_config(cfg)
     if cfg.model.sync_batchnorm and world > 1:
         method = method.convert_sync_batchnorm()
-    if cfg.channels_last:
+    if use_channels_last(cfg, method):
         method = method.to(memory_format=torch.channels_last)
     return method
+
+
+# Below this many input channels, torch's CPU (oneDNN) weight gradient of a strided 1x1
+# convolution in channels-last layout writes past its buffer when it runs on one intra-op thread
+# (torch 2.14.1, seen on an AVX2 CPU without AVX-512: "free(): invalid next size", "double free
+# or corruption" and segfaults in backward; 8+ channels, 2 threads or NCHW are fine). A ResNet
+# narrower than 8 has such a shortcut (4 -> 8 channels, stride 2): tests' and benches' tiny nets.
+_CL_MIN_STRIDED_1X1_CHANNELS = 8
+
+
+def use_channels_last(cfg: Config, method: nn.Module) -> bool:
+    """``cfg.channels_last``, unless the run is on the CPU and the network has a strided 1x1
+    convolution with fewer than 8 input channels (see above): memory corruption is not a speed-up.
+    The views follow the network's layout (:func:`make_views`)."""
+    if not cfg.channels_last:
+        return False
+    if cfg.use_gpu:
+        return True
+    return not any(isinstance(m, nn.Conv2d) and m.kernel_size == (1, 1) and max(m.stride) > 1
+                   and m.in_channels < _CL_MIN_STRIDED_1X1_CHANNELS for m in method.modules())
 
 
 def train_step(model: nn.Module, views: list[torch.Tensor], optimizer: torch.optim.Optimizer,
@@ -198,6 +219,7 @@ class WorkerState:
     knn_top1: float = float("nan")
     skipped_total: dict[str, int] = field(default_factory=dict)
     unreported_final: dict | None = None  # resumed final checkpoint Ray never registered
+    channels_last: bool = False    # the network's (and so the views') layout: use_channels_last
     run_start: float = field(default_factory=time.perf_counter)
 
     @property
@@ -235,7 +257,8 @@ def set_up(loop_config: dict[str, Any]) -> WorkerState:
                        group=cpu_group(world), steps_per_epoch=loop_config["steps_per_epoch"],
                        scan_skipped=dict(loop_config.get("scan_skipped", {})),
                        run_url=loop_config["run_url"],
-                       data_order_key=loop_config.get("data_order_key", ""))
+                       data_order_key=loop_config.get("data_order_key", ""),
+                       channels_last=use_channels_last(cfg, method))
 
 
 def resume(st: WorkerState) -> None:
@@ -468,7 +491,7 @@ def _step(st: WorkerState, stats: EpochStats, batch: tuple) -> None:
     cfg = st.cfg
     images, _labels, hw = batch
     images = images.to(st.device, non_blocking=True)
-    views = make_views(st.augment, images, hw, generator=st.aug_gen, channels_last=cfg.channels_last)
+    views = make_views(st.augment, images, hw, generator=st.aug_gen, channels_last=st.channels_last)
     if st.step == 0 and st.tb is not None:
         from pipeline.monitor import denormalise_grid
 

@@ -148,6 +148,24 @@ def test_sync_batchnorm_converts_what_the_method_allows(loss, extra, online, tar
     assert torch.isfinite(out.loss)
 
 
+@pytest.mark.parametrize("width, use_gpu, expect", [(4, False, False), (8, False, True), (4, True, True)])
+def test_channels_last_off_on_cpu_for_nets_torch_corrupts_memory_with(width, use_gpu, expect):
+    """A width-4 ResNet has a 4 -> 8 channel strided 1x1 shortcut, whose channels-last weight
+    gradient on one CPU thread corrupts the heap in torch 2.14.1 (an abort of the whole test
+    process on an AVX2 CPU): on the CPU such a net stays NCHW, and so do its views."""
+    from pipeline.worker import method_from_config, use_channels_last, worker_method
+
+    cfg = load_config(None, [*TINY, f"model.width={width}", "channels_last=true"])
+    cfg.use_gpu = use_gpu  # decided from the config: no GPU needed to check the rule
+    m = worker_method(cfg, world=1) if not use_gpu else method_from_config(cfg)
+    assert use_channels_last(cfg, m) is expect
+    if not use_gpu:
+        conv = next(x for x in m.modules() if isinstance(x, torch.nn.Conv2d) and x.kernel_size == (3, 3))
+        assert conv.weight.is_contiguous(memory_format=torch.channels_last) is expect
+    cfg.channels_last = False
+    assert use_channels_last(cfg, m) is False
+
+
 def test_optimizer_must_see_exactly_the_trainable_parameters(tmp_path):
     from pipeline.worker import build_optimizer_for
 
