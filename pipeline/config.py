@@ -147,6 +147,12 @@ class OptimConfig:
 
 
 @dataclass
+class CheckpointConfig:
+    every_steps: int = _f(0, "also checkpoint every N global steps inside an epoch (0: at epoch ends "
+                             "only); a resume continues at the exact sample where it was taken")
+
+
+@dataclass
 class Config:
     """A training run. Dotted keys (``optim.base_lr``) address nested fields."""
 
@@ -167,6 +173,8 @@ class Config:
     log_level: str = _choice("warning", ("debug", "info", "warning", "error"),
                              "console level of Ray Train's and Ray Data's own logs (info: every "
                              "report, checkpoint and dataset execution)")
+    trace_ids_dir: str | None = _f(None, "debug: each worker appends the sample ids of every step it "
+                                         "trains to a file here (tests the exactly-once resume)")
     fail_at_step: int | None = _f(None, "debug: raise once in the last worker (rank num_workers - 1) at "
                                        "this global step (tests recovery)")
     data: DataConfig = field(default_factory=DataConfig)
@@ -178,6 +186,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     storage: StorageConfig = field(default_factory=StorageConfig)
     momentum: MomentumConfig = field(default_factory=MomentumConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
 
     def validate(self) -> "Config":
         from pipeline.data.urls import join
@@ -192,6 +201,7 @@ class Config:
             ("num_workers", self.num_workers >= 1, "must be >= 1"),
             ("cpus_per_worker", self.cpus_per_worker > 0, "must be > 0"),
             ("keep_checkpoints", self.keep_checkpoints >= 1, "must be >= 1"),
+            ("checkpoint.every_steps", self.checkpoint.every_steps >= 0, "must be >= 0 (0: per epoch)"),
             ("max_failures", self.max_failures >= 0, "must be >= 0"),
             ("log_every_steps", self.log_every_steps >= 1, "must be >= 1"),
             ("torch_threads", self.torch_threads >= 0, "must be >= 0"),

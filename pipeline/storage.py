@@ -126,7 +126,7 @@ def url_of(fs_path: str, like: str) -> str:
 
 def resolve_paths(cfg):
     """A copy of ``cfg`` (a :class:`~pipeline.config.Config`) with every user location resolved
-    by :func:`resolve_url` (``storage_path``, ``data.url``): done once on the driver, before the
+    by :func:`resolve_url` (``storage_path``, ``data.url``, the debug ``trace_ids_dir``): done once on the driver, before the
     config reaches Ray. (``data.source`` is only read by the driver, in its own directory.)"""
     from pipeline.config import from_dict, to_dict
 
@@ -137,6 +137,8 @@ def resolve_paths(cfg):
     out.data.url = resolve(out.data.url, resolve_url)  # each '::' part; braces kept
     if out.data.val_url:
         out.data.val_url = resolve(out.data.val_url, resolve_url)
+    if out.trace_ids_dir:
+        out.trace_ids_dir = os.path.abspath(os.path.expanduser(out.trace_ids_dir))
     return out
 
 

@@ -190,6 +190,7 @@ def build_trainer(cfg: Config, *, callbacks: list | None = None, storage_path: s
         "steps_per_epoch": plan.steps_per_epoch,
         "run_url": run_url,
         "data_order_key": order_key,
+        "data_mode": "row" if data.is_cached(datasets["train"]) else "id",  # what names a row
         "tensorboard_url": storage.join_url(run_url, "tensorboard"),
         "knn_bank_size": 10_000, "knn_val_size": 10_000,
     }

@@ -6,7 +6,8 @@
                   the final one that Ray never registered is reported again (finish_unreported)
       prepare     DDP around the method; rank 0: TensorBoard, the kNN monitor's two splits
       per epoch:
-        run_epoch      agreed_batches -> view groups -> train_step (steps agreed one step ahead)
+        run_epoch      agreed_batches -> view groups -> train_step (steps agreed one step ahead);
+                       every checkpoint.every_steps: mid_epoch_checkpoint (pipeline.epoch_resume)
         end_of_epoch   loss / timings / skip counts reduced over workers; rank 0: kNN, TB, console
         checkpoint     state (rank 0) + metrics through ray.train.report; then the divergence check
 
@@ -220,6 +221,9 @@ class WorkerState:
     skipped_total: dict[str, int] = field(default_factory=dict)
     unreported_final: dict | None = None  # resumed final checkpoint Ray never registered
     channels_last: bool = False    # the network's (and so the views') layout: use_channels_last
+    data_mode: str = "row"         # what names a train row: "row" (cached set) or "id" (streaming)
+    partial: dict | None = None    # resumed mid-epoch checkpoint's "partial_epoch" (epoch_resume)
+    epoch_now: int = 0             # the epoch being trained (0-based)
     run_start: float = field(default_factory=time.perf_counter)
 
     @property
@@ -258,6 +262,7 @@ def set_up(loop_config: dict[str, Any]) -> WorkerState:
                        scan_skipped=dict(loop_config.get("scan_skipped", {})),
                        run_url=loop_config["run_url"],
                        data_order_key=loop_config.get("data_order_key", ""),
+                       data_mode=loop_config.get("data_mode", "row"),
                        channels_last=use_channels_last(cfg, method))
 
 
@@ -297,8 +302,24 @@ def resume(st: WorkerState) -> None:
     torch.set_rng_state(state["torch_rng"])
     if name != registered and st.start_epoch >= st.cfg.epochs:
         st.unreported_final = state  # nothing left to train: report it (finish_unreported)
+    st.partial = _resumable_partial(st, state.get("partial_epoch"))
     if st.rank == 0:
-        _say(f"[cacr] resumed from checkpoint: epoch {st.start_epoch}, step {st.step}")
+        inside = (f", {st.partial['worker_steps']} steps into epoch {st.start_epoch + 1}"
+                  if st.partial is not None else "")
+        _say(f"[cacr] resumed from checkpoint: epoch {st.start_epoch}, step {st.step}{inside}")
+
+
+def _resumable_partial(st: WorkerState, partial: dict | None) -> dict | None:
+    """A mid-epoch checkpoint's consumption, if this run's train set names rows the same way (a
+    cached set by row number, a streaming one by id): after ``data.cache_budget_mb`` changed in
+    between, the epoch restarts at its first sample instead (said once)."""
+    if partial is None or partial.get("mode") == st.data_mode:
+        return partial
+    if st.rank == 0:
+        _say(f"[cacr] warning: the checkpoint was taken inside epoch {int(partial['epoch']) + 1} of a "
+             f"{'cached' if partial.get('mode') == 'row' else 'streaming'} train set and this run's "
+             "is not: that epoch restarts from its first sample")
+    return None
 
 
 def finish_unreported(st: WorkerState) -> None:
@@ -389,28 +410,40 @@ class EpochStats:
     collective_wait_s: float = 0.0
     skipped: dict[str, int] = field(default_factory=dict)
     rows: int = 0                  # rows of the train set read (samples, bad or good, + padding)
+    consumed: Any = None           # pipeline.epoch_resume.Consumption of this session
+    carried: dict | None = None    # a resumed mid-epoch checkpoint's totals for this epoch
 
 
-def _rebatch(batches: Iterator[dict], batch_size: int, skipped: dict[str, int]) -> Iterator[tuple]:
+def _rebatch(batches: Iterator[dict], batch_size: int, skipped: dict[str, int],
+             consumed: Any = None) -> Iterator[tuple]:
     """Drop skipped samples (counting them by reason) and re-cut full batches of good ones:
-    ``(images, labels, hw or None)``.
+    ``(images, labels, hw or None, keys or None, skip codes)``; ``keys`` name the rows (cached
+    ``row`` / streaming ``id``) for the mid-epoch checkpoints, whose ``consumed``
+    (:class:`~pipeline.epoch_resume.Consumption`) takes the dropped rows as they are read.
 
     Every worker must take the same number of steps (the loss all-gathers), so partial batches are
     never yielded; :class:`StepAgreement` settles when the epoch ends for everyone."""
     from pipeline.data import split_batch
+    from pipeline.data.format import FIRST_DROPPED
 
-    bufs: list[list[torch.Tensor]] = [[], [], []]
+    bufs: list[list[torch.Tensor]] = [[], [], [], [], []]
     have = 0
     for batch in batches:
         x, y, counts = split_batch(batch)
         for k, v in counts.items():
             skipped[k] = skipped.get(k, 0) + int(v)
+        keys, codes = batch.get("row", batch.get("id")), batch["skip"]
+        keep = codes < FIRST_DROPPED if x.shape[0] != codes.shape[0] else None
+        if keep is not None:
+            if consumed is not None and keys is not None:
+                consumed.add_dropped(keys[~keep], codes[~keep])
+            keys, codes = (keys[keep] if keys is not None else None), codes[keep]
         if x.shape[0] == 0:
             continue
         hw = batch.get("hw")
         if hw is not None and hw.shape[0] != x.shape[0]:  # the same rows dropped as for the images
             hw = split_batch({"image": hw, "label": batch["label"], "skip": batch["skip"]})[0]
-        for buf, t in zip(bufs, (x, y, hw)):
+        for buf, t in zip(bufs, (x, y, hw, keys, codes)):
             if t is not None:
                 buf.append(t)
         have += x.shape[0]
@@ -422,12 +455,15 @@ def _rebatch(batches: Iterator[dict], batch_size: int, skipped: dict[str, int]) 
 
 
 def _counted(batches: Iterator[dict], stats: EpochStats) -> Iterator[dict]:
-    for batch in batches:
-        stats.rows += len(batch["skip"])
+    from pipeline.data.read import EXTRA_PAD_BIT
+
+    for batch in batches:  # a resumed epoch's extra padding is no row of the train set
+        stats.rows += len(batch["skip"]) - int(((batch["id"] & EXTRA_PAD_BIT) != 0).sum())
         yield batch
 
 
-def _epoch_batches(st: WorkerState, stats: EpochStats, epoch: int) -> Iterator[tuple]:
+def _epoch_batches(st: WorkerState, stats: EpochStats, epoch: int,
+                   exclude: Any = None) -> Iterator[tuple]:
     import ray.train
 
     from pipeline.data import iter_train_batches
@@ -438,16 +474,18 @@ def _epoch_batches(st: WorkerState, stats: EpochStats, epoch: int) -> Iterator[t
     # counts skipped samples without a device sync.
     shard = ray.train.get_dataset_shard("train")
     if st.rank == 0 and st.data_order_key:  # a streaming set plans epoch e's shard order from it
-        from pipeline.data.read import publish_epoch
+        from pipeline.data.read import publish_epoch, publish_exclusion
 
+        publish_exclusion(st.data_order_key, epoch, exclude if st.data_mode == "id" else None)
         publish_epoch(st.data_order_key, epoch)
     decode_device = st.device if st.cfg.data.decode == "worker" else "cpu"
     # A cached train set comes unsplit: iter_train_batches takes this worker's rows of epoch
     # ``epoch``'s sample order, a pure function of (seed, epoch) (same order after a restart).
     raw = iter_train_batches(shard, batch_size=st.cfg.batch_size, device=decode_device,
                              decode=st.cfg.data.decode, prefetch_batches=2,
-                             pin_memory=st.cfg.use_gpu, epoch=epoch, seed=st.cfg.seed)
-    return _rebatch(_counted(iter(raw), stats), st.cfg.batch_size, stats.skipped)
+                             pin_memory=st.cfg.use_gpu, epoch=epoch, seed=st.cfg.seed,
+                             exclude_rows=exclude if st.data_mode == "row" else None)
+    return _rebatch(_counted(iter(raw), stats), st.cfg.batch_size, stats.skipped, stats.consumed)
 
 
 def _next_batch(batches: Iterator[tuple], stats: EpochStats) -> tuple | None:
@@ -477,11 +515,22 @@ def agreed_batches(batches: Iterator[tuple], agree: StepAgreement, stats: EpochS
 
 
 def run_epoch(st: WorkerState, epoch: int) -> EpochStats:
+    from pipeline.epoch_resume import Consumption
+
     st.model.train()
-    stats = EpochStats(start=time.perf_counter(), sum_loss=torch.zeros((), device=st.device))
-    batches = _epoch_batches(st, stats, epoch)
+    st.epoch_now = epoch
+    carried = st.partial if st.partial is not None and int(st.partial["epoch"]) == epoch else None
+    st.partial = None
+    stats = EpochStats(start=time.perf_counter(), sum_loss=torch.zeros((), device=st.device),
+                       consumed=Consumption(), carried=carried)
+    batches = _epoch_batches(st, stats, epoch, carried["consumed"].numpy() if carried else None)
+    every = st.cfg.checkpoint.every_steps
+    steps_before = int(carried["worker_steps"]) if carried else 0
     for batch in agreed_batches(batches, StepAgreement(st.group), stats):
         _step(st, stats, batch)
+        # every worker is at the same step here (agreed); the epoch's last step gets its own checkpoint
+        if every and st.step % every == 0 and steps_before + stats.steps < st.steps_per_epoch:
+            mid_epoch_checkpoint(st, epoch, stats)
     for _ in batches:  # another worker ran out first: this one's remaining rows still count
         pass           # their skip reasons (a sample is trained on, left over, or counted)
     return stats
@@ -489,7 +538,7 @@ def run_epoch(st: WorkerState, epoch: int) -> EpochStats:
 
 def _step(st: WorkerState, stats: EpochStats, batch: tuple) -> None:
     cfg = st.cfg
-    images, _labels, hw = batch
+    images, _labels, hw, keys, codes = batch
     images = images.to(st.device, non_blocking=True)
     views = make_views(st.augment, images, hw, generator=st.aug_gen, channels_last=st.channels_last)
     if st.step == 0 and st.tb is not None:
@@ -502,6 +551,10 @@ def _step(st: WorkerState, stats: EpochStats, batch: tuple) -> None:
                               progress=st.step / max(1, st.total_steps), bf16=st.bf16)
     stats.sum_loss += out.loss.detach()
     stats.steps += 1
+    if keys is not None:
+        stats.consumed.add_trained(keys, codes)
+        if cfg.trace_ids_dir:
+            _trace(cfg.trace_ids_dir, st, keys)
     if st.tb is not None and (st.step % cfg.log_every_steps == 0 or stats.steps == 1):
         _log_step(st, stats, out, updates, images.shape[0])
 
@@ -539,11 +592,17 @@ def _reduce(st: WorkerState, stats: EpochStats, epoch_time: float) -> tuple[list
 
     t = torch.tensor([float(stats.sum_loss), float(stats.steps), stats.data_wait_s,
                       stats.collective_wait_s, epoch_time, float(stats.rows)], dtype=torch.float64)
-    if st.group is None:
-        return t.tolist(), [stats.skipped]
-    dist.all_reduce(t, group=st.group)
-    gathered: list[dict] = [None] * st.world  # type: ignore[list-item]
-    dist.all_gather_object(gathered, stats.skipped, group=st.group)
+    gathered: list[dict] = [stats.skipped]
+    if st.group is not None:
+        dist.all_reduce(t, group=st.group)
+        gathered = [None] * st.world  # type: ignore[list-item]
+        dist.all_gather_object(gathered, stats.skipped, group=st.group)
+    c = stats.carried  # the same on every rank: the epoch's totals before a mid-epoch resume
+    if c is not None:
+        t[0] += c["sum_loss"]
+        t[1] += c["steps"]
+        t[5] += c["rows"]
+        gathered.append(dict(c["skipped"]))
     return t.tolist(), gathered
 
 
@@ -634,6 +693,53 @@ def checkpoint(st: WorkerState, epoch: int, metrics: dict[str, Any]) -> None:
         upload = failpoints.checkpoint_upload_fn(epoch + 1)  # None: Ray's own upload
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp),
                          **({"checkpoint_upload_fn": upload} if upload else {}))
+
+
+def mid_epoch_checkpoint(st: WorkerState, epoch: int, stats: EpochStats) -> None:
+    """``checkpoint.every_steps``: a checkpoint inside epoch ``epoch`` (0-based) that also records
+    what the epoch consumed so far (:mod:`pipeline.epoch_resume`), so that a resume continues at
+    the exact sample. Every worker takes part (the consumption and RNGs are gathered); rank 0
+    writes it. The report says ``epoch`` = epochs completed and ``mid_epoch`` = True."""
+    import ray.train
+    import torch.distributed as dist
+
+    from pipeline.checkpoint import save_state, staging_dir
+    from pipeline.data import merge_counts
+    from pipeline.data.read import is_extra_pad
+    from pipeline.epoch_resume import merge_partial
+
+    local = {**stats.consumed.local(), "loss": float(stats.sum_loss), "steps": stats.steps}
+    gathered, aug_rng = [local], [st.aug_gen.get_state()]
+    if st.group is not None:
+        gathered, aug_rng = [None] * st.world, [None] * st.world
+        dist.all_gather_object(gathered, local, group=st.group)
+        dist.all_gather_object(aug_rng, st.aug_gen.get_state(), group=st.group)
+    steps_before = int(stats.carried["worker_steps"]) if stats.carried else 0
+    partial = merge_partial(stats.carried, gathered, epoch=epoch, mode=st.data_mode,
+                            worker_steps=steps_before + stats.steps,
+                            rows_of=lambda keys: int((~is_extra_pad(keys)).sum()) if st.data_mode == "id" else len(keys))
+    metrics = {"epoch": epoch, "step": st.step, "mid_epoch": True, "resumed_from_epoch": st.start_epoch,
+               "loss": partial["sum_loss"] / max(partial["steps"], 1), "knn_top1": st.knn_top1,
+               "rows_read": partial["rows"],
+               "skipped": merge_counts(st.scan_skipped, st.skipped_total, partial["skipped"])}
+    if st.rank != 0:
+        ray.train.report(metrics, checkpoint=None)
+        return
+    state = checkpoint_state(st, epoch - 1, metrics, aug_rng)  # "epoch": epochs completed
+    state["partial_epoch"] = partial
+    with staging_dir(st.cfg.name) as tmp:
+        save_state(tmp, state)
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+
+
+def _trace(folder: str, st: WorkerState, keys: torch.Tensor) -> None:
+    """Debug ``trace_ids_dir``: one JSON line per trained step (epoch, global step, row keys)."""
+    import json
+
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, f"rank{st.rank}.jsonl"), "a") as f:
+        f.write(json.dumps({"epoch": st.epoch_now, "step": st.step, "mode": st.data_mode,
+                            "keys": keys.tolist()}) + "\n")
 
 
 # ----------------------------------------------------------------------------------------------

@@ -53,12 +53,17 @@ def worker_row_range(total: int, rank: int, world: int) -> tuple[int, int]:
 
 def iter_train_batches(shard, *, batch_size: int, device: Any = "cpu", decode: str | None = None,
                        prefetch_batches: int = 2, pin_memory: bool = False, epoch: int = 0,
-                       seed: int = 0, rank: int | None = None, world_size: int | None = None
-                       ) -> Iterator[dict[str, Any]]:
+                       seed: int = 0, rank: int | None = None, world_size: int | None = None,
+                       exclude_rows: np.ndarray | None = None) -> Iterator[dict[str, Any]]:
     """One epoch of batches from ``shard`` (``ray.train.get_dataset_shard("train")``, or a Ray
     Dataset / DataIterator outside Train with explicit ``rank``/``world_size``). See the module
     docstring. ``decode``: ``None`` = whatever the rows hold; ``"cpu_tasks"``/``"worker"`` also check
-    that the dataset was built that way (a mismatch is a ValueError, not a silent slow path)."""
+    that the dataset was built that way (a mismatch is a ValueError, not a silent slow path).
+
+    Cached shards add a ``row`` column (the row's number in the cached set: what a mid-epoch
+    checkpoint records as consumed) and take ``exclude_rows``: those rows leave the epoch's order
+    before it is cut into the workers' slices (a resume in the middle of the epoch). A streaming
+    shard's reader leaves out the consumed rows itself (:func:`pipeline.data.read.publish_exclusion`)."""
     import torch
     device = torch.device(device)
     if _is_streaming(shard):
@@ -70,7 +75,7 @@ def iter_train_batches(shard, *, batch_size: int, device: Any = "cpu", decode: s
             rank = ctx.get_world_rank() if rank is None else rank
             world_size = ctx.get_world_size() if world_size is None else world_size
         rows = _cached_rows(shard, batch_size=batch_size, epoch=epoch, seed=seed, rank=rank,
-                            world=world_size, prefetch=max(1, prefetch_batches))
+                            world=world_size, prefetch=max(1, prefetch_batches), exclude=exclude_rows)
     for batch in rows:
         yield _to_torch(batch, device, decode, pin_memory)
 
@@ -99,7 +104,7 @@ def _cached_blocks(shard) -> list[tuple[Any, int]]:
 
 
 def _cached_rows(shard, *, batch_size: int, epoch: int, seed: int, rank: int, world: int,
-                 prefetch: int) -> Iterator[dict[str, np.ndarray]]:
+                 prefetch: int, exclude: np.ndarray | None = None) -> Iterator[dict[str, np.ndarray]]:
     """Numpy batches of this worker's rows of epoch ``epoch`` (see the module docstring): the
     epoch's sample permutation of all rows, this worker's contiguous slice of it, gathered from
     the cached blocks batch by batch. Blocks are fetched when first needed (``prefetch`` batches
@@ -107,8 +112,11 @@ def _cached_rows(shard, *, batch_size: int, epoch: int, seed: int, rank: int, wo
     store on the worker's node)."""
     blocks = _cached_blocks(shard)
     starts = np.concatenate([[0], np.cumsum([n for _, n in blocks])]).astype(np.int64)
-    lo, hi = worker_row_range(int(starts[-1]), rank, world)
-    mine = epoch_row_order(int(starts[-1]), seed, epoch)[lo:hi]
+    order = epoch_row_order(int(starts[-1]), seed, epoch)
+    if exclude is not None and len(exclude):
+        order = order[~np.isin(order, exclude)]
+    lo, hi = worker_row_range(len(order), rank, world)
+    mine = order[lo:hi]
     plans = [_batch_plan(mine[i:i + batch_size], starts) for i in range(0, len(mine), batch_size)]
     cols = _block_columns(shard)
     with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="cacr-blocks") as pool:
@@ -123,7 +131,9 @@ def _cached_rows(shard, *, batch_size: int, epoch: int, seed: int, rank: int, wo
             futures[i] = None
             if i + prefetch < len(plans):
                 futures.append(pool.submit(fetch_for, plans[i + prefetch]))
-            yield _gather(cols, which, rows)
+            batch = _gather(cols, which, rows)
+            batch["row"] = mine[i * batch_size:(i + 1) * batch_size]
+            yield batch
 
 
 def epoch_row_order(total: int, seed: int, epoch: int) -> np.ndarray:
@@ -179,6 +189,8 @@ def _to_torch(batch: dict[str, np.ndarray], device, decode: str | None, pin_memo
     skip = np.array(batch["skip"], dtype=np.int8)
     out: dict[str, Any] = {"label": torch.from_numpy(np.asarray(batch["label"], np.int64).copy()),
                            "id": torch.from_numpy(np.asarray(batch["id"], np.int64).copy())}
+    if "row" in batch:
+        out["row"] = torch.from_numpy(np.asarray(batch["row"], np.int64).copy())
     if encoded:
         size = int(batch["decode_size"][0]) if len(skip) else 0
         aspect = bool(batch["aspect"][0]) if len(skip) else False

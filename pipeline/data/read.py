@@ -90,8 +90,9 @@ def _make_datasource_class():
 
         def __init__(self, paths: list[str], *, plans: dict[str, tuple[int, int | None, int]],
                      labeled: bool, block_rows: int, order: tuple[int, str] | None = None,
-                     label_key: str | None = None, **kwargs):
+                     label_key: str | None = None, num_workers: int = 1, **kwargs):
             super().__init__(paths, **kwargs)
+            self._num_workers = num_workers  # the row count must divide by it (equal split)
             self._plans = plans          # shard path -> (shard number, keep, pad rows, rows)
             self._labeled = labeled
             self._label_key = label_key  # labels from this JSON field, else the .cls member
@@ -107,7 +108,9 @@ def _make_datasource_class():
             tasks = super().get_read_tasks(*args, **kwargs)
             if self._order is None:
                 return tasks
-            return _order_for_epoch(tasks, *self._order)
+            tasks, epoch = _order_for_epoch(tasks, *self._order)
+            consumed = published_exclusion(self._order[1], epoch)
+            return _without_consumed(tasks, consumed, self._plans, self._num_workers) if len(consumed) else tasks
 
         def _read_stream(self, f, path: str) -> Iterator[Any]:
             # Keyed by path: shards of a URL list may share a file name in different folders.
@@ -134,6 +137,80 @@ def publish_epoch(order_key: str, epoch: int) -> None:
     ray_compat.kv_put((EPOCH_KEY + order_key).encode(), str(int(epoch)).encode())
 
 
+EXCLUDE_KEY = "cacr:data-exclude:"
+# Ordinal bit of the padding rows a mid-epoch resume adds (so that the remaining rows divide by the
+# number of workers): never in a shard's own ordinals (< 2^31), never excluded, not counted as read.
+EXTRA_PAD_BIT = 1 << 31
+
+
+def publish_exclusion(order_key: str, epoch: int, consumed: np.ndarray | None) -> None:
+    """Rank 0, before it reads epoch ``epoch`` (with :func:`publish_epoch`): the row ids that epoch
+    already trained on before a mid-epoch checkpoint (a resume), or none. The read tasks planned
+    for that epoch then leave those rows out (:func:`_without_consumed`)."""
+    from pipeline import ray_compat
+
+    data = b"" if consumed is None else np.asarray(consumed, np.int64).tobytes()
+    ray_compat.kv_put(f"{EXCLUDE_KEY}{order_key}:{int(epoch)}".encode(), data)
+
+
+def published_exclusion(order_key: str, epoch: int) -> np.ndarray:
+    from pipeline import ray_compat
+
+    raw = ray_compat.kv_get(f"{EXCLUDE_KEY}{order_key}:{int(epoch)}".encode())
+    return np.frombuffer(raw, np.int64) if raw else np.zeros(0, np.int64)
+
+
+def is_extra_pad(ids: np.ndarray) -> np.ndarray:
+    return (np.asarray(ids, np.int64) & EXTRA_PAD_BIT) != 0
+
+
+def _without_consumed(tasks: list, consumed: np.ndarray, plans: dict, world: int) -> list:
+    """The read tasks of a resumed epoch: each shard's rows minus those already consumed, and as
+    many PAD rows more (in the first shard's task) as make the remaining count divide by ``world``
+    again, so that Ray's equal split still drops nothing."""
+    from ray.data.datasource import ReadTask
+
+    consumed = consumed[~is_extra_pad(consumed)]
+    total = sum(int(rows or 0) + pad for _, _, pad, rows in plans.values())
+    extra = (-(total - len(consumed))) % world
+    by_shard: dict[int, np.ndarray] = {}
+    shard_of = consumed >> 32
+    for no in np.unique(shard_of):
+        by_shard[int(no)] = consumed[shard_of == no] & 0xFFFFFFFF
+    first = min(no for no, _, _, _ in plans.values())
+    out = []
+    for t in tasks:
+        files = t.metadata.input_files or []
+        no = plans.get(files[0].strip("/"), (None,))[0] if len(files) == 1 else None
+        drop = by_shard.get(no) if no is not None else None
+        pad = extra if no == first else 0
+        if drop is None and not pad:
+            out.append(t)
+            continue
+        out.append(ReadTask(_filtered_read(t.read_fn, drop, pad, no), t.metadata, schema=t.schema,
+                            per_task_row_limit=t.per_task_row_limit))
+    return out
+
+
+def _filtered_read(read_fn, drop: np.ndarray | None, pad: int, shard_no: int):
+    def read():
+        import pyarrow as pa
+
+        for block in read_fn():
+            if drop is not None and len(drop):
+                ordinals = block.column("id").to_numpy() & 0xFFFFFFFF
+                block = block.filter(pa.array(~np.isin(ordinals, drop)))
+            if block.num_rows:
+                yield block
+        if pad:
+            yield pa.table({"key": pa.array([f"#resume-pad{i}" for i in range(pad)], pa.string()),
+                            "id": pa.array([(shard_no << 32) | EXTRA_PAD_BIT | i for i in range(pad)], pa.int64()),
+                            "image": pa.array([b""] * pad, pa.binary()),
+                            "label": pa.array([-1] * pad, pa.int64()),
+                            "skip": pa.array([PAD] * pad, pa.int8())})
+    return read
+
+
 def planned_order(order_key: str, epoch: int) -> dict[str, Any] | None:
     """What the streaming train set planned for ``epoch``: ``{"shards": [names in read order],
     "plans": how often Ray planned that epoch's read}`` (the driver plans the dataset too; a
@@ -152,9 +229,9 @@ def epoch_shard_order(num_shards: int, seed: int, epoch: int) -> np.ndarray:
     return np.random.default_rng([int(seed) & 0xFFFFFFFF, int(epoch), 0x5A4D]).permutation(num_shards)
 
 
-def _order_for_epoch(tasks: list, seed: int, order_key: str) -> list:
-    """Read tasks permuted by :func:`epoch_shard_order` for the published epoch (0 when none was
-    published: a dataset read outside a training run), and the order recorded."""
+def _order_for_epoch(tasks: list, seed: int, order_key: str) -> tuple[list, int]:
+    """(Read tasks permuted by :func:`epoch_shard_order` for the published epoch, that epoch): 0
+    when none was published (a dataset read outside a training run); the order is recorded."""
     import json
 
     from pipeline import ray_compat
@@ -166,7 +243,7 @@ def _order_for_epoch(tasks: list, seed: int, order_key: str) -> list:
     names = [os.path.basename(f) for t in tasks for f in (t.metadata.input_files or [])]
     ray_compat.kv_put(f"{ORDER_KEY}{order_key}:{epoch}".encode(),
                       json.dumps({"shards": names, "plans": before["plans"] + 1}).encode())
-    return tasks
+    return tasks, epoch
 
 
 def _read_shard_blocks(f, name: str, shard_no: int, keep: int | None, pad: int, labeled: bool,
@@ -337,7 +414,7 @@ def build_dataset(url: str, split: str = "train", *, data: DataConfig | None = N
         [s.path for s in readable], filesystem=fs, plans=plans, labeled=scan.labeled,
         label_key=scan.label_key,
         block_rows=_block_rows(size) if decode == "cpu_tasks" else ENCODED_BLOCK_ROWS,
-        order=(int(seed), order_key) if own_order else None,
+        order=(int(seed), order_key) if own_order else None, num_workers=num_workers,
         shuffle=FileShuffleConfig(seed=int(seed)) if shuffle and not own_order else None)
     ds = ray.data.read_datasource(source, override_num_blocks=len(readable), **remote)
     fn = _decode_batch if decode == "cpu_tasks" else _encoded_batch
@@ -426,6 +503,6 @@ def merge_counts(*counts: dict[str, int]) -> dict[str, int]:
 
 
 __all__ = ["build_dataset", "build_train_dataset", "is_cached", "train_datasets_to_split", "cache_bytes",
-           "publish_epoch", "planned_order", "epoch_shard_order",
+           "publish_epoch", "publish_exclusion", "planned_order", "epoch_shard_order", "is_extra_pad",
            "is_aspect", "DECODE_MODES", "split_batch", "merge_counts", "DATA_RESOURCE_PER_TASK",
            "OK", "MISSING_LABEL", "BAD_LABEL", "MISSING_IMAGE", "UNDECODABLE_IMAGE", "READ_ERROR", "PAD"]

@@ -115,21 +115,21 @@ def _fetch_urls(urls: list[str], storage) -> list[bytes | None]:
     shard of large photos is never all in flight at once. An object that vanished since the
     listing is ``None`` (counted as unreadable); any other failure (endpoint down, access denied)
     fails the shard: a network error must not silently drop images."""
-    from pipeline.storage import classify_s3_error, fsspec_fs
+    from pipeline.storage import classify_s3_error, fsspec_fs, parse_url, url_of
 
     if not urls:
         return []
     fs, _ = fsspec_fs(urls[0], storage)
     out: list[bytes | None] = []
     for start in range(0, len(urls), URL_FETCH_CHUNK):
-        chunk = [u[len("s3://"):] for u in urls[start:start + URL_FETCH_CHUNK]]
+        chunk = [parse_url(u).path for u in urls[start:start + URL_FETCH_CHUNK]]
         got = fs.cat(chunk, on_error="return")
         for path in chunk:
             v = got.get(path)
             if isinstance(v, FileNotFoundError):
                 out.append(None)
             elif isinstance(v, BaseException):
-                raise classify_s3_error(v, "s3://" + path, storage) from None
+                raise classify_s3_error(v, url_of(path, urls[0]), storage) from None
             else:
                 out.append(v)
     return out
@@ -238,23 +238,23 @@ def s3_folder_source(url: str, storage=None) -> Source:
     """An image folder on S3, laid out like a local one: ``PREFIX/<class>/**/<image>`` (labelled,
     classes sorted) or images directly under ``PREFIX/`` (unlabelled). One listing on the driver;
     the images are then read by the tasks that write the shards, on whatever node runs them."""
-    from pipeline.storage import check_location, classify_s3_error, fsspec_fs, parse_url
+    from pipeline.storage import check_location, classify_s3_error, fsspec_fs, parse_url, url_of
 
     loc = parse_url(url)
     check_location(url, storage)  # endpoint, credentials, bucket, something under the prefix
     fs, root = fsspec_fs(url, storage)
     root = root.rstrip("/")
     try:
-        listing = fs.find(root, detail=True)
+        listing = fs.find(root, detail=True)  # files only (withdirs=False)
     except Exception as e:  # noqa: BLE001
         raise classify_s3_error(e, url, storage) from None
     per_class: dict[str, list[tuple[str, int]]] = {}
     flat: list[tuple[str, int]] = []
     for path, info in sorted(listing.items()):
         parts = path[len(root):].strip("/").split("/")
-        if info.get("type") != "file" or not _is_img(parts[-1]) or any(p.startswith(".") for p in parts):
+        if not _is_img(parts[-1]) or any(p.startswith(".") for p in parts):
             continue
-        entry = ("s3://" + path, int(info.get("size") or 0))
+        entry = (url_of(path, url), int(info.get("size") or 0))
         (per_class.setdefault(parts[0], []) if len(parts) > 1 else flat).append(entry)
     classes = sorted(per_class)
     if classes:

@@ -71,18 +71,48 @@ def test_two_worker_run_logs_checkpoints_and_exports(ray_session, digits_shards,
     assert meta["backbone"]["width"] == 8 and meta["preprocessing"]["crop_size"] == 16
 
 
-def test_injected_worker_failure_recovers_from_checkpoint(ray_session, digits_shards, tmp_path):
+def _trace(folder: Path) -> dict[tuple[int, int], list[int]]:
+    """(rank, global step) -> the row keys that step trained on, the LAST session's write winning
+    (the steps after a checkpoint are trained again after a restart), plus how often each step was
+    written."""
+    latest: dict[tuple[int, int], list[int]] = {}
+    writes: dict[int, int] = {}
+    for f in sorted(folder.glob("rank*.jsonl")):
+        rank = int(f.stem[4:])
+        for line in f.read_text().splitlines():
+            row = json.loads(line)
+            latest[(rank, row["step"])] = (row["epoch"], row["keys"])
+            writes[row["step"]] = writes.get(row["step"], 0) + 1
+    return latest, writes
+
+
+@pytest.mark.parametrize("cache", ["cached", "streaming"])
+def test_worker_failure_mid_epoch_resumes_at_the_exact_sample(ray_session, digits_shards, tmp_path, cache):
+    """checkpoint.every_steps=4 and a worker failure 2 steps after the checkpoint at global step
+    16 (epoch 2, 5 steps in): the group restarts from THAT checkpoint, not the epoch's start, and
+    the epoch still trains on every sample at most once (the rows consumed before the checkpoint
+    are left out of the resumed epoch; rows read ahead but not trained are trained after it), with
+    the step count of an uninterrupted run."""
     from pipeline.train import run_training
 
-    fail_step = STEPS_PER_EPOCH + 3  # in epoch 2, after the first checkpoint
-    cfg = _cfg(digits_shards, str(tmp_path / "runs"), "epochs=2", f"fail_at_step={fail_step}",
-               "max_failures=1", "data.val_split=")
+    trace = tmp_path / "trace"
+    cfg = _cfg(digits_shards, str(tmp_path / "runs"), "epochs=2", "checkpoint.every_steps=4",
+               f"fail_at_step={STEPS_PER_EPOCH + 7}", "max_failures=1", "data.val_split=",
+               f"trace_ids_dir={trace}", *(["data.cache_budget_mb=0"] if cache == "streaming" else []))
     out = run_training(cfg)
-    # Completed with the right number of steps, restarted from the epoch-1 checkpoint (not zero).
     assert out["epochs"] == 2 and out["steps"] == 2 * STEPS_PER_EPOCH
-    assert out["resumed_from_epoch"] == 1
+    assert out["resumed_from_epoch"] == 1  # the mid-epoch checkpoint: 1 epoch complete
+    latest, writes = _trace(trace)
+    # trained again after the restart: only step 17 (the one both workers finished before the
+    # failure at 18) - a restart from the epoch's start would have redone 12..17
+    assert sorted(s for s, n in writes.items() if n > 2) == [17], writes
+    for epoch in (0, 1):
+        keys = [k for (_, _), (e, ks) in latest.items() if e == epoch for k in ks]
+        assert len(keys) == STEPS_PER_EPOCH * 128, (epoch, len(keys))
+        assert len(set(keys)) == len(keys), f"epoch {epoch + 1}: a sample trained twice"
     # No val split, so no kNN: the summary says null, and stays strict JSON (no NaN for jq & co).
     assert out["knn_top1"] is None
+    assert out["rows_read"] == 1438  # the epoch's rows: consumed before the checkpoint + after
     json.dumps(out, allow_nan=False)
 
 

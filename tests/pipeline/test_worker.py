@@ -95,8 +95,11 @@ def test_view_groups_get_the_valid_sizes_and_feed_one_step(tmp_path):
 
 
 def test_rebatch_keeps_each_images_valid_size_with_it():
-    """Rows dropped as bad leave with their ``hw``; re-cut batches keep image i with its size."""
-    from pipeline.data.read import OK, UNDECODABLE_IMAGE
+    """Rows dropped as bad leave with their ``hw``; re-cut batches keep image i with its size and
+    its row key. Dropped rows are consumed when read, good ones only once trained (a mid-epoch
+    checkpoint must not record rows that were read ahead but never trained on)."""
+    from pipeline.data.read import BAD_LABEL, OK, UNDECODABLE_IMAGE
+    from pipeline.epoch_resume import Consumption
     from pipeline.worker import _rebatch
 
     def batch(first: int, bad: list[int]):
@@ -104,13 +107,24 @@ def test_rebatch_keeps_each_images_valid_size_with_it():
         skip = torch.full((4,), OK, dtype=torch.int8)
         skip[bad] = UNDECODABLE_IMAGE
         return {"image": ids.view(4, 1, 1, 1).expand(4, 2, 2, 3).to(torch.uint8), "label": ids,
-                "skip": skip, "hw": torch.stack([ids, ids + 100], 1)}
+                "skip": skip, "hw": torch.stack([ids, ids + 100], 1), "id": ids + 1000}
     skipped: dict[str, int] = {}
-    out = list(_rebatch(iter([batch(0, [1]), batch(4, [0, 3])]), 2, skipped))
-    assert skipped == {"undecodable_image": 3} and len(out) == 2
-    for images, labels, hw in out:
+    consumed = Consumption()
+    third = batch(8, [])
+    third["skip"][0] = BAD_LABEL  # trains (label -1); counted when trained on
+    out = list(_rebatch(iter([batch(0, [1]), batch(4, [0, 3]), third]), 2, skipped, consumed))
+    assert skipped == {"undecodable_image": 3, "bad_label": 1} and len(out) == 4
+    for images, labels, hw, keys, codes in out:
         assert torch.equal(images[:, 0, 0, 0].long(), labels) and torch.equal(hw[:, 0], labels)
-    assert torch.cat([o[1] for o in out]).tolist() == [0, 2, 3, 5]
+        assert torch.equal(keys, labels + 1000) and codes.dtype == torch.int8
+    assert torch.cat([o[1] for o in out]).tolist() == [0, 2, 3, 5, 6, 8, 9, 10]
+    # read so far: only the dropped rows are consumed
+    assert sorted(consumed.local()["keys"].tolist()) == [1001, 1004, 1007]
+    assert consumed.local()["skipped"] == {"undecodable_image": 3}
+    for _, _, _, keys, codes in out[2:]:  # the steps trained on batches 3 and 4
+        consumed.add_trained(keys, codes)
+    assert sorted(consumed.local()["keys"].tolist()) == [1001, 1004, 1006, 1007, 1008, 1009, 1010]
+    assert consumed.local()["skipped"] == {"undecodable_image": 3, "bad_label": 1}
 
 
 @pytest.mark.parametrize("loss,extra,online,target", [
@@ -261,7 +275,7 @@ def _agreement_worker(rank: int, init_file: str, out: str) -> None:
     steps = 0
     for epoch in range(2):  # the agreement is fresh each epoch; nothing left pending across them
         batches = _rebatch(_raw_batches(rank), 4, stats.skipped)
-        for images, _labels, _hw in agreed_batches(batches, StepAgreement(group), stats):
+        for images, _labels, _hw, _keys, _codes in agreed_batches(batches, StepAgreement(group), stats):
             t = torch.ones(1)
             dist.all_reduce(t)  # stands in for the step's gradient all-reduce: both must be here
             assert images.shape[0] == 4 and t.item() == 2
