@@ -71,3 +71,42 @@ def test_streaming_resume_reads_the_rest_of_the_epoch_once_and_still_divides_by_
     again = _without_consumed(tasks, np.concatenate([consumed, ids[extra]]), plans, world=2)
     ids2 = np.array([r for t in again for blk in t() for r in blk.column("id").to_pylist()], np.int64)
     assert len(ids2) == 12 and is_extra_pad(ids2).sum() == 1
+
+
+class _Shard:
+    """Stands for a cached DataIterator (the block cache is keyed by it, weakly)."""
+
+
+def test_cached_resume_reads_the_rest_of_the_epoch_once_split_over_the_workers(monkeypatch):
+    from pipeline.data import batches
+
+    # a cached set of 3 blocks (10 + 7 + 9 rows); block b's column "id" = 100 * b + row
+    sizes = [10, 7, 9]
+    blocks = {b: {"id": np.arange(n) + 100 * b, "skip": np.zeros(n, np.int8), "label": np.zeros(n, np.int64)}
+              for b, n in enumerate(sizes)}
+    monkeypatch.setattr(batches, "_cached_blocks", lambda shard: [(b, n) for b, n in enumerate(sizes)])
+    monkeypatch.setattr(batches, "_fetch_block", lambda ref: blocks[ref])
+
+    def epoch_rows(shard, exclude=None, world=2):
+        per = []
+        for rank in range(world):
+            got = list(batches._cached_rows(shard, batch_size=4, epoch=3, seed=1, rank=rank, world=world,
+                                            prefetch=1, exclude=exclude))
+            per.append([int(r) for b in got for r in b["row"]])
+            for b in got:  # the row number names the row it gathered
+                starts = np.cumsum([0, *sizes])
+                blk = np.searchsorted(starts, b["row"], side="right") - 1
+                assert (b["id"] == 100 * blk + (b["row"] - starts[blk])).all()
+        return per
+
+    full = epoch_rows(_Shard())
+    assert sorted(full[0] + full[1]) == list(range(26))
+    consumed = np.array(full[0][:4] + full[1][:4])  # one step of each worker trained
+    rest = epoch_rows(_Shard(), exclude=consumed)
+    assert not set(rest[0]) & set(rest[1])
+    assert sorted(rest[0] + rest[1]) == sorted(set(range(26)) - set(consumed.tolist()))
+    assert abs(len(rest[0]) - len(rest[1])) <= 1
+    # the same again after a second resume (exclusion = a superset): still the rest, once
+    more = np.concatenate([consumed, np.array(rest[0][:4] + rest[1][:4])])
+    again = epoch_rows(_Shard(), exclude=more)
+    assert sorted(again[0] + again[1]) == sorted(set(range(26)) - set(more.tolist()))
