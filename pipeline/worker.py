@@ -703,6 +703,7 @@ def mid_epoch_checkpoint(st: WorkerState, epoch: int, stats: EpochStats) -> None
     import ray.train
     import torch.distributed as dist
 
+    from pipeline import failpoints
     from pipeline.checkpoint import save_state, staging_dir
     from pipeline.data import merge_counts
     from pipeline.data.read import is_extra_pad
@@ -730,6 +731,7 @@ def mid_epoch_checkpoint(st: WorkerState, epoch: int, stats: EpochStats) -> None
     with staging_dir(st.cfg.name) as tmp:
         save_state(tmp, state)
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+    failpoints.after_mid_epoch_checkpoint(st.step)  # tests only: a stop right after it
 
 
 def _trace(folder: str, st: WorkerState, keys: torch.Tensor) -> None:

@@ -135,6 +135,40 @@ def test_train_sigterm_partial_checkpoint_kill_9_then_resume_exactly(cacr_cli, d
     assert c.own_tmp_leftovers() == []
 
 
+def test_train_sigterm_after_a_mid_epoch_checkpoint_resumes_at_the_exact_sample(cacr_cli, digits_shards,
+                                                                               tmp_path):
+    """checkpoint.every_steps on a streaming set: SIGTERM lands right after the checkpoint 4 steps
+    into epoch 2 (injected there: pipeline/failpoints.py, no step after it is trained); the
+    printed command resumes at the next step, not the epoch's start, and the resumed epoch reads
+    the rest of its samples once (the reader leaves out the rows trained before the stop): every
+    step trained exactly once, every sample of each epoch once, the step count and rows_read of
+    an uninterrupted run."""
+    import json as _json
+
+    runs, trace = tmp_path / "runs", tmp_path / "trace"
+    stop = STEPS_PER_EPOCH + 4  # global step 15 = epoch 2, 4 steps in (every_steps 5: 5, 10, 15)
+    args = ["train", *TINY, "num_workers=1", "batch_size=128", "epochs=2", "checkpoint.every_steps=5",
+            "data.cache_budget_mb=0", f"trace_ids_dir={trace}", f"data.url={digits_shards}",
+            "data.source=null", f"storage_path={runs}"]
+    a = cacr_cli(*args, env={FAILPOINT: f"sigterm_driver_after_checkpoint@{stop}"})
+    assert a.finish(600) == 130, a.output[-3000:]
+    line = _one_interrupt_line(a.output)
+    assert a.wait_no_processes() == [], "Ray processes left behind after SIGTERM"
+    b = cacr_cli(*shlex.split(line.split("resume with: ", 1)[1])[1:])
+    assert b.finish(900) == 0, b.output[-3000:]
+    assert f"resumed from checkpoint: epoch 1, step {stop}, 4 steps into epoch 2" in b.output, b.output[-3000:]
+    summary = _json.loads(next(ln for ln in reversed(b.lines) if ln.startswith("{")))
+    assert summary["steps"] == 2 * STEPS_PER_EPOCH and summary["rows_read"] == 1438, summary
+    steps, per_epoch = [], {0: [], 1: []}
+    for ln in (trace / "rank0.jsonl").read_text().splitlines():
+        row = _json.loads(ln)
+        steps.append(row["step"])
+        per_epoch[row["epoch"]] += row["keys"]
+    assert steps == list(range(1, 2 * STEPS_PER_EPOCH + 1))  # each step once, none lost
+    for epoch, keys in per_epoch.items():
+        assert len(keys) == len(set(keys)) == STEPS_PER_EPOCH * 128, epoch
+
+
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["sigterm", "ctrl_c"])
 def test_evaluate_signal_stops_with_one_line_and_no_ray_left(cacr_cli, digits_shards, tmp_path, sig):
     """Ctrl-C, and SIGTERM (a scheduler's stop) taking Ctrl-C's path: one line, Ray torn down,
